@@ -1,0 +1,1 @@
+"""Database layer: SQLAlchemy models, engine, migrations and bulk event I/O. Imports nothing from FastAPI."""

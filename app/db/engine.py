@@ -1,0 +1,36 @@
+"""Engine creation (SQLite pragmas, PostgreSQL driver) and the schema-version guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+
+from app.settings import Settings, get_settings
+
+
+class SchemaError(RuntimeError):
+    """The database schema is not at the revision this code expects."""
+
+
+def make_engine(url: str | None = None, settings: Settings | None = None) -> Engine:
+    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout, and its folder is created."""
+    settings = settings or get_settings()
+    url = url or settings.sqlalchemy_url
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)

@@ -1,0 +1,57 @@
+"""Configuration from ``RECSYS_*`` environment variables, with defaults that need no setup."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every field can be set as ``RECSYS_<NAME>`` (for example ``RECSYS_DATA_DIR=/srv/recsys``)."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
+
+    data_dir: Path = Field(Path("./var"), description="Holds the SQLite database and the checkpoints.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; default is SQLite at DATA_DIR/recsys.db. "
+        "PostgreSQL: postgresql+psycopg://user@host:5432/db",
+    )
+    checkpoint_dir: Path | None = Field(None, description="Default: DATA_DIR/checkpoints.")
+    admin_token: str | None = Field(
+        None, description="Bearer token for /admin; admin routes are off when unset."
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    reload_poll_seconds: float = Field(
+        10.0, description="How often the service looks for a newly promoted model."
+    )
+    max_batch_events: int = Field(1000, description="Largest batch accepted by POST /v1/events.")
+    log_level: str = "info"
+    keep_checkpoints: int = Field(
+        5, description="Checkpoints kept on disk by retraining (the promoted one always)."
+    )
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            # Accept plain postgres URLs and pin the psycopg 3 driver.
+            for prefix in ("postgresql://", "postgres://"):
+                if url.startswith(prefix):
+                    return "postgresql+psycopg://" + url[len(prefix) :]
+            return url
+        return f"sqlite:///{(self.data_dir / 'recsys.db').resolve()}"
+
+    @property
+    def checkpoints_path(self) -> Path:
+        return self.checkpoint_dir or self.data_dir / "checkpoints"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Alembic migrations for the recsys schema (run with `recsys db upgrade`)."""

@@ -1,0 +1,318 @@
+"""The trainer–service contract: a versioned checkpoint directory on disk.
+
+Torch-free on purpose: the service reads checkpoints with numpy + faiss only.
+A checkpoint is written under a temporary name and renamed into place when
+complete, so a reader never sees half of one. The manifest lists every file
+with its SHA-256; the reader refuses anything missing, extra-short or altered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Files every checkpoint has; extra files (torch state, reports) are listed in the manifest too.
+USER_EMB = "user_embeddings.npy"
+ITEM_EMB = "item_embeddings.npy"
+USER_IDS = "user_ids.json"
+ITEM_IDS = "item_ids.json"
+POPULARITY = "item_popularity.npy"
+SEEN_INDPTR = "seen_indptr.npy"
+SEEN_INDICES = "seen_indices.npy"
+INDEX = "index.faiss"
+REQUIRED = (USER_EMB, ITEM_EMB, USER_IDS, ITEM_IDS, POPULARITY, SEEN_INDPTR, SEEN_INDICES, INDEX)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, partial, corrupt or of an unknown format."""
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint, loaded into memory (or memory-mapped)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    user_embeddings: np.ndarray
+    item_embeddings: np.ndarray
+    user_ids: list[str]
+    item_ids: list[str]
+    item_popularity: np.ndarray
+    seen: sparse.csr_matrix
+    user_row: dict[str, int] = field(default_factory=dict)
+    item_row: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.user_row:
+            self.user_row = {u: i for i, u in enumerate(self.user_ids)}
+        if not self.item_row:
+            self.item_row = {it: i for i, it in enumerate(self.item_ids)}
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["model_version"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def watermark(self) -> int | None:
+        return self.manifest.get("watermark")
+
+    def load_index(self) -> Any:
+        """Read the FAISS index stored with the embeddings."""
+        import faiss
+
+        return faiss.read_index(str(self.path / INDEX))
+
+    def extra_file(self, name: str) -> Path:
+        if name not in self.manifest["files"]:
+            raise CheckpointError(f"{self.path}: checkpoint has no file {name!r}")
+        return self.path / name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with path.open("wb") as f:
+        np.save(f, arr, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_flat_index(item_embeddings: np.ndarray) -> Any:
+    """Exact inner-product index: the default for catalogues that fit in memory."""
+    import faiss
+
+    index = faiss.IndexFlatIP(int(item_embeddings.shape[1]))
+    index.add(np.ascontiguousarray(item_embeddings, dtype=np.float32))
+    return index
+
+
+def new_version() -> str:
+    """A sortable, unique model version id: UTC time plus a short random suffix."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
+
+
+def write_checkpoint(
+    root: str | Path,
+    *,
+    version: str,
+    user_embeddings: np.ndarray,
+    item_embeddings: np.ndarray,
+    user_ids: list[str],
+    item_ids: list[str],
+    item_popularity: np.ndarray,
+    seen: sparse.csr_matrix,
+    config: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    diagnostics: list[Mapping[str, Any]] | None = None,
+    watermark: int | None = None,
+    index: Any = None,
+    extra_files: Mapping[str, bytes] | None = None,
+    extra_manifest: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a complete checkpoint to ``root/version`` atomically and return its path.
+
+    ``index`` is a FAISS index over ``item_embeddings`` (exact inner product when None).
+    ``extra_files`` maps file names to bytes (e.g. the torch state ``model.pt``).
+    """
+    if not VERSION_RE.match(version):
+        raise CheckpointError(f"invalid model version {version!r}: use letters, digits, '.', '_' or '-'")
+    user_embeddings = np.ascontiguousarray(user_embeddings, dtype=np.float32)
+    item_embeddings = np.ascontiguousarray(item_embeddings, dtype=np.float32)
+    n_users, dim = user_embeddings.shape
+    n_items = item_embeddings.shape[0]
+    if item_embeddings.shape[1] != dim:
+        raise CheckpointError("user and item embeddings have different dimensions")
+    if len(user_ids) != n_users or len(item_ids) != n_items:
+        raise CheckpointError("id maps and embedding tables disagree in length")
+    if item_popularity.shape != (n_items,):
+        raise CheckpointError("item_popularity must have one count per item")
+    seen = sparse.csr_matrix(seen)
+    if seen.shape != (n_users, n_items):
+        raise CheckpointError(f"seen matrix shape {seen.shape} != {(n_users, n_items)}")
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / version
+    if final.exists():
+        raise CheckpointError(f"{final} already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=root))
+    try:
+        _save_npy(tmp / USER_EMB, user_embeddings)
+        _save_npy(tmp / ITEM_EMB, item_embeddings)
+        _write_file(tmp / USER_IDS, json.dumps([str(u) for u in user_ids]).encode())
+        _write_file(tmp / ITEM_IDS, json.dumps([str(i) for i in item_ids]).encode())
+        _save_npy(tmp / POPULARITY, np.asarray(item_popularity, dtype=np.int64))
+        _save_npy(tmp / SEEN_INDPTR, seen.indptr.astype(np.int64))
+        _save_npy(tmp / SEEN_INDICES, seen.indices.astype(np.int32))
+        import faiss
+
+        if index is None:
+            index = build_flat_index(item_embeddings)
+        if index.ntotal != n_items:
+            raise CheckpointError(f"FAISS index holds {index.ntotal} vectors, expected {n_items}")
+        faiss.write_index(index, str(tmp / INDEX))
+        for name, data in (extra_files or {}).items():
+            if "/" in name or name in REQUIRED or name == MANIFEST:
+                raise CheckpointError(f"invalid extra file name {name!r}")
+            _write_file(tmp / name, data)
+
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "model_version": version,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dim": int(dim),
+            "n_users": int(n_users),
+            "n_items": int(n_items),
+            "n_seen": int(seen.nnz),
+            "index_type": type(index).__name__,
+            "score": "dot",
+            "watermark": watermark,
+            "config": dict(config or {}),
+            "metrics": dict(metrics or {}),
+            "diagnostics": list(diagnostics or []),
+            "files": files,
+        }
+        manifest.update(extra_manifest or {})
+        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and sanity-check a manifest without loading the arrays."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if not mpath.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (partial or not a checkpoint)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mpath}: manifest is not a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{mpath}: format_version {manifest.get('format_version')} is not the supported {FORMAT_VERSION}"
+        )
+    for key in ("model_version", "dim", "n_users", "n_items", "files"):
+        if key not in manifest:
+            raise CheckpointError(f"{mpath}: manifest lacks {key!r}")
+    missing = [f for f in REQUIRED if f not in manifest["files"]]
+    if missing:
+        raise CheckpointError(f"{mpath}: manifest does not list {missing}")
+    return manifest
+
+
+def verify_files(path: Path, manifest: Mapping[str, Any]) -> None:
+    for name, meta in manifest["files"].items():
+        fpath = path / name
+        if not fpath.is_file():
+            raise CheckpointError(f"{path}: file {name} is missing")
+        if fpath.stat().st_size != meta["bytes"]:
+            raise CheckpointError(
+                f"{path}: file {name} has {fpath.stat().st_size} bytes, expected {meta['bytes']}"
+            )
+        if _sha256(fpath) != meta["sha256"]:
+            raise CheckpointError(f"{path}: file {name} fails its checksum (corrupt)")
+
+
+def read_checkpoint(path: str | Path, *, mmap: bool = False, verify: bool = True) -> Checkpoint:
+    """Load and verify a checkpoint; raise CheckpointError with the reason when it is unusable.
+
+    ``mmap=True`` memory-maps the embedding tables so that several worker processes share one copy.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    mode = "r" if mmap else None
+    try:
+        user_emb = np.load(path / USER_EMB, mmap_mode=mode, allow_pickle=False)
+        item_emb = np.load(path / ITEM_EMB, mmap_mode=mode, allow_pickle=False)
+        user_ids = json.loads((path / USER_IDS).read_text())
+        item_ids = json.loads((path / ITEM_IDS).read_text())
+        popularity = np.load(path / POPULARITY, allow_pickle=False)
+        indptr = np.load(path / SEEN_INDPTR, allow_pickle=False)
+        indices = np.load(path / SEEN_INDICES, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read arrays ({exc})") from exc
+    n_users, n_items, dim = manifest["n_users"], manifest["n_items"], manifest["dim"]
+    if user_emb.shape != (n_users, dim) or item_emb.shape != (n_items, dim):
+        raise CheckpointError(f"{path}: embedding shapes disagree with the manifest")
+    if len(user_ids) != n_users or len(item_ids) != n_items or popularity.shape != (n_items,):
+        raise CheckpointError(f"{path}: id maps or popularity disagree with the manifest")
+    if indptr.shape != (n_users + 1,) or (indices.size and int(indices.max()) >= n_items):
+        raise CheckpointError(f"{path}: seen-items matrix is inconsistent")
+    seen = sparse.csr_matrix(
+        (np.ones(indices.size, dtype=np.float32), indices, indptr), shape=(n_users, n_items)
+    )
+    return Checkpoint(
+        path=path,
+        manifest=manifest,
+        user_embeddings=user_emb,
+        item_embeddings=item_emb,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        item_popularity=popularity,
+        seen=seen,
+    )
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint directories under root that have a manifest, oldest first (temporary ones skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
+    ]
+    return sorted(found, key=lambda p: p.name)
