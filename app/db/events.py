@@ -1,0 +1,145 @@
+"""Bulk event I/O: upsert users and items, insert events idempotently, read them back for training.
+
+One code path for the importer, the HTTP API and the trainer, on SQLite and PostgreSQL alike.
+Inserts use ``ON CONFLICT DO NOTHING`` on the unique keys, so a retried write never duplicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Connection, Engine, Table, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from app.db.models import Event, Item, User
+
+CHUNK = 5000
+EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "type", "value", "event_id")
+
+
+def _insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], key: str) -> int:
+    """INSERT … ON CONFLICT (key) DO NOTHING; returns how many rows were new."""
+    if not rows:
+        return 0
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    # RETURNING counts the new rows on both backends (executemany's rowcount is -1 on psycopg).
+    stmt = dialect.insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c.id)
+    inserted = 0
+    for start in range(0, len(rows), CHUNK):
+        inserted += len(conn.execute(stmt, list(rows[start : start + CHUNK])).all())
+    return inserted
+
+
+def _ensure_ids(
+    conn: Connection, model: type[User] | type[Item], external_ids: Iterable[str]
+) -> dict[str, int]:
+    wanted = sorted(set(external_ids))
+    table = model.__table__
+    _insert_ignore(conn, table, [{"external_id": e} for e in wanted], "external_id")
+    mapping: dict[str, int] = {}
+    col = table.c.external_id
+    for start in range(0, len(wanted), CHUNK):
+        part = wanted[start : start + CHUNK]
+        mapping.update(conn.execute(select(col, table.c.id).where(col.in_(part))).tuples().all())
+    return mapping
+
+
+def upsert_users(conn: Connection, external_ids: Iterable[str]) -> dict[str, int]:
+    """Create the users that do not exist yet; return external id → internal id for all of them."""
+    return _ensure_ids(conn, User, external_ids)
+
+
+def upsert_items(conn: Connection, external_ids: Iterable[str]) -> dict[str, int]:
+    """Create the items that do not exist yet; return external id → internal id for all of them."""
+    return _ensure_ids(conn, Item, external_ids)
+
+
+def insert_events(
+    conn: Connection, frame: pd.DataFrame, progress: Callable[[int], None] | None = None
+) -> int:
+    """Insert events (columns EVENT_COLUMNS, external ids) in the caller's transaction.
+
+    Unknown users and items are created. Returns the number of new events; rows whose
+    ``event_id`` already exists are skipped, which makes imports and HTTP retries idempotent.
+    """
+    if frame.empty:
+        return 0
+    users = upsert_users(conn, frame["user_id"].unique().tolist())
+    items = upsert_items(conn, frame["item_id"].unique().tolist())
+    values = frame["value"].astype("float64")
+    records = pd.DataFrame(
+        {
+            "event_id": frame["event_id"].astype(str),
+            "user_id": frame["user_id"].map(users).astype("int64"),
+            "item_id": frame["item_id"].map(items).astype("int64"),
+            "type": frame["type"].astype(str),
+            "value": values.astype(object).where(values.notna(), None),
+            "timestamp": frame["timestamp"].astype("float64"),
+        }
+    ).to_dict("records")
+    table = Event.__table__
+    inserted = 0
+    for start in range(0, len(records), CHUNK):
+        part = records[start : start + CHUNK]
+        inserted += _insert_ignore(conn, table, part, "event_id")
+        if progress:
+            progress(len(part))
+    return inserted
+
+
+def count_events(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(Event)).scalar_one())
+
+
+def max_event_id(conn: Connection) -> int:
+    """The newest events.id: a watermark for "everything up to here"."""
+    return int(conn.execute(select(func.coalesce(func.max(Event.id), 0))).scalar_one())
+
+
+def read_events(engine: Engine, until_id: int | None = None, since_id: int | None = None) -> pd.DataFrame:
+    """All events (optionally id in (since_id, until_id]) with external ids, ordered by id.
+
+    Columns: id, user_id, item_id, timestamp, type, value, event_id.
+    """
+    stmt = (
+        select(
+            Event.id,
+            User.external_id.label("user_id"),
+            Item.external_id.label("item_id"),
+            Event.timestamp,
+            Event.type,
+            Event.value,
+            Event.event_id,
+        )
+        .join(User, User.id == Event.user_id)
+        .join(Item, Item.id == Event.item_id)
+        .order_by(Event.id)
+    )
+    if until_id is not None:
+        stmt = stmt.where(Event.id <= until_id)
+    if since_id is not None:
+        stmt = stmt.where(Event.id > since_id)
+    with engine.connect() as conn:
+        result = conn.execution_options(yield_per=50_000).execute(stmt)
+        chunks = [pd.DataFrame(part, columns=list(result.keys())) for part in result.partitions()]
+    if not chunks:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in _EMPTY_DTYPES.items()})
+    frame = pd.concat(chunks, ignore_index=True)
+    frame["id"] = frame["id"].astype(np.int64)
+    frame["timestamp"] = frame["timestamp"].astype(np.float64)
+    frame["value"] = frame["value"].astype(np.float64)
+    return frame
+
+
+_EMPTY_DTYPES = {
+    "id": "int64",
+    "user_id": "object",
+    "item_id": "object",
+    "timestamp": "float64",
+    "type": "object",
+    "value": "float64",
+    "event_id": "object",
+}
