@@ -53,3 +53,14 @@ def ensure_current(engine: Engine) -> None:
     raise SchemaError(
         f"database {where} is at schema revision {current}, this code needs {head}: run `recsys db upgrade`"
     )
+
+
+def checked_engine(url: str | None = None) -> Engine:
+    """An engine for the configured database, refused (SchemaError) unless the schema is current."""
+    engine = make_engine(url)
+    try:
+        ensure_current(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine

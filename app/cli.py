@@ -1,0 +1,206 @@
+"""The `recsys` command: one entry point for the database, data, training and serving.
+
+Heavy imports (torch, faiss, pandas) happen inside the commands, so `recsys --help`
+and `recsys serve` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.settings import get_settings
+
+app = typer.Typer(
+    name="recsys",
+    help="A recommendation service whose edge is negative sampling. "
+    "Configuration comes from RECSYS_* environment variables (see README).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print a one-line error to stderr and return the Exit to raise."""
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def _engine():  # noqa: ANN202 - SQLAlchemy Engine, imported lazily
+    from app.db.engine import SchemaError
+    from app.db.migrate import checked_engine
+
+    try:
+        return checked_engine()
+    except SchemaError as exc:
+        raise fail(str(exc)) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Create or migrate the schema to the newest revision (safe to run repeatedly)."""
+    from app.db.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.sqlalchemy_url, revision)
+    typer.echo(f"database at revision {revision}: {_safe_url(settings.sqlalchemy_url)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision ('base' drops everything).")] = "-1",
+) -> None:
+    """Step the schema back (default: one revision)."""
+    from app.db.migrate import downgrade
+
+    downgrade(get_settings().sqlalchemy_url, revision)
+    typer.echo(f"database downgraded to {revision}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the schema revision of the database and the one this code needs."""
+    from app.db.engine import make_engine
+    from app.db.migrate import current_revision, head_revision
+
+    engine = make_engine()
+    current, head = current_revision(engine), head_revision()
+    typer.echo(
+        f"current: {current or '(empty)'}  head: {head}  {'up to date' if current == head else 'behind'}"
+    )
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class FileFormat(StrEnum):
+    movielens_100k = "movielens-100k"
+    movielens_csv = "movielens-csv"
+    csv = "csv"
+    parquet = "parquet"
+
+
+@app.command("import")
+def import_events(
+    path: Annotated[Path, typer.Argument(help="Interaction file: u.data, ratings.csv, CSV or Parquet.")],
+    format: Annotated[
+        FileFormat | None,
+        typer.Option("--format", "-f", help="File format; guessed from the file when omitted."),
+    ] = None,
+) -> None:
+    """Load interactions into the database, all or nothing; re-importing a file adds nothing.
+
+    Generic CSV/Parquet columns: user_id,item_id[,timestamp,type,value,event_id].
+    """
+    from tqdm import tqdm
+
+    from app.db.events import count_events, insert_events
+    from app.eventfiles import EventFileError, read_event_file
+
+    engine = _engine()
+    start = time.perf_counter()
+    try:
+        frame = read_event_file(path, format.value if format else None)
+    except EventFileError as exc:
+        raise fail(f"{exc} — nothing was imported") from None
+    with (
+        tqdm(total=len(frame), unit="ev", desc="import", disable=None, file=sys.stderr) as bar,
+        engine.begin() as conn,
+    ):
+        inserted = insert_events(conn, frame, progress=bar.update)
+        total = count_events(conn)
+    seconds = time.perf_counter() - start
+    typer.echo(
+        f"read {len(frame):,} events ({frame['user_id'].nunique():,} users, {frame['item_id'].nunique():,} items) "
+        f"from {path}; {inserted:,} new, {len(frame) - inserted:,} already present; "
+        f"{total:,} events in the database; {seconds:.1f} s"
+    )
+
+
+@app.command("export")
+def export_events(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .csv, .csv.gz or .parquet.")],
+) -> None:
+    """Write all events out as CSV or Parquet (the trainer's input away from the database)."""
+    from app.db.events import read_events
+    from app.eventfiles import EventFileError, write_event_file
+
+    engine = _engine()
+    frame = read_events(engine)
+    try:
+        write_event_file(frame, out)
+    except EventFileError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"wrote {len(frame):,} events to {out}")
+
+
+@app.command("synth")
+def synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .csv, .csv.gz or .parquet.")],
+    users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 1000,
+    items: Annotated[int, typer.Option(min=2, help="Number of items.")] = 500,
+    events: Annotated[int, typer.Option(min=1, help="Number of events.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same file.")] = 0,
+    clusters: Annotated[int, typer.Option(min=0, help="Taste clusters (0: from the catalogue size).")] = 0,
+) -> None:
+    """Generate a deterministic synthetic log: Zipf item popularity, log-normal activity, taste clusters."""
+    from app.eventfiles import EventFileError, write_event_file
+    from trainer.synth import SynthSpec, generate
+
+    start = time.perf_counter()
+    frame = generate(SynthSpec(users=users, items=items, events=events, seed=seed, clusters=clusters))
+    try:
+        write_event_file(frame, out)
+    except EventFileError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"wrote {len(frame):,} events to {out} in {time.perf_counter() - start:.1f} s")
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (RECSYS_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (RECSYS_PORT).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (RECSYS_WORKERS).")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Serve this checkpoint directory instead of the promoted model.")
+    ] = None,
+) -> None:
+    """Start the HTTP service (uvicorn)."""
+    from app.api.server import run
+
+    settings = get_settings()
+    _engine().dispose()  # refuse a stale schema before starting workers
+    run(
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=workers or settings.workers,
+        checkpoint=checkpoint,
+        log_level=settings.log_level,
+    )
+
+
+def _register_plugins() -> None:
+    """Attach the command groups that live beside their code (trainer, …)."""
+    try:
+        from trainer.cli import register
+    except ImportError:  # the trainer's commands are not installed in this build
+        return
+    register(app)
+
+
+_register_plugins()
+
+
+def main() -> None:
+    app()
