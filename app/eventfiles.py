@@ -183,7 +183,8 @@ def read_event_file(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
     fmt = fmt or detect_format(path, data[:4096])
     if fmt == "parquet":
         try:
-            frame = pd.read_parquet(io.BytesIO(data)).astype(str).replace({"nan": "", "None": ""})
+            frame = pd.read_parquet(io.BytesIO(data))
+            frame = frame.astype(object).where(frame.notna(), "").astype(str)
         except Exception as exc:  # pyarrow raises several unrelated types for a bad file
             raise EventFileError(f"{path}: not a readable Parquet file ({exc})") from exc
         return _normalise(path, frame, 1, "view")

@@ -43,7 +43,7 @@ def _ensure_ids(
     col = table.c.external_id
     for start in range(0, len(wanted), CHUNK):
         part = wanted[start : start + CHUNK]
-        mapping.update(conn.execute(select(col, table.c.id).where(col.in_(part))).tuples().all())
+        mapping.update(conn.execute(select(col, table.c.id).where(col.in_(part))).all())
     return mapping
 
 
