@@ -80,6 +80,8 @@ def insert_events(
             "timestamp": frame["timestamp"].astype("float64"),
         }
     ).to_dict("records")
+    if conn.dialect.name == "postgresql":
+        return _copy_events_postgres(conn, records, progress)
     table = Event.__table__
     inserted = 0
     for start in range(0, len(records), CHUNK):
@@ -88,6 +90,37 @@ def insert_events(
         if progress:
             progress(len(part))
     return inserted
+
+
+_COPY_COLUMNS = ("event_id", "user_id", "item_id", "type", "value", "timestamp")
+
+
+def _copy_events_postgres(
+    conn: Connection, records: list[dict[str, Any]], progress: Callable[[int], None] | None
+) -> int:
+    """COPY into a temporary table, then one INSERT … ON CONFLICT: several times faster than executemany."""
+    cols = ", ".join(f'"{c}"' for c in _COPY_COLUMNS)
+    cursor = conn.connection.dbapi_connection.cursor()  # psycopg 3, inside the caller's transaction
+    try:
+        cursor.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS _incoming_events (event_id text, user_id bigint, item_id bigint, "
+            "type text, value double precision, timestamp double precision) ON COMMIT DELETE ROWS"
+        )
+        cursor.execute("TRUNCATE _incoming_events")
+        with cursor.copy(f"COPY _incoming_events ({cols}) FROM STDIN") as copy:
+            for start in range(0, len(records), CHUNK):
+                part = records[start : start + CHUNK]
+                for row in part:
+                    copy.write_row([row[c] for c in _COPY_COLUMNS])
+                if progress:
+                    progress(len(part))
+        cursor.execute(
+            f"INSERT INTO events ({cols}) SELECT {cols} FROM _incoming_events "
+            "ORDER BY timestamp ON CONFLICT (event_id) DO NOTHING"
+        )
+        return max(cursor.rowcount, 0)
+    finally:
+        cursor.close()
 
 
 def count_events(conn: Connection) -> int:
