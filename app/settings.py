@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     keep_checkpoints: int = Field(
         5, description="Checkpoints kept on disk by retraining (the promoted one always)."
     )
+    negative_types: frozenset[str] = Field(
+        frozenset({"dislike", "skip", "hide"}),
+        description="Event types that are explicit negative feedback: never positives, fed to the feedback "
+        'sampler. JSON list in the environment, e.g. RECSYS_NEGATIVE_TYPES=\'["dislike","skip"]\'.',
+    )
 
     @property
     def sqlalchemy_url(self) -> str:
