@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI app, routes, model holder and server runner (torch-free)."""

@@ -1,0 +1,93 @@
+"""The app factory: wires settings, database, model holder, impression writer and routes.
+
+Start-up refuses a stale schema (SchemaError with the fix command), then loads the model in a
+thread so /healthz answers at once and /readyz turns 200 when the model is in. A poller follows
+newly promoted versions every RECSYS_RELOAD_POLL_SECONDS. Shutdown drains the impression queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from app.api import admin, errors, logs, routes
+from app.api.holder import ModelHolder
+from app.api.middleware import RequestContext
+from app.db.impressions import ImpressionWriter
+from app.db.migrate import checked_engine
+from app.settings import Settings, get_settings
+
+CHECKPOINT_ENV = "RECSYS_SERVE_CHECKPOINT"
+log = logging.getLogger("recsys.api")
+
+TAGS = [
+    {"name": "recommendations", "description": "Ranked items for users and items."},
+    {"name": "events", "description": "Interaction and feedback ingestion (idempotent)."},
+    {"name": "admin", "description": "Bearer-token protected: negatives, models, promotion, reload."},
+    {"name": "ops", "description": "Health, readiness and Prometheus metrics."},
+]
+
+
+async def _poll(app: FastAPI, every: float) -> None:
+    holder: ModelHolder = app.state.holder
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await run_in_threadpool(holder.refresh)
+        except Exception:  # the poller must survive a database hiccup
+            log.exception("model poll failed")
+
+
+async def _initial_load(app: FastAPI) -> None:
+    result = await run_in_threadpool(app.state.holder.refresh)
+    if result.model is None:
+        log.error("no model loaded at start-up", extra={"reason": result.error})
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    engine = checked_engine(settings.sqlalchemy_url)  # raises SchemaError on a stale schema
+    pinned = os.environ.get(CHECKPOINT_ENV)
+    app.state.engine = engine
+    app.state.holder = ModelHolder(engine, settings.checkpoints_path, Path(pinned) if pinned else None)
+    app.state.impressions = ImpressionWriter(engine)
+    app.state.impressions.start()
+    tasks = [asyncio.create_task(_initial_load(app))]
+    if settings.reload_poll_seconds > 0:
+        tasks.append(asyncio.create_task(_poll(app, settings.reload_poll_seconds)))
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await run_in_threadpool(app.state.impressions.close)
+        engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the ASGI app (used by uvicorn with ``--factory``)."""
+    settings = settings or get_settings()
+    logs.configure(settings.log_level)
+    app = FastAPI(
+        title="recsys",
+        version="1",
+        summary="Recommendations from embeddings trained with popularity-corrected and hard negatives.",
+        description='Errors always have the shape `{"error": {"code", "message", "details"}}`.',
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    app.include_router(routes.router)
+    app.include_router(admin.router)
+    app.add_middleware(RequestContext)
+    return app

@@ -1,0 +1,56 @@
+"""Prometheus metrics, per route template, in multiprocess mode when several workers share a port.
+
+With ``uvicorn --workers N`` each worker is a process; ``app.api.server.run`` then sets
+PROMETHEUS_MULTIPROC_DIR so /metrics aggregates all workers instead of showing one at random.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _mp
+
+MULTIPROC = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+REQUESTS = Counter("recsys_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram(
+    "recsys_http_request_duration_seconds",
+    "Time from request start to the last response byte",
+    ["method", "route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+MODEL_INFO = Gauge(
+    "recsys_model_info",
+    "1 for the model version this worker serves",
+    ["version"],
+    multiprocess_mode="liveall",
+)
+MODEL_LOADS = Counter("recsys_model_loads_total", "Checkpoint load attempts", ["outcome"])
+RECOMMENDATIONS = Counter("recsys_recommendations_total", "Recommendation lists served", ["source"])
+FALLBACKS = Counter("recsys_fallbacks_total", "Lists served by a fallback (fold_in or popular)", ["source"])
+EVENTS_WRITTEN = Counter("recsys_events_written_total", "Events committed (new, not duplicates)")
+EVENTS_DUPLICATE = Counter("recsys_events_duplicate_total", "Events ignored as already recorded")
+IMPRESSIONS_DROPPED = Counter("recsys_impressions_dropped_total", "Served lists not logged (queue full)")
+
+
+def set_model_version(old: str | None, new: str) -> None:
+    if old is not None and old != new:
+        MODEL_INFO.labels(version=old).set(0)
+    MODEL_INFO.labels(version=new).set(1)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: every worker's metrics in multiprocess mode, this process's otherwise."""
+    if MULTIPROC:
+        registry = CollectorRegistry()
+        _mp.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

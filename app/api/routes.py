@@ -1,0 +1,196 @@
+"""Public routes: recommendations, similar items, event ingestion, health, readiness and metrics.
+
+Handlers that touch FAISS or the database are plain ``def``: FastAPI runs them in its threadpool,
+keeping the event loop free (FAISS and the DB drivers release the GIL while they work).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import pandas as pd
+from fastapi import APIRouter, Body, Query, Request, Response
+
+from app.api import metrics
+from app.api.deps import NO_MODEL, VALIDATION, ItemIdPath, UserIdPath, err, request_id, served_model
+from app.api.errors import ApiError
+from app.api.jsonresp import JSON
+from app.api.model import Ranked, ServedModel
+from app.api.schemas import EventIn, EventsAccepted, Health, Readiness, Recommendations, SimilarItems
+from app.api.userdata import recent_events
+from app.db.events import insert_events
+from app.db.impressions import Served
+
+router = APIRouter()
+
+K = Annotated[int, Query(ge=1, le=1000, description="How many items to return (1–1000).", examples=[10])]
+
+
+def _items(model: ServedModel, ranked: Ranked) -> list[dict]:
+    ids = model.item_ids[ranked.rows].tolist()
+    scores = ranked.scores.tolist()
+    return [
+        {"item_id": i, "score": s, "rank": r} for r, (i, s) in enumerate(zip(ids, scores, strict=True), 1)
+    ]
+
+
+@router.get(
+    "/v1/users/{user_id}/recommendations",
+    tags=["recommendations"],
+    summary="Top-k items for a user",
+    response_model=Recommendations,
+    responses={**VALIDATION, **NO_MODEL},
+)
+def recommendations(
+    request: Request,
+    user_id: UserIdPath,
+    k: K = 10,
+    exclude_seen: Annotated[
+        bool,
+        Query(
+            description="Leave out items the user interacted with: those in the checkpoint and "
+            "those recorded since the model was trained."
+        ),
+    ] = True,
+) -> Response:
+    """Users in the model get a FAISS search with their embedding (`source=model`). Users unknown to the
+    model are folded in from their recorded events (`fold_in`), or get the most popular items (`popular`).
+    Hidden items never appear. The served list is logged to `impressions` in the background."""
+    model = served_model(request)
+    row = model.user_row(user_id)
+    need_events = exclude_seen or row is None
+    negatives = request.app.state.settings.negative_types
+    with request.app.state.engine.connect() as conn:
+        recent = (
+            recent_events(conn, user_id, model.watermark if row is not None else 0, negatives)
+            if need_events
+            else None
+        )
+    exclude: list[int] = model.rows_of(recent.item_ids) if (recent and exclude_seen) else []
+    if row is not None:
+        if exclude_seen:
+            exclude.extend(model.seen_rows(row).tolist())
+        ranked, source = model.search(model.user_vector(row), k, exclude), "model"
+    else:
+        vector = model.fold_in(model.rows_of(recent.positive_item_ids)) if recent else None
+        if vector is not None:
+            ranked, source = model.search(vector, k, exclude), "fold_in"
+        else:
+            ranked, source = model.popular(k, exclude), "popular"
+        metrics.FALLBACKS.labels(source).inc()
+    metrics.RECOMMENDATIONS.labels(source).inc()
+    rid = request_id(request)
+    items = _items(model, ranked)
+    if items and not request.app.state.impressions.submit(
+        Served(rid, user_id, [i["item_id"] for i in items], model.version)
+    ):
+        metrics.IMPRESSIONS_DROPPED.inc()
+    return JSON(
+        {
+            "user_id": user_id,
+            "model_version": model.version,
+            "request_id": rid,
+            "source": source,
+            "items": items,
+        }
+    )
+
+
+@router.get(
+    "/v1/items/{item_id}/similar",
+    tags=["recommendations"],
+    summary="Items most similar to an item",
+    response_model=SimilarItems,
+    responses={404: err("The item is not in the served model."), **VALIDATION, **NO_MODEL},
+)
+def similar(request: Request, item_id: ItemIdPath, k: K = 10) -> Response:
+    """Nearest items by dot product of item embeddings; hidden items and the query item are left out."""
+    model = served_model(request)
+    row = model.item_row(item_id)
+    if row is None:
+        raise ApiError(404, "unknown_item", f"item {item_id!r} is not in model {model.version}")
+    items = _items(model, model.similar(row, k))
+    return JSON(
+        {
+            "item_id": item_id,
+            "model_version": model.version,
+            "request_id": request_id(request),
+            "items": items,
+        }
+    )
+
+
+@router.post(
+    "/v1/events",
+    tags=["events"],
+    summary="Record one event or a batch",
+    response_model=EventsAccepted,
+    responses={
+        413: err("More events than RECSYS_MAX_BATCH_EVENTS (default 1000) in one request."),
+        422: err("Malformed JSON or an invalid field (nothing is stored)."),
+    },
+)
+def post_events(
+    request: Request,
+    body: Annotated[
+        EventIn | list[EventIn],
+        Body(
+            description="One event object, or a JSON array of up to RECSYS_MAX_BATCH_EVENTS (default 1000)."
+        ),
+    ],
+) -> Response:
+    """All-or-nothing: the answer comes after the commit, so an acknowledged event survives a crash.
+    Idempotent by `event_id`: retries are counted as `duplicates`. Unknown users and items are created."""
+    events = body if isinstance(body, list) else [body]
+    limit = request.app.state.settings.max_batch_events
+    if len(events) > limit:
+        raise ApiError(413, "batch_too_large", f"{len(events)} events in one request; the limit is {limit}")
+    unique = list({e.event_id: e for e in reversed(events)}.values())[::-1]  # first occurrence wins
+    accepted = 0
+    if unique:
+        now = time.time()
+        frame = pd.DataFrame(
+            {
+                "event_id": [e.event_id for e in unique],
+                "user_id": [e.user_id for e in unique],
+                "item_id": [e.item_id for e in unique],
+                "type": [e.type for e in unique],
+                "value": pd.Series([e.value for e in unique], dtype="float64"),
+                "timestamp": [now if e.timestamp is None else e.timestamp for e in unique],
+            }
+        )
+        with request.app.state.engine.begin() as conn:
+            accepted = insert_events(conn, frame)
+    metrics.EVENTS_WRITTEN.inc(accepted)
+    metrics.EVENTS_DUPLICATE.inc(len(events) - accepted)
+    return JSON({"received": len(events), "accepted": accepted, "duplicates": len(events) - accepted})
+
+
+@router.get("/healthz", tags=["ops"], summary="Liveness", response_model=Health)
+async def healthz() -> Response:
+    """Answers as soon as the process runs, model or not."""
+    return JSON({"status": "ok"})
+
+
+@router.get("/readyz", tags=["ops"], summary="Readiness", response_model=Readiness, responses=NO_MODEL)
+async def readyz(request: Request) -> Response:
+    """200 once a model is loaded, 503 (error shape) before."""
+    model = served_model(request)
+    return JSON({"status": "ready", "model_version": model.version})
+
+
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Exposition text."}
+    },
+)
+async def prometheus() -> Response:
+    """Request count and latency per route template, served model version, events written, fallbacks;
+    aggregated over all workers (Prometheus multiprocess mode) when started by `recsys serve`."""
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,182 @@
+"""Request and response bodies: every field described, so /openapi.json is the reference."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from app.db.models import EVENT_TYPES_NEGATIVE, EVENT_TYPES_POSITIVE
+
+
+def _printable(value: str) -> str:
+    """Ids travel into SQL, logs and CSV exports: no control characters, no lone surrogates."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid UTF-8 text") from exc
+    return value
+
+
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_printable)]
+ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_printable)]
+EventType = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+Source = Literal["model", "fold_in", "popular"]
+TIMESTAMP_MAX = 4_102_444_800.0  # 2100-01-01
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable error code.", examples=["not_found"])
+    message: str = Field(description="Human-readable explanation.", examples=["unknown item 'i999'"])
+    details: Any = Field(None, description="Per-field validation errors or other context; may be null.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx answer."""
+
+    error: ErrorInfo
+
+
+class ScoredItem(BaseModel):
+    item_id: str = Field(description="External item id.", examples=["i42"])
+    score: float = Field(
+        description="Dot product of user and item embeddings (model and fold_in) or the item's "
+        "training interaction count (popular). Higher is better.",
+        examples=[3.21],
+    )
+    rank: int = Field(description="1-based position in the list.", ge=1, examples=[1])
+
+
+class Recommendations(BaseModel):
+    user_id: str = Field(description="The user the list is for.", examples=["u1"])
+    model_version: str = Field(
+        description="Checkpoint version that produced the list.", examples=["20261123T2100Z-a1b2c3"]
+    )
+    request_id: str = Field(description="Same as the X-Request-ID response header; logged with impressions.")
+    source: Source = Field(
+        description="Which path served the user: `model` (user in the checkpoint), `fold_in` (unknown to "
+        "the model, vector = mean of the items of their recorded events), `popular` (no usable events)."
+    )
+    items: list[ScoredItem] = Field(
+        description="Best first; at most k; hidden and excluded items never appear."
+    )
+
+
+class SimilarItems(BaseModel):
+    item_id: str = Field(description="The query item.", examples=["i42"])
+    model_version: str = Field(description="Checkpoint version that produced the list.")
+    request_id: str = Field(description="Same as the X-Request-ID response header.")
+    items: list[ScoredItem] = Field(
+        description="Most similar first (dot product); the query item is excluded."
+    )
+
+
+class EventIn(BaseModel):
+    """One interaction or feedback event. Unknown users and items are created."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"event_id": "e-1", "user_id": "u1", "item_id": "i42", "type": "click"}]
+        },
+    )
+
+    event_id: EventId = Field(
+        description="Client-chosen idempotency key (1–128 printable characters): a retried event with the "
+        "same id is counted as a duplicate and not stored twice."
+    )
+    user_id: ExternalId = Field(description="External user id, 1–256 printable characters.")
+    item_id: ExternalId = Field(description="External item id, 1–256 printable characters.")
+    type: EventType = Field(
+        description="Event type: lowercase letters, digits and `_`, starting with a letter, at most 32 "
+        "characters. Usual positives: " + ", ".join(EVENT_TYPES_POSITIVE) + ". Types listed in "
+        "RECSYS_NEGATIVE_TYPES (default " + ", ".join(EVENT_TYPES_NEGATIVE) + ") are explicit negative "
+        "feedback: never used as positives or for fold-in, fed to the feedback sampler.",
+        examples=["click"],
+    )
+    value: float | None = Field(
+        None, description="Optional finite number, e.g. a rating.", allow_inf_nan=False, examples=[4.5]
+    )
+    timestamp: float | None = Field(
+        None,
+        description="Client time in epoch seconds (UTC), 0 to 4102444800; defaults to the server's clock.",
+        ge=0,
+        le=TIMESTAMP_MAX,
+        allow_inf_nan=False,
+    )
+
+
+class EventsAccepted(BaseModel):
+    received: int = Field(description="Events in the request.", examples=[3])
+    accepted: int = Field(description="Events newly stored (committed before this answer).", examples=[2])
+    duplicates: int = Field(
+        description="Events whose event_id was already stored (or repeated inside this request).",
+        examples=[1],
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = Field(description="Always `ok` while the process answers.")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"] = Field(description="`ready` once a model is loaded.")
+    model_version: str = Field(description="The served checkpoint version.")
+
+
+class Negative(BaseModel):
+    item_id: str = Field(description="External item id of the sampled negative.")
+    source: str = Field(description="Sampler that produced it (uniform, popularity, hard, feedback, …).")
+    q: float | None = Field(
+        None, description="Probability under which the source drew it (for logQ correction)."
+    )
+    score: float | None = Field(None, description="Model score of the user for this item.")
+    rank: int | None = Field(None, description="Rank of the item in the user's full ranking (1 = best).")
+    popularity: float | None = Field(None, description="Training interaction count of the item.")
+    known_positive: bool | None = Field(
+        None, description="True when the user has interacted with it (a false negative)."
+    )
+
+
+class NegativesResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    user_id: str = Field(description="The user.")
+    strategy: str = Field(description="Sampling strategy used.")
+    model_version: str = Field(description="Served checkpoint version the sampler ran against.")
+    negatives: list[Negative] = Field(description="The drawn negatives.")
+    summary: dict[str, Any] = Field(
+        description="Aggregate diagnostics of the draw (shares per source, mean q, …)."
+    )
+
+
+class ModelInfo(BaseModel):
+    version: str = Field(description="Model version id.")
+    path: str = Field(description="Checkpoint directory.")
+    status: str = Field(description="candidate, promoted or rejected.")
+    created_at: str | None = Field(None, description="When the version was registered (ISO 8601).")
+    promoted_at: str | None = Field(None, description="When it was last promoted (ISO 8601).")
+    watermark: int | None = Field(None, description="Largest events.id the model was trained on.")
+    metrics: dict[str, Any] = Field(description="Evaluation metrics recorded with the version.")
+    diagnostics: list[dict[str, Any]] = Field(
+        description="Per-epoch negative-sampling diagnostics from the checkpoint manifest "
+        "(empty if unreadable)."
+    )
+    served: bool = Field(description="True when this worker is serving this version.")
+
+
+class ModelsResponse(BaseModel):
+    served_version: str | None = Field(
+        description="The version this worker serves (null before the first load)."
+    )
+    served_path: str | None = Field(description="Checkpoint directory of the served version.")
+    refused: dict[str, str] = Field(description="Versions this worker refused to load, with the reason.")
+    models: list[ModelInfo] = Field(description="Registered versions, newest first.")
+
+
+class ReloadResponse(BaseModel):
+    model_version: str = Field(description="The version served after the reload.")
+    changed: bool = Field(description="True when the reload swapped in a different version.")
+    load_seconds: float | None = Field(None, description="Time the new checkpoint took to load.")
