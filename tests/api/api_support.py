@@ -127,6 +127,7 @@ class Server:
         workers: int = 1,
         extra_env: dict | None = None,
     ) -> None:
+        self.dep = dep
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}

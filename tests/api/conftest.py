@@ -1,4 +1,8 @@
-"""Fixtures for the HTTP service tests: one shared SQLite deployment and server, fresh ones on demand."""
+"""Fixtures for the HTTP service tests: one deployment and server per backend, shared by the session.
+
+PostgreSQL uses the session database of tests/conftest.py (RECSYS_TEST_POSTGRES_URL), reset to an
+empty schema (downgrade to base, then upgrade) before the synthetic log is loaded.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 import pytest
 from api_support import Deployment, Server, deploy
 
+from app.db.migrate import downgrade
+
 
 @pytest.fixture(scope="session")
 def sqlite_deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
@@ -16,9 +22,20 @@ def sqlite_deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
 
 
 @pytest.fixture(scope="session")
-def server(sqlite_deployment: Deployment) -> Iterator[Server]:
-    """The shared server: SQLite, the cluster checkpoint promoted, admin token set."""
-    srv = Server(sqlite_deployment)
+def postgres_deployment(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    downgrade(postgres_url, "base")
+    return deploy(postgres_url, tmp_path_factory.mktemp("api-postgres"))
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def deployment(request: pytest.FixtureRequest) -> Deployment:
+    return request.getfixturevalue(f"{request.param}_deployment")
+
+
+@pytest.fixture(scope="session")
+def server(deployment: Deployment) -> Iterator[Server]:
+    """A server per backend: the cluster checkpoint promoted, admin token set, polling off."""
+    srv = Server(deployment)
     try:
         srv.wait_ready()
         yield srv

@@ -1,0 +1,149 @@
+"""Happy paths of the public API against a real server: recommendations, exclusion, fallbacks, events."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from api_support import Server
+from sqlalchemy import select, update
+
+from app.db.engine import make_engine
+from app.db.models import Impression, Item
+
+
+def _uid() -> str:
+    return "t-" + uuid.uuid4().hex[:12]
+
+
+def test_health_and_ready(server: Server) -> None:
+    with server.client() as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json() == {"status": "ready", "model_version": "v1"}
+
+
+def test_recommendations_for_a_known_user_exclude_seen_items(server: Server) -> None:
+    frame = server.dep.frame
+    seen = set(frame.loc[frame.user_id == "u1", "item_id"])
+    with server.client() as c:
+        body = c.get("/v1/users/u1/recommendations", params={"k": 20}).json()
+        assert body["source"] == "model" and body["model_version"] == "v1" and body["user_id"] == "u1"
+        items = [i["item_id"] for i in body["items"]]
+        assert len(items) == 20 and not seen & set(items)
+        scores = [i["score"] for i in body["items"]]
+        assert scores == sorted(scores, reverse=True)
+        assert [i["rank"] for i in body["items"]] == list(range(1, 21))
+        # The planted cluster: u1's recommendations come from their home cluster.
+        clusters = frame.attrs["item_cluster"]
+        assert {int(clusters[int(i[1:])]) for i in items} == {int(frame.attrs["user_cluster"][1])}
+        with_seen = c.get("/v1/users/u1/recommendations", params={"k": 20, "exclude_seen": False}).json()
+        assert seen & {i["item_id"] for i in with_seen["items"]}
+
+
+def test_events_since_the_watermark_are_excluded(server: Server) -> None:
+    with server.client() as c:
+        first = c.get("/v1/users/u2/recommendations", params={"k": 5}).json()["items"][0]["item_id"]
+        event = {"event_id": _uid(), "user_id": "u2", "item_id": first, "type": "click"}
+        assert c.post("/v1/events", json=event).json()["accepted"] == 1
+        after = c.get("/v1/users/u2/recommendations", params={"k": 5}).json()
+        assert first not in {i["item_id"] for i in after["items"]}
+
+
+def test_cold_users_get_popular_items_then_fold_in(server: Server) -> None:
+    user = _uid()
+    with server.client() as c:
+        cold = c.get(f"/v1/users/{user}/recommendations", params={"k": 5}).json()
+        assert cold["source"] == "popular" and len(cold["items"]) == 5
+        pops = [i["score"] for i in cold["items"]]
+        assert pops == sorted(pops, reverse=True)
+        # Events in cluster of i3: the folded-in user's list leans to that cluster and skips i3 itself.
+        frame = server.dep.frame
+        clusters = frame.attrs["item_cluster"]
+        same = [f"i{j}" for j in range(len(clusters)) if clusters[j] == clusters[3]][:3]
+        batch = [{"event_id": _uid(), "user_id": user, "item_id": i, "type": "like"} for i in same]
+        assert c.post("/v1/events", json=batch).json() == {"received": 3, "accepted": 3, "duplicates": 0}
+        warm = c.get(f"/v1/users/{user}/recommendations", params={"k": 5}).json()
+        assert warm["source"] == "fold_in"
+        got = [i["item_id"] for i in warm["items"]]
+        assert not set(got) & set(same)
+        assert all(clusters[int(i[1:])] == clusters[3] for i in got)
+
+
+def test_similar_items_share_the_cluster(server: Server) -> None:
+    clusters = server.dep.frame.attrs["item_cluster"]
+    with server.client() as c:
+        body = c.get("/v1/items/i3/similar", params={"k": 8}).json()
+    got = [i["item_id"] for i in body["items"]]
+    assert len(got) == 8 and "i3" not in got
+    assert all(clusters[int(i[1:])] == clusters[3] for i in got)
+
+
+def test_events_are_idempotent_and_counted(server: Server) -> None:
+    ids = [_uid() for _ in range(3)]
+    batch = [{"event_id": e, "user_id": "u5", "item_id": "i7", "type": "view", "value": 1.5} for e in ids]
+    with server.client() as c:
+        assert c.post("/v1/events", json=batch).json() == {"received": 3, "accepted": 3, "duplicates": 0}
+        again = batch[:2] + [{**batch[0], "event_id": _uid(), "timestamp": 1_700_000_000.5}]
+        assert c.post("/v1/events", json=again).json() == {"received": 3, "accepted": 1, "duplicates": 2}
+        repeated = [batch[0], batch[0]]
+        assert c.post("/v1/events", json=repeated).json() == {"received": 2, "accepted": 0, "duplicates": 2}
+        # New users and items are upserted.
+        new = {"event_id": _uid(), "user_id": _uid(), "item_id": "brand-new-item", "type": "dislike"}
+        assert c.post("/v1/events", json=new).json()["accepted"] == 1
+
+
+def test_hidden_items_are_never_recommended(server: Server) -> None:
+    with server.client() as c:
+        top = [i["item_id"] for i in c.get("/v1/users/nobody-x/recommendations", params={"k": 3}).json()["items"]]
+        sim = [i["item_id"] for i in c.get("/v1/items/i3/similar", params={"k": 3}).json()["items"]]
+    engine = make_engine(server.dep.url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(Item).where(Item.external_id.in_(top + sim)).values(hidden=True))
+        with server.admin() as a:  # the hidden set is refreshed by the poller or a reload
+            assert a.post("/admin/reload").status_code == 200
+        with server.client() as c:
+            popular = c.get("/v1/users/nobody-x/recommendations", params={"k": 50}).json()["items"]
+            similar = c.get("/v1/items/i3/similar", params={"k": 50}).json()["items"]
+        assert not {i["item_id"] for i in popular} & set(top + sim)
+        assert not {i["item_id"] for i in similar} & set(top + sim)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(update(Item).where(Item.external_id.in_(top + sim)).values(hidden=False))
+        with server.admin() as a:
+            a.post("/admin/reload")
+        engine.dispose()
+
+
+def test_served_lists_are_logged_as_impressions(server: Server) -> None:
+    with server.client() as c:
+        resp = c.get("/v1/users/u3/recommendations", params={"k": 4}, headers={"X-Request-ID": "imp-" + _uid()})
+    body = resp.json()
+    assert resp.headers["x-request-id"] == body["request_id"] and body["request_id"].startswith("imp-")
+    engine = make_engine(server.dep.url)
+    try:
+        deadline = time.monotonic() + 10
+        rows: list = []
+        while time.monotonic() < deadline and len(rows) < 4:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    select(Impression.rank, Impression.model_version).where(
+                        Impression.request_id == body["request_id"]
+                    )
+                ).all()
+            time.sleep(0.1)
+        assert sorted(rows) == [(r, "v1") for r in range(1, 5)]
+    finally:
+        engine.dispose()
+
+
+def test_metrics_count_routes_and_fallbacks(server: Server) -> None:
+    with server.client() as c:
+        c.get(f"/v1/users/{_uid()}/recommendations")
+        text = c.get("/metrics").text
+    assert 'route="/v1/users/{user_id}/recommendations"' in text
+    assert 'recsys_model_info{version="v1"} 1.0' in text
+    assert 'recsys_fallbacks_total{source="popular"}' in text
+    assert "recsys_events_written_total" in text
+    assert "recsys_http_request_duration_seconds_bucket" in text
