@@ -6,11 +6,14 @@ empty schema (downgrade to base, then upgrade) before the synthetic log is loade
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from api_support import Deployment, Server, deploy
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from app.db.migrate import downgrade
 
@@ -41,3 +44,22 @@ def server(deployment: Deployment) -> Iterator[Server]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of its own for one test (PostgreSQL: a new database, dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'recsys.db'}"
+        return
+    base = request.getfixturevalue("postgres_url")  # skips with the reason when PostgreSQL is not configured
+    name = f"recsys_api_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(base).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

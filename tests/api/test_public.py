@@ -95,7 +95,9 @@ def test_events_are_idempotent_and_counted(server: Server) -> None:
 
 def test_hidden_items_are_never_recommended(server: Server) -> None:
     with server.client() as c:
-        top = [i["item_id"] for i in c.get("/v1/users/nobody-x/recommendations", params={"k": 3}).json()["items"]]
+        top = [
+            i["item_id"] for i in c.get("/v1/users/nobody-x/recommendations", params={"k": 3}).json()["items"]
+        ]
         sim = [i["item_id"] for i in c.get("/v1/items/i3/similar", params={"k": 3}).json()["items"]]
     engine = make_engine(server.dep.url)
     try:
@@ -118,7 +120,9 @@ def test_hidden_items_are_never_recommended(server: Server) -> None:
 
 def test_served_lists_are_logged_as_impressions(server: Server) -> None:
     with server.client() as c:
-        resp = c.get("/v1/users/u3/recommendations", params={"k": 4}, headers={"X-Request-ID": "imp-" + _uid()})
+        resp = c.get(
+            "/v1/users/u3/recommendations", params={"k": 4}, headers={"X-Request-ID": "imp-" + _uid()}
+        )
     body = resp.json()
     assert resp.headers["x-request-id"] == body["request_id"] and body["request_id"].startswith("imp-")
     engine = make_engine(server.dep.url)

@@ -1,0 +1,104 @@
+"""Every kind of bad input answers the right 4xx with the one error shape, never a 500."""
+
+from __future__ import annotations
+
+import pytest
+from api_support import Server, assert_error
+
+GOOD = {"event_id": "err-ok", "user_id": "u1", "item_id": "i1", "type": "click"}
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/v1/users/u1/recommendations?k=0", 422, "validation_error"),
+        ("/v1/users/u1/recommendations?k=1001", 422, "validation_error"),
+        ("/v1/users/u1/recommendations?k=abc", 422, "validation_error"),
+        ("/v1/users/u1/recommendations?exclude_seen=maybe", 422, "validation_error"),
+        ("/v1/users/" + "x" * 257 + "/recommendations", 422, "validation_error"),
+        ("/v1/users/bad%00id/recommendations", 422, "validation_error"),
+        ("/v1/items/no-such-item/similar", 404, "unknown_item"),
+        ("/v1/items/i1/similar?k=-3", 422, "validation_error"),
+        ("/v1/nothing-here", 404, "not_found"),
+    ],
+)
+def test_bad_queries(server: Server, path: str, status: int, code: str) -> None:
+    with server.client() as c:
+        assert_error(c.get(path), status, code)
+
+
+def test_wrong_method(server: Server) -> None:
+    with server.client() as c:
+        assert_error(c.delete("/v1/events"), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {**GOOD, "event_id": ""},
+        {**GOOD, "event_id": "e" * 129},
+        {**GOOD, "user_id": "u" * 257},
+        {**GOOD, "item_id": ""},
+        {**GOOD, "item_id": "a\nb"},
+        {**GOOD, "type": "Not A Type"},
+        {**GOOD, "type": "t" * 33},
+        {**GOOD, "value": "high"},
+        {**GOOD, "timestamp": -1},
+        {**GOOD, "timestamp": 1e12},
+        {**GOOD, "user_id": 17},
+        {**GOOD, "surprise": 1},
+        {k: v for k, v in GOOD.items() if k != "event_id"},
+        [GOOD, {**GOOD, "type": None}],
+        "just a string",
+        42,
+    ],
+)
+def test_invalid_events_are_rejected_whole(server: Server, body: object) -> None:
+    with server.client() as c:
+        body_out = assert_error(c.post("/v1/events", json=body), 422, "validation_error")
+        assert body_out["error"]["details"]
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"event_id": "x", ', b"NaN", b'{"event_id": "n", "value": NaN}', b"\xff\xfe"]
+)
+def test_malformed_or_non_finite_json(server: Server, raw: bytes) -> None:
+    with server.client() as c:
+        resp = c.post("/v1/events", content=raw, headers={"content-type": "application/json"})
+    body = assert_error(resp, 422)
+    assert body["error"]["code"] in {"malformed_json", "validation_error"}
+
+
+def test_oversized_batch_is_413(server: Server) -> None:
+    batch = [{**GOOD, "event_id": f"big-{i}"} for i in range(1001)]
+    with server.client() as c:
+        assert_error(c.post("/v1/events", json=batch), 413, "batch_too_large")
+        # Nothing of the refused batch was stored: the first 1000 go in fresh.
+        assert c.post("/v1/events", json=batch[:1000]).json()["accepted"] == 1000
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic dGVzdDp0ZXN0"},
+        {"Authorization": "Bearer"},
+    ],
+)
+def test_admin_needs_the_token(server: Server, headers: dict[str, str]) -> None:
+    with server.client(headers=headers) as c:
+        for method, path in [
+            ("GET", "/admin/models"),
+            ("POST", "/admin/reload"),
+            ("POST", "/admin/models/v1/promote"),
+            ("GET", "/admin/users/u1/negatives"),
+        ]:
+            assert_error(c.request(method, path), 401, "unauthorized")
+
+
+def test_admin_unknown_things(server: Server) -> None:
+    with server.admin() as a:
+        assert_error(a.post("/admin/models/no-such-version/promote"), 404, "unknown_version")
+        assert_error(a.post("/admin/models/bad version!/promote"), 422, "validation_error")
+        assert_error(a.get("/admin/users/u1/negatives", params={"n": 0}), 422, "validation_error")

@@ -1,0 +1,169 @@
+"""Model lifecycle on a real server: readiness, start-up choice, admin registry, hot swap, refusal."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from api_support import ADMIN_TOKEN, Deployment, Server, assert_error, cluster_checkpoint, deploy
+
+from app.db import registry
+from app.db.engine import make_engine
+from app.db.migrate import downgrade
+
+
+def _corrupt(path: Path) -> None:
+    emb = path / "item_embeddings.npy"
+    data = bytearray(emb.read_bytes())
+    data[-8:] = b"\xff" * 8
+    emb.write_bytes(bytes(data))
+
+
+def _register(dep: Deployment, version: str, path: Path, *, promote: bool) -> None:
+    engine = make_engine(dep.url)
+    try:
+        with engine.begin() as conn:
+            registry.register(
+                conn, version, str(path), watermark=None, status="promoted" if promote else "candidate"
+            )
+    finally:
+        engine.dispose()
+
+
+def test_admin_models_reload_and_promote(server: Server) -> None:
+    with server.admin() as a:
+        models = a.get("/admin/models").json()
+        assert models["served_version"] == "v1"
+        (v1,) = [m for m in models["models"] if m["version"] == "v1"]
+        assert v1["served"] and v1["status"] == "promoted" and v1["metrics"] == {"ndcg@10": 0.5}
+        assert v1["diagnostics"] == [{"epoch": 1, "informative_rate": 0.4}]
+        assert a.post("/admin/reload").json() == {
+            "model_version": "v1",
+            "changed": False,
+            "load_seconds": None,
+        }
+        promoted = a.post("/admin/models/v1/promote").json()
+        assert promoted["model_version"] == "v1" and promoted["changed"] is False
+
+
+def test_admin_routes_are_off_without_a_token(sqlite_deployment: Deployment) -> None:
+    srv = Server(sqlite_deployment, admin_token=None)
+    try:
+        srv.wait_ready()
+        with srv.client(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as c:
+            assert_error(c.get("/admin/models"), 404, "admin_disabled")
+            assert_error(c.post("/admin/reload"), 404, "admin_disabled")
+            assert c.get("/v1/users/u1/recommendations").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_not_ready_without_a_checkpoint_then_reload(tmp_path: Path) -> None:
+    dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path, promote=False)
+    moved = tmp_path / "parked"
+    (dep.checkpoints / "v1").rename(moved)
+    srv = Server(dep)
+    try:
+        srv.wait_ready(path="/healthz")
+        with srv.client() as c:
+            assert_error(c.get("/readyz"), 503, "no_model")
+            assert_error(c.get("/v1/users/u1/recommendations"), 503, "no_model")
+        moved.rename(dep.checkpoints / "v1")
+        with srv.admin() as a:
+            assert a.post("/admin/reload").json()["model_version"] == "v1"
+        with srv.client() as c:
+            assert c.get("/readyz").json()["model_version"] == "v1"
+    finally:
+        srv.stop()
+
+
+def test_start_up_skips_a_corrupt_newest_checkpoint(tmp_path: Path) -> None:
+    """Nothing promoted: the newest checkpoint on disk is broken, so the service serves the next one."""
+    dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path, promote=False)
+    _corrupt(cluster_checkpoint(dep.checkpoints, dep.frame, "v2", watermark=None))
+    srv = Server(dep)
+    try:
+        srv.wait_ready()
+        with srv.admin() as a:
+            models = a.get("/admin/models").json()
+        assert models["served_version"] == "v1"
+        assert any("checksum" in reason for reason in models["refused"].values())
+    finally:
+        srv.stop()
+
+
+def test_schema_must_be_current(tmp_path: Path) -> None:
+    dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path)
+    downgrade(dep.url, "base")
+    srv = Server(dep)
+    try:
+        srv.proc.wait(30)
+        assert srv.proc.returncode != 0
+        assert "recsys db upgrade" in srv.logs()
+    finally:
+        srv.stop()
+
+
+def _hammer(base: str, stop: threading.Event, seen: Counter, failures: list) -> None:
+    with httpx.Client(base_url=base, timeout=10.0) as c:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                r = c.get(f"/v1/users/u{i % 50}/recommendations", params={"k": 10})
+                if r.status_code != 200 or len(r.json()["items"]) != 10:
+                    failures.append((r.status_code, r.text[:200]))
+                else:
+                    seen[r.json()["model_version"]] += 1
+            except httpx.HTTPError as exc:  # a dropped connection is a failure too
+                failures.append(repr(exc))
+
+
+def test_hot_swap_under_load_drops_nothing_and_refuses_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path)
+    srv = Server(dep, poll=0.2)
+    try:
+        srv.wait_ready()
+        stop, seen, failures = threading.Event(), Counter(), []
+        threads = [threading.Thread(target=_hammer, args=(srv.base, stop, seen, failures)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        # The trainer's way: write a checkpoint, register it, promote it in the database.
+        _register(
+            dep,
+            "v2",
+            cluster_checkpoint(dep.checkpoints, dep.frame, "v2", watermark=None, seed=1),
+            promote=True,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and seen["v2"] < 50:
+            time.sleep(0.1)
+        # A broken checkpoint promoted behind the service's back is refused; v2 keeps serving.
+        bad = cluster_checkpoint(dep.checkpoints, dep.frame, "v3", watermark=None, seed=2)
+        _corrupt(bad)
+        _register(dep, "v3", bad, promote=True)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:5]
+        assert seen["v1"] > 0 and seen["v2"] >= 50 and "v3" not in seen, seen
+        with srv.admin() as a:
+            models = a.get("/admin/models").json()
+            assert models["served_version"] == "v2"
+            assert "checksum" in models["refused"][str(bad.resolve())]
+            refused = assert_error(a.post("/admin/reload"), 409, "checkpoint_refused")
+            assert refused["error"]["details"] == {"served_version": "v2"}
+            # Promotion through the API checks the checkpoint first and changes nothing when it is broken.
+            assert_error(a.post("/admin/models/v3/promote"), 409, "checkpoint_refused")
+            # Promoting a good version again serves it at once.
+            assert a.post("/admin/models/v1/promote").json()["model_version"] == "v1"
+        with srv.client() as c:
+            assert c.get("/readyz").json()["model_version"] == "v1"
+        assert "checkpoint refused" in srv.logs()
+    finally:
+        srv.stop()
