@@ -72,6 +72,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSON:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return _respond(422, "malformed_json", "request body is not valid JSON (or not UTF-8)", None)
         code = STATUS_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return _respond(exc.status_code, code, message, None, getattr(exc, "headers", None))
