@@ -1,0 +1,178 @@
+"""From an event log to the arrays the trainer needs: id maps, the protocol split, seen/feedback matrices.
+
+The split is the project's evaluation protocol (DESIGN.md): per user, sort by (timestamp, item);
+the last 20% (ceil, at least 1) is test; users with fewer than 5 events stay in train; test items
+unseen in train are dropped; validation is carved from train the same way. Repeated (user, item)
+pairs keep their first occurrence only: a ranking that excludes the user's train items could
+never hit a repeat, so keeping it in test would only add noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+NEGATIVE_TYPES = frozenset({"dislike", "skip", "hide"})
+TEST_FRACTION = 0.2
+MIN_EVENTS = 5
+
+
+def load_event_file(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
+    """Read an event file through the service's reader (MovieLens u.data / ratings.csv, CSV, Parquet)."""
+    from app.eventfiles import read_event_file
+
+    return read_event_file(path, fmt)
+
+
+def load_db_events(until_id: int | None = None) -> tuple[pd.DataFrame, int | None]:
+    """All events from the configured database and the watermark (largest events.id) they go up to."""
+    from app.db.engine import make_engine
+    from app.db.events import read_events
+
+    engine = make_engine()
+    try:
+        frame = read_events(engine, until_id=until_id)
+    finally:
+        engine.dispose()
+    watermark = int(frame["id"].max()) if len(frame) else None
+    return frame, watermark
+
+
+def temporal_split(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, fraction: float = TEST_FRACTION,
+    min_events: int = MIN_EVENTS,
+) -> np.ndarray:
+    """Boolean mask of the held-out rows: per user the last ceil(fraction*n) by (timestamp, item)."""
+    if users.size == 0:
+        return np.zeros(0, dtype=bool)
+    order = np.lexsort((items, timestamps, users))
+    u = users[order]
+    counts = np.bincount(u)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    rank = np.arange(u.size) - starts[u]
+    n = counts[u]
+    n_held = np.maximum(np.ceil(n * fraction - 1e-9).astype(np.int64), 1)  # 1e-9: 0.2*15 is 3.0000000000000004
+    held = (n >= min_events) & (rank >= n - n_held)
+    out = np.empty(users.size, dtype=bool)
+    out[order] = held
+    return out
+
+
+def csr(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sparse.csr_matrix:
+    """Binary user x item matrix (duplicates collapse to 1)."""
+    m = sparse.csr_matrix(
+        (np.ones(users.size, dtype=np.float32), (users, items)), shape=(n_users, n_items)
+    )
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+@dataclass
+class Dataset:
+    """Integer-coded interactions split by the protocol; rows of every matrix follow user_ids/item_ids."""
+
+    user_ids: list[str]
+    item_ids: list[str]
+    train_u: np.ndarray
+    train_i: np.ndarray
+    val_u: np.ndarray
+    val_i: np.ndarray
+    test_u: np.ndarray
+    test_i: np.ndarray
+    all_u: np.ndarray  # every (deduplicated) positive: the checkpoint's seen matrix
+    all_i: np.ndarray
+    feedback: sparse.csr_matrix  # explicit negatives (dislike/skip/hide) per user
+    watermark: int | None = None
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def popularity(self) -> np.ndarray:
+        """Train-positive count per item: the popularity the samplers and the baseline use."""
+        return np.bincount(self.train_i, minlength=self.n_items).astype(np.int64)
+
+    def all_popularity(self) -> np.ndarray:
+        return np.bincount(self.all_i, minlength=self.n_items).astype(np.int64)
+
+    def train_csr(self) -> sparse.csr_matrix:
+        return csr(self.train_u, self.train_i, self.n_users, self.n_items)
+
+    def seen_csr(self) -> sparse.csr_matrix:
+        return csr(self.all_u, self.all_i, self.n_users, self.n_items)
+
+    def candidates(self) -> np.ndarray:
+        """Items a ranking may return under the protocol: those with a train positive."""
+        return self.popularity() > 0
+
+    def user_row(self) -> dict[str, int]:
+        return {u: i for i, u in enumerate(self.user_ids)}
+
+    def item_row(self) -> dict[str, int]:
+        return {it: i for i, it in enumerate(self.item_ids)}
+
+    def describe(self) -> dict[str, int]:
+        return {
+            "users": self.n_users, "items": self.n_items, "train": int(self.train_u.size),
+            "validation": int(self.val_u.size), "test": int(self.test_u.size),
+            "feedback": int(self.feedback.nnz),
+        }
+
+
+def _holdout(u: np.ndarray, i: np.ndarray, t: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split rows into (kept, held) index arrays; held rows whose item is absent from kept are dropped."""
+    held = temporal_split(u, i, t)
+    kept_idx = np.flatnonzero(~held)
+    held_idx = np.flatnonzero(held)
+    in_train = np.zeros(n_items, dtype=bool)
+    in_train[i[kept_idx]] = True
+    return kept_idx, held_idx[in_train[i[held_idx]]]
+
+
+def build_dataset(events: pd.DataFrame, *, validation: bool = True, watermark: int | None = None) -> Dataset:
+    """Code ids, drop repeats, split test (and validation) by the protocol, collect explicit negatives."""
+    for col in ("user_id", "item_id", "timestamp", "type"):
+        if col not in events.columns:
+            raise ValueError(f"events lack the column {col!r}")
+    if len(events) == 0:
+        raise ValueError("no events to train on")
+    user_codes, user_ids = pd.factorize(events["user_id"].astype(str), sort=True)
+    item_codes, item_ids = pd.factorize(events["item_id"].astype(str), sort=True)
+    ts = events["timestamp"].to_numpy(dtype=np.float64)
+    negative = events["type"].astype(str).str.lower().isin(NEGATIVE_TYPES).to_numpy()
+    n_users, n_items = len(user_ids), len(item_ids)
+
+    pos = np.flatnonzero(~negative)
+    if pos.size == 0:
+        raise ValueError("no positive events (every event is a dislike/skip/hide)")
+    pu, pi, pt = user_codes[pos].astype(np.int64), item_codes[pos].astype(np.int64), ts[pos]
+    order = np.lexsort((pi, pt, pu))
+    pu, pi, pt = pu[order], pi[order], pt[order]
+    first = ~pd.DataFrame({"u": pu, "i": pi}).duplicated().to_numpy()
+    pu, pi, pt = pu[first], pi[first], pt[first]
+
+    kept, test = _holdout(pu, pi, pt, n_items)
+    tu, ti, tt = pu[kept], pi[kept], pt[kept]
+    if validation:
+        kept2, val = _holdout(tu, ti, tt, n_items)
+        val_u, val_i = tu[val], ti[val]
+        tu, ti = tu[kept2], ti[kept2]
+    else:
+        val_u = val_i = np.zeros(0, dtype=np.int64)
+
+    neg = np.flatnonzero(negative)
+    feedback = csr(user_codes[neg].astype(np.int64), item_codes[neg].astype(np.int64), n_users, n_items)
+    return Dataset(
+        user_ids=[str(u) for u in user_ids], item_ids=[str(i) for i in item_ids],
+        train_u=tu, train_i=ti, val_u=val_u, val_i=val_i, test_u=pu[test], test_i=pi[test],
+        all_u=pu, all_i=pi, feedback=feedback, watermark=watermark,
+    )

@@ -1,0 +1,53 @@
+"""Losses over one positive and many sampled negatives per row, each correct for any sampler.
+
+Inputs, for B rows and C negative columns: ``pos`` (B,) and ``neg`` (B, C) logits, the log expected
+counts ``pos_logq`` (B,) and ``neg_logq`` (B, C) (zeros to switch the correction off) and a validity
+``mask`` (B, C). The logQ correction (Yi et al. 2019; TensorFlow's sampled_softmax) subtracts
+log(n·q) from every logit so that sampled negatives estimate the full-catalogue partition function
+rather than over-penalising the items the sampler favours.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+LOSSES = ("softmax", "nce", "bpr")
+
+
+def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the positive against the corrected negatives (mean over rows)."""
+    logits = torch.cat([(pos - pos_logq)[:, None], (neg - neg_logq).masked_fill(~mask, float("-inf"))], dim=1)
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def binary_ns(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor:
+    """word2vec's -log σ(s⁺) - mean log σ(-s⁻) on corrected logits (the NCE form of the correction).
+
+    The negative term is a mean rather than word2vec's sum so that hundreds of shared negatives do
+    not drown the positive.
+    """
+    pos_term = F.softplus(-(pos - pos_logq))
+    neg_terms = F.softplus(neg - neg_logq) * mask
+    return (pos_term + neg_terms.sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def bpr(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
+        mask: torch.Tensor) -> torch.Tensor:
+    """-log σ(s⁺ - s⁻), each negative weighted by self-normalised importance weights 1/(n·q).
+
+    With the correction on, the weights turn the sampler's distribution back into uniform, so the
+    loss estimates BPR under uniform negatives whatever sampled them; off, every negative counts equally.
+    """
+    logw = (-neg_logq).masked_fill(~mask, float("-inf"))
+    w = torch.softmax(logw, dim=1).nan_to_num(0.0)
+    return (w * F.softplus(neg - pos[:, None])).sum(1).mean()
+
+
+def get_loss(name: str):  # noqa: ANN201 - a callable with the signature above
+    table = {"softmax": sampled_softmax, "nce": binary_ns, "bpr": bpr}
+    if name not in table:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return table[name]

@@ -1,0 +1,48 @@
+"""The embedding model: one vector per user and per item, scored by (cosine / τ) or plain dot product.
+
+Cosine scores with a temperature make the softmax sharpness a setting rather than something the
+embedding norms drift into, and they need no weight decay. Side features would enter as extra
+item/user towers summed into these vectors; they are not built yet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(self, n_users: int, n_items: int, dim: int = 64, *, cosine: bool = True,
+                 temperature: float = 0.2, init_std: float = 0.1) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        self.user = nn.Embedding(n_users, dim)
+        self.item = nn.Embedding(n_items, dim)
+        nn.init.normal_(self.user.weight, std=init_std)
+        nn.init.normal_(self.item.weight, std=init_std)
+        self.cosine = cosine
+        self.temperature = temperature
+
+    def users(self, rows: torch.Tensor) -> torch.Tensor:
+        """User query vectors, already divided by τ, so that users(u) @ items(i).T are logits."""
+        v = self.user(rows)
+        if self.cosine:
+            v = nn.functional.normalize(v, dim=-1) / self.temperature
+        return v
+
+    def items(self, rows: torch.Tensor) -> torch.Tensor:
+        v = self.item(rows)
+        return nn.functional.normalize(v, dim=-1) if self.cosine else v
+
+    @torch.no_grad()
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        """(user, item) float32 tables whose dot products equal the training logits."""
+        u = self.users(torch.arange(self.user.num_embeddings)).numpy().astype(np.float32)
+        i = self.items(torch.arange(self.item.num_embeddings)).numpy().astype(np.float32)
+        return u, i
+
+    @torch.no_grad()
+    def item_table(self) -> np.ndarray:
+        return self.items(torch.arange(self.item.num_embeddings)).numpy().astype(np.float32)
