@@ -243,7 +243,7 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
         val = _validate(model, data, train_csr, candidates, cfg) if has_val else {}
         diag = _diagnostics(epoch, stats, sampler, train_seconds, t_sampling, n_train, val)
         history.append(diag)
-        score = val.get("ndcg@10", -stats.loss_sum)
+        score = val.get("ndcg@10", float(epoch))  # without validation the last epoch is the best
         if score > best[0] or epoch == 1:
             best = (score, epoch, copy.deepcopy(model.state_dict()), val)
             bad_epochs = 0

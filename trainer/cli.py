@@ -1,0 +1,313 @@
+"""The trainer's `recsys` commands: train, evaluate, recommend, negatives compare/show.
+
+``register(app)`` attaches them to the main Typer app. Torch, pandas and faiss are imported inside
+the command bodies so that ``recsys --help`` and ``recsys serve`` stay fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+STRATEGY_CHOICES = ("uniform", "popularity", "in-batch", "hard", "feedback", "mixed")
+LOSS_CHOICES = ("softmax", "nce", "bpr")
+
+negatives_app = typer.Typer(help="Compare negative-sampling strategies and inspect drawn negatives.",
+                            no_args_is_help=True)
+
+EventsOpt = Annotated[Path | None, typer.Option("--events", help="Event file (MovieLens u.data/ratings.csv, "
+                                                 "CSV, Parquet); default: the database.")]
+FormatOpt = Annotated[str | None, typer.Option("--format", help="Force the file format (default: detected).")]
+StrategyOpt = Annotated[str, typer.Option("--strategy", help=f"Negatives: {', '.join(STRATEGY_CHOICES)}.")]
+LossOpt = Annotated[str, typer.Option("--loss", help="softmax (sampled softmax), nce (binary NS) or bpr.")]
+DimOpt = Annotated[int, typer.Option("--dim", min=2, max=1024, help="Embedding dimension.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Maximum epochs (early stopping on validation).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (runs are deterministic).")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="torch/FAISS threads.")]
+LrOpt = Annotated[float, typer.Option("--lr", min=1e-6, help="Adam learning rate.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=2, help="Positives per batch.")]
+NegOpt = Annotated[int, typer.Option("--negatives", min=1, help="Shared uniform/popularity negatives per batch.")]
+TempOpt = Annotated[float, typer.Option("--temperature", min=1e-3, help="Softmax temperature of the cosine scores.")]
+LogqOpt = Annotated[bool, typer.Option("--logq/--no-logq", help="Apply the logQ correction.")]
+RefitOpt = Annotated[bool, typer.Option("--refit/--no-refit", help="Retrain on train+validation for the chosen epochs.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=name)
+
+
+def _config(strategy: str, loss: str, dim: int, epochs: int, seed: int, threads: int, lr: float, batch_size: int,
+            negatives: int, temperature: float, logq: bool, progress: bool) -> Any:
+    from trainer.samplers import SamplerConfig
+    from trainer.train import TrainConfig
+
+    _check_choice("--strategy", strategy, STRATEGY_CHOICES)
+    _check_choice("--loss", loss, LOSS_CHOICES)
+    return TrainConfig(dim=dim, epochs=epochs, seed=seed, threads=threads, lr=lr, batch_size=batch_size,
+                       loss=loss, logq=logq, temperature=temperature, progress=progress,
+                       sampler=SamplerConfig(strategy=strategy, n_negatives=negatives))
+
+
+def _load(events: Path | None, fmt: str | None) -> tuple[Any, int | None]:
+    """Events from a file, or from the database (with its watermark) when no file is given."""
+    from trainer.data import load_db_events, load_event_file
+
+    if events is None:
+        try:
+            frame, watermark = load_db_events()
+        except Exception as exc:  # the database layer raises several types; report one line
+            raise _fail(f"cannot read events from the database: {exc}") from None
+        if frame.empty:
+            raise _fail("the database holds no events; import some or pass --events FILE")
+        return frame, watermark
+    try:
+        return load_event_file(events, fmt), None
+    except (OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def _run(frame: Any, cfg: Any, refit: bool, init_state: Any = None, watermark: int | None = None) -> Any:
+    from trainer.pipeline import run
+
+    try:
+        return run(frame, cfg, refit=refit, init_state=init_state, watermark=watermark)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+def train(
+    out: Annotated[Path | None, typer.Option("--out", help="Checkpoint root (default: settings.checkpoints_path).")] = None,
+    events: EventsOpt = None,
+    fmt: FormatOpt = None,
+    strategy: StrategyOpt = "mixed",
+    loss: LossOpt = "softmax",
+    dim: DimOpt = 64,
+    epochs: EpochsOpt = 30,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = 2,
+    lr: LrOpt = 0.005,
+    batch_size: BatchOpt = 1024,
+    negatives: NegOpt = 512,
+    temperature: TempOpt = 0.2,
+    logq: LogqOpt = True,
+    refit: RefitOpt = True,
+    progress: ProgressOpt = True,
+    warm_start: Annotated[Path | None, typer.Option("--warm-start", help="Checkpoint to start from.")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="Model version (default: time-based).")] = None,
+) -> None:
+    """Train a model and write a checkpoint directory (split, early stopping, refit, test metrics)."""
+    cfg = _config(strategy, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress)
+    init_state = None
+    if warm_start is not None:
+        from trainer.checkpoint import CheckpointError, read_checkpoint
+        from trainer.train import load_model_state
+
+        try:
+            init_state = load_model_state(read_checkpoint(warm_start).extra_file("model.pt").read_bytes())
+        except CheckpointError as exc:
+            raise _fail(str(exc)) from None
+    frame, watermark = _load(events, fmt)
+    result = _run(frame, cfg, refit, init_state, watermark)
+    from trainer.checkpoint import CheckpointError
+    from trainer.pipeline import save
+
+    if out is None:
+        from app.settings import get_settings
+
+        out = get_settings().checkpoints_path
+    try:
+        path = save(result, out, version=version)
+    except CheckpointError as exc:
+        raise _fail(str(exc)) from None
+    t = result.test
+    typer.echo(f"checkpoint {path}")
+    typer.echo(f"test NDCG@10 {t['ndcg@10']:.4f} recall@10 {t['recall@10']:.4f} "
+               f"(most-popular NDCG@10 {result.baseline['ndcg@10']:.4f}); {result.seconds:.1f}s")
+
+
+def evaluate_cmd(
+    events: Annotated[Path, typer.Option("--events", help="Event file to split, train on and test.")],
+    fmt: FormatOpt = None,
+    strategy: StrategyOpt = "mixed",
+    loss: LossOpt = "softmax",
+    dim: DimOpt = 64,
+    epochs: EpochsOpt = 30,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = 2,
+    lr: LrOpt = 0.005,
+    batch_size: BatchOpt = 1024,
+    negatives: NegOpt = 512,
+    temperature: TempOpt = 0.2,
+    logq: LogqOpt = True,
+    refit: RefitOpt = True,
+    progress: ProgressOpt = True,
+) -> None:
+    """Split by the protocol, train, and print the test metrics next to most-popular."""
+    from trainer.report import metric_table
+
+    cfg = _config(strategy, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress)
+    frame, _ = _load(events, fmt)
+    result = _run(frame, cfg, refit)
+    typer.echo(metric_table([(f"{strategy}/{loss}", result.test, result.seconds),
+                             ("most-popular", result.baseline, None)]))
+
+
+def recommend(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV to write: user_id,item_id,rank,score.")],
+    users: Annotated[Path | None, typer.Option("--users", help="File with one user id per line.")] = None,
+    all_users: Annotated[bool, typer.Option("--all", help="Every user of the model.")] = False,
+    k: Annotated[int, typer.Option("--k", min=1, max=10_000, help="Items per user.")] = 10,
+    exclude_seen: Annotated[bool, typer.Option("--exclude-seen/--include-seen", help="Drop items the user has.")] = True,
+) -> None:
+    """Write top-k recommendations with external ids for some or all users of a checkpoint."""
+    import numpy as np
+    import pandas as pd
+
+    from trainer.checkpoint import CheckpointError, read_checkpoint
+    from trainer.evaluate import top_k
+
+    if users is None and not all_users:
+        raise _fail("pass --users FILE or --all")
+    try:
+        ckpt = read_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise _fail(str(exc)) from None
+    if all_users:
+        wanted = list(ckpt.user_ids)
+    else:
+        try:
+            wanted = [x.strip() for x in Path(users).read_text().splitlines() if x.strip()]
+        except OSError as exc:
+            raise _fail(f"cannot read --users: {exc}") from None
+        unknown = [u for u in wanted if u not in ckpt.user_row]
+        if unknown:
+            typer.secho(f"warning: {len(unknown)} unknown user(s) skipped, e.g. {unknown[:3]}", err=True)
+        wanted = [u for u in wanted if u in ckpt.user_row]
+    rows = np.array([ckpt.user_row[u] for u in wanted], dtype=np.int64)
+    k = min(k, len(ckpt.item_ids))
+    parts = []
+    for start in range(0, rows.size, 1024):
+        chunk = rows[start:start + 1024]
+        scores = np.asarray(ckpt.user_embeddings[chunk]) @ np.asarray(ckpt.item_embeddings).T
+        if exclude_seen:
+            ex = ckpt.seen[chunk].tocoo()
+            scores[ex.row, ex.col] = -np.inf
+        top = top_k(scores, k)
+        s = np.take_along_axis(scores, top, axis=1)
+        ok = np.isfinite(s)
+        r = np.broadcast_to(np.arange(1, k + 1), top.shape)
+        parts.append(pd.DataFrame({"user_id": np.asarray(ckpt.user_ids, dtype=object)[np.repeat(chunk, k)][ok.ravel()],
+                                   "item_id": np.asarray(ckpt.item_ids, dtype=object)[top[ok]],
+                                   "rank": r[ok], "score": s[ok]}))
+    frame = pd.concat(parts) if parts else pd.DataFrame(columns=["user_id", "item_id", "rank", "score"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    typer.echo(f"{len(frame)} recommendations for {rows.size} users -> {out}")
+
+
+@negatives_app.command("compare")
+def compare(
+    events: Annotated[Path, typer.Option("--events", help="Event file.")],
+    out: Annotated[Path, typer.Option("--out", help="Report directory (Markdown + PNG).")],
+    strategies: Annotated[str, typer.Option("--strategies", help="Comma-separated strategies.")] =
+    "uniform,popularity,in-batch,hard,mixed",
+    fmt: FormatOpt = None,
+    loss: LossOpt = "softmax",
+    dim: DimOpt = 64,
+    epochs: EpochsOpt = 30,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = 2,
+    lr: LrOpt = 0.005,
+    batch_size: BatchOpt = 1024,
+    negatives: NegOpt = 512,
+    temperature: TempOpt = 0.2,
+    logq: LogqOpt = True,
+    progress: ProgressOpt = False,
+) -> None:
+    """Train every strategy on the same split; write REPORT_DIR/report.md, results.json and plots."""
+    from trainer.data import build_dataset
+    from trainer.report import diagnostics_table, metric_table, plot_histories
+
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    for name in names:
+        _check_choice("--strategies", name, STRATEGY_CHOICES)
+    frame, _ = _load(events, fmt)
+    try:
+        data = build_dataset(frame)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    rows, histories, results = [], {}, {}
+    baseline = None
+    for name in names:
+        cfg = _config(name, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress)
+        typer.echo(f"training {name} ...", err=True)
+        r = _run(data, cfg, refit=True)
+        rows.append((name, r.test, r.seconds))
+        histories[name] = r.diagnostics()
+        results[name] = {"test": r.test, "seconds": r.seconds, "diagnostics": r.diagnostics()}
+        baseline = r.baseline
+    rows.append(("most-popular", baseline or {}, None))
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_histories(histories, out)
+    text = (f"# Negative-sampling comparison\n\nData: `{events}` ({data.describe()}), loss {loss}, "
+            f"logQ {'on' if logq else 'off'}, seed {seed}.\n\n## Test metrics\n\n{metric_table(rows)}\n\n"
+            f"## Sampling diagnostics (last selection epoch)\n\n{diagnostics_table(histories)}\n\n"
+            + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+    (out / "report.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"baseline": baseline, "strategies": results}, indent=2, default=str))
+    typer.echo(metric_table(rows))
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@negatives_app.command("show")
+def show(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")],
+    user: Annotated[str, typer.Option("--user", help="External user id.")],
+    strategy: StrategyOpt = "hard",
+    n: Annotated[int, typer.Option("--n", min=1, max=10_000, help="Negatives to draw.")] = 10,
+    seed: SeedOpt = 0,
+    feedback_items: Annotated[str | None, typer.Option("--feedback-items", help="Comma-separated item ids "
+                                                       "the user rejected (for feedback/mixed).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Print the negatives a strategy would draw for one user under a checkpoint's model."""
+    from trainer.checkpoint import CheckpointError, read_checkpoint
+    from trainer.inspect_negatives import draw_negatives
+
+    _check_choice("--strategy", strategy, STRATEGY_CHOICES)
+    try:
+        ckpt = read_checkpoint(checkpoint)
+        fb = [x.strip() for x in feedback_items.split(",")] if feedback_items else None
+        result = draw_negatives(ckpt, user, strategy, n, feedback_items=fb, seed=seed)
+    except (CheckpointError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    except KeyError as exc:
+        raise _fail(str(exc.args[0])) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"user {user}, strategy {strategy}, model {result['model_version']}")
+    typer.echo(f"{'item':>12} {'source':>10} {'q':>10} {'score':>8} {'rank':>7} {'pop':>6} known")
+    for x in result["negatives"]:
+        typer.echo(f"{x['item_id']:>12} {x['source']:>10} {x['q']:>10.3g} {x['score']:>8.3f} {x['rank']:>7} "
+                   f"{x['popularity']:>6} {'yes' if x['known_positive'] else ''}")
+    typer.echo(json.dumps(result["summary"]))
+
+
+def register(app: typer.Typer) -> None:
+    """Attach train, evaluate, recommend and the negatives group to the main CLI."""
+    app.command("train")(train)
+    app.command("evaluate")(evaluate_cmd)
+    app.command("recommend")(recommend)
+    app.add_typer(negatives_app, name="negatives")

@@ -1,0 +1,85 @@
+"""One training run end to end: split, fit with early stopping, refit, test against most-popular, save.
+
+The refit step retrains on train+validation for the epoch count validation chose: under a temporal
+split the validation events are the most recent ones a user has, and dropping them from the final
+model costs about 0.03 NDCG@10 on ml-100k (measured; see the report).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from trainer.checkpoint import new_version, write_checkpoint
+from trainer.data import Dataset, build_dataset, csr
+from trainer.evaluate import dot_scores, evaluate, popularity_scores
+from trainer.samplers import build_index
+from trainer.train import TrainConfig, TrainResult, fit, model_state_bytes
+
+SCORE_NOTE = "cosine/temperature: items L2-normalised, users L2-normalised and divided by temperature"
+
+
+@dataclass
+class RunResult:
+    data: Dataset
+    selection: TrainResult  # the run early-stopped on validation
+    final: TrainResult  # the model that ships (the refit when refit=True)
+    test: dict[str, float]
+    baseline: dict[str, float]
+    seconds: float
+
+    def metrics(self) -> dict[str, Any]:
+        return {"test": self.test, "most_popular": self.baseline, "best_epoch": self.selection.best_epoch,
+                "validation": self.selection.best_val, "train_seconds": round(self.seconds, 2),
+                "data": self.data.describe()}
+
+    def diagnostics(self) -> list[dict[str, Any]]:
+        sel = [{"phase": "selection", **h} for h in self.selection.history]
+        if self.final is self.selection:
+            return sel
+        return sel + [{"phase": "refit", **h} for h in self.final.history]
+
+
+def merged_train(data: Dataset) -> Dataset:
+    """Train+validation as the training set, no validation: what the final model learns from."""
+    empty = np.zeros(0, dtype=np.int64)
+    return replace(data, train_u=np.concatenate([data.train_u, data.val_u]),
+                   train_i=np.concatenate([data.train_i, data.val_i]), val_u=empty, val_i=empty)
+
+
+def run(events: pd.DataFrame | Dataset, cfg: TrainConfig, *, refit: bool = True,
+        init_state: dict[str, Any] | None = None, watermark: int | None = None) -> RunResult:
+    t0 = time.perf_counter()
+    data = events if isinstance(events, Dataset) else build_dataset(events, watermark=watermark)
+    selection = fit(data, cfg, init_state=init_state)
+    final = selection
+    full = merged_train(data)
+    if refit and data.val_u.size:
+        final = fit(full, replace(cfg, epochs=selection.best_epoch), init_state=init_state)
+    exclude = csr(full.train_u, full.train_i, data.n_users, data.n_items)
+    candidates = full.candidates()
+    users, items = final.model.export()
+    test = evaluate(dot_scores(users, items), exclude, data.test_u, data.test_i, candidates)
+    baseline = evaluate(popularity_scores(full.popularity()), exclude, data.test_u, data.test_i, candidates)
+    return RunResult(data, selection, final, test, baseline, time.perf_counter() - t0)
+
+
+def save(result: RunResult, root: str | Path, *, version: str | None = None,
+         extra_config: dict[str, Any] | None = None) -> Path:
+    """Write the shipped model as a checkpoint; scores of the stored vectors equal the training logits."""
+    data = result.data
+    users, items = result.final.model.export()
+    config = {**result.final.config.to_dict(), "score": SCORE_NOTE if result.final.config.cosine else "dot",
+              "refit": result.final is not result.selection, **(extra_config or {})}
+    return write_checkpoint(
+        root, version=version or new_version(), user_embeddings=users, item_embeddings=items,
+        user_ids=data.user_ids, item_ids=data.item_ids, item_popularity=data.all_popularity(),
+        seen=data.seen_csr(), config=config, metrics=result.metrics(), diagnostics=result.diagnostics(),
+        watermark=data.watermark, index=build_index(items, "flat" if len(items) <= 200_000 else "auto"),
+        extra_files={"model.pt": model_state_bytes(result.final, data)},
+    )
