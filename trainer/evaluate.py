@@ -64,15 +64,17 @@ def evaluate(
         top = top_k(scores, kmax)
         truth = held[rows]
         n_true = np.diff(truth.indptr)
-        hits = pairs.contains(rows[:, None], top)
-        covered[top[:, :10].ravel()] = True
+        finite = np.isfinite(np.take_along_axis(scores, top, axis=1))  # fewer than K rankable items
+        hits = pairs.contains(rows[:, None], top) & finite
+        covered[top[:, :10][finite[:, :10]]] = True
         for k in ks:
             h = hits[:, :k]
+            k_eff = h.shape[1]
             denom = np.minimum(k, n_true)
             n_hits = h.sum(1)
             sums[f"recall@{k}"] += float((n_hits / denom).sum())
             sums[f"hitrate@{k}"] += float((n_hits > 0).sum())
-            sums[f"ndcg@{k}"] += float(((h * discounts[:k]).sum(1) / ideal[denom - 1]).sum())
+            sums[f"ndcg@{k}"] += float(((h * discounts[:k_eff]).sum(1) / ideal[denom - 1]).sum())
     out = {name: (v / users.size if users.size else 0.0) for name, v in sums.items()}
     out["coverage@10"] = float(covered[~blocked].mean()) if (~blocked).any() else 0.0
     out["users"] = int(users.size)

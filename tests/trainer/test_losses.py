@@ -1,0 +1,54 @@
+"""The logQ correction: right sign and, with many samples, the full-catalogue softmax it stands for."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trainer.losses import binary_ns, bpr, get_loss, sampled_softmax
+
+
+def _toy(n_draws: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A user scoring 50 items; negatives drawn from a skewed q that favours the high-scoring items."""
+    rng = np.random.default_rng(seed)
+    scores = np.linspace(-2, 3, 50)
+    q = np.exp(scores) / np.exp(scores).sum()
+    draws = rng.choice(50, size=n_draws, p=q)
+    pos = torch.tensor([0.5])
+    neg = torch.tensor(scores[draws], dtype=torch.float32)[None, :]
+    neg_logq = torch.tensor(np.log(n_draws * q[draws]), dtype=torch.float32)[None, :]
+    full = float(torch.logsumexp(torch.tensor(np.r_[0.5, scores]), 0) - 0.5)
+    return pos, neg, neg_logq, full
+
+
+def test_logq_correction_recovers_the_full_softmax_and_no_correction_does_not() -> None:
+    pos, neg, neg_logq, full = _toy(20_000)
+    mask = torch.ones_like(neg, dtype=torch.bool)
+    corrected = float(sampled_softmax(pos, neg, torch.zeros(1), neg_logq, mask))
+    raw = float(sampled_softmax(pos, neg, torch.zeros(1), torch.zeros_like(neg), mask))
+    assert abs(corrected - full) < 0.05
+    assert raw > full + 5  # without correction the popular negatives are counted n times over
+
+
+def test_logq_sign_lowers_popular_negatives() -> None:
+    """The gradient on a popular negative shrinks with the correction: it is not over-penalised."""
+    neg = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    pos = torch.tensor([1.0])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    logq = torch.log(torch.tensor([[0.5, 0.01]]))  # item 0 popular, item 1 rare
+    sampled_softmax(pos, neg, torch.zeros(1), logq, mask).backward()
+    g = neg.grad[0]
+    assert g[0] < g[1]  # the rare item is pushed down harder than the popular one
+    for loss in (binary_ns, bpr):
+        neg.grad = None
+        loss(pos, neg, torch.zeros(1), logq, mask).backward()
+        assert neg.grad[0, 0] < neg.grad[0, 1], loss.__name__
+
+
+def test_masked_columns_carry_no_gradient() -> None:
+    neg = torch.tensor([[3.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[False, True]])
+    for name in ("softmax", "nce", "bpr"):
+        neg.grad = None
+        get_loss(name)(torch.tensor([1.0]), neg, torch.zeros(1), torch.zeros(1, 2), mask).backward()
+        assert neg.grad[0, 0] == 0 and neg.grad[0, 1] > 0, name
