@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class ModelHolder:
         self._lock = threading.RLock()  # swap() is also called from admin promote
         self._baseline_promoted: str | None = None
         self._baseline_read = False
+        self.on_swap: list[Callable[[ServedModel], None]] = []
 
     # --- resolution -------------------------------------------------------------------------
     def _registry_path(self, row: dict) -> Path:
@@ -104,6 +106,8 @@ class ModelHolder:
             old = self.current
             self.current = model  # one reference assignment: requests in flight keep the old object
             self.refused.pop(str(model.ckpt.path), None)
+            for callback in self.on_swap:
+                callback(model)
         metrics.MODEL_LOADS.labels("loaded").inc()
         metrics.set_model_version(old.version if old else None, model.version)
         log.info(
@@ -130,7 +134,7 @@ class ModelHolder:
                 return RefreshResult(False, current, None if current else "no checkpoint available")
             if current is not None and Path(current.ckpt.path) == target.path:
                 with self.engine.connect() as conn:
-                    current.hidden = current.with_hidden(hidden_items(conn))
+                    current.set_hidden(hidden_items(conn))
                 return RefreshResult(False, current)
             if not force and str(target.path) in self.refused:
                 return RefreshResult(False, current, self.refused[str(target.path)])

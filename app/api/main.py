@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from app.api import admin, errors, logs, routes
 from app.api.holder import ModelHolder
 from app.api.middleware import RequestContext
+from app.api.recent import RecentEventsView
 from app.db.impressions import ImpressionWriter
 from app.db.migrate import checked_engine
 from app.settings import Settings, get_settings
@@ -57,9 +59,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = checked_engine(settings.sqlalchemy_url)  # raises SchemaError on a stale schema
     pinned = os.environ.get(CHECKPOINT_ENV)
     app.state.engine = engine
+    app.state.write_lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
     app.state.holder = ModelHolder(engine, settings.checkpoints_path, Path(pinned) if pinned else None)
     app.state.impressions = ImpressionWriter(engine)
     app.state.impressions.start()
+    app.state.recent = RecentEventsView(engine)
+    app.state.holder.on_swap.append(lambda model: app.state.recent.follow(model.watermark))
+    app.state.recent.start()
     tasks = [asyncio.create_task(_initial_load(app))]
     if settings.reload_poll_seconds > 0:
         tasks.append(asyncio.create_task(_poll(app, settings.reload_poll_seconds)))
@@ -70,6 +76,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await run_in_threadpool(app.state.impressions.close)
+        await run_in_threadpool(app.state.recent.close)
         engine.dispose()
 
 

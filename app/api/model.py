@@ -6,18 +6,30 @@ index search (or one masked walk down the popularity order) plus a small filter.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
-import numpy as np
+# One query vector per request: an OpenMP team per search costs more than it saves, and its spinning
+# threads fight the request threads for the cores. Set before faiss loads its OpenMP runtime.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
 
 from trainer.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 
-# One query vector per request: OpenMP fan-out costs more than it saves and fights the worker threads.
-faiss.omp_set_num_threads(1)
+_omp = threading.local()
+
+
+def _single_threaded() -> None:
+    """OpenMP's thread count is per calling thread: pin it once in every threadpool thread."""
+    if not getattr(_omp, "done", False):
+        faiss.omp_set_num_threads(1)
+        _omp.done = True
 
 
 @dataclass
@@ -37,6 +49,7 @@ class ServedModel:
     item_ids: np.ndarray  # row → external id (object array, for fast fancy indexing)
     pop_order: np.ndarray  # item rows by popularity, most popular first
     hidden: np.ndarray  # bool per item row; replaced wholesale when the hidden set is refreshed
+    n_hidden: int
     load_seconds: float
     loaded_at: float = field(default_factory=time.time)
 
@@ -78,9 +91,9 @@ class ServedModel:
     def search(self, vector: np.ndarray, k: int, exclude: np.ndarray | list[int]) -> Ranked:
         """Top ``k`` items by dot product, skipping hidden and ``exclude`` rows."""
         exclude = np.asarray(exclude, dtype=np.int64)
-        hidden = self.hidden
-        n_hidden = int(hidden.sum()) if hidden.size else 0
+        hidden, n_hidden = self.hidden, self.n_hidden
         fetch = min(self.n_items, k + len(exclude) + n_hidden)
+        _single_threaded()
         while True:
             scores, rows = self.index.search(vector.reshape(1, -1).astype(np.float32, copy=False), fetch)
             scores, rows = scores[0], rows[0]
@@ -109,12 +122,14 @@ class ServedModel:
         vector = np.asarray(self.ckpt.item_embeddings[item_row], dtype=np.float32)
         return self.search(vector, k, [item_row])
 
-    def with_hidden(self, hidden_ids: list[str]) -> np.ndarray:
+    def set_hidden(self, hidden_ids: list[str]) -> None:
+        """Replace the hidden mask; a reader that sees a stale count widens its search (see ``search``)."""
         mask = np.zeros(self.n_items, dtype=bool)
         rows = self.rows_of(hidden_ids)
         if rows:
             mask[rows] = True
-        return mask
+        self.hidden = mask
+        self.n_hidden = int(mask.sum())
 
 
 def load_model(path: str | Path, hidden_ids: list[str] | None = None) -> ServedModel:
@@ -135,8 +150,9 @@ def load_model(path: str | Path, hidden_ids: list[str] | None = None) -> ServedM
         item_ids=item_ids,
         pop_order=pop_order,
         hidden=np.zeros(len(item_ids), dtype=bool),
+        n_hidden=0,
         load_seconds=0.0,
     )
-    model.hidden = model.with_hidden(hidden_ids or [])
+    model.set_hidden(hidden_ids or [])
     model.load_seconds = time.perf_counter() - start
     return model

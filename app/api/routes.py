@@ -58,22 +58,25 @@ def recommendations(
     model are folded in from their recorded events (`fold_in`), or get the most popular items (`popular`).
     Hidden items never appear. The served list is logged to `impressions` in the background."""
     model = served_model(request)
+    state = request.app.state
     row = model.user_row(user_id)
-    need_events = exclude_seen or row is None
-    negatives = request.app.state.settings.negative_types
-    with request.app.state.engine.connect() as conn:
-        recent = (
-            recent_events(conn, user_id, model.watermark if row is not None else 0, negatives)
-            if need_events
-            else None
-        )
-    exclude: list[int] = model.rows_of(recent.item_ids) if (recent and exclude_seen) else []
     if row is not None:
+        exclude: list[int] = []
         if exclude_seen:
+            recent = state.recent.items_for(user_id, model.watermark)
+            if recent is None:  # the in-memory view cannot tell: ask the database
+                with state.engine.connect() as conn:
+                    recent = recent_events(
+                        conn, user_id, model.watermark, state.settings.negative_types
+                    ).item_ids
+            exclude = model.rows_of(recent)
             exclude.extend(model.seen_rows(row).tolist())
         ranked, source = model.search(model.user_vector(row), k, exclude), "model"
     else:
-        vector = model.fold_in(model.rows_of(recent.positive_item_ids)) if recent else None
+        with state.engine.connect() as conn:  # a user the model does not know: their whole history counts
+            events = recent_events(conn, user_id, 0, state.settings.negative_types)
+        exclude = model.rows_of(events.item_ids) if exclude_seen else []
+        vector = model.fold_in(model.rows_of(events.positive_item_ids))
         if vector is not None:
             ranked, source = model.search(vector, k, exclude), "fold_in"
         else:
@@ -160,8 +163,10 @@ def post_events(
                 "timestamp": [now if e.timestamp is None else e.timestamp for e in unique],
             }
         )
-        with request.app.state.engine.begin() as conn:
+        # SQLite has one writer: queueing on a lock here beats its busy-timeout backoff (long sleeps).
+        with request.app.state.write_lock, request.app.state.engine.begin() as conn:
             accepted = insert_events(conn, frame)
+        request.app.state.recent.add_local((e.user_id, e.item_id) for e in unique)
     metrics.EVENTS_WRITTEN.inc(accepted)
     metrics.EVENTS_DUPLICATE.inc(len(events) - accepted)
     return JSON({"received": len(events), "accepted": accepted, "duplicates": len(events) - accepted})

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from app.db.models import Event, Item, User
 
@@ -20,27 +20,30 @@ RECENT_LIMIT = 1000  # newest events read per request; older ones are in the che
 class RecentEvents:
     """A user's events newer than a watermark, newest first."""
 
-    known: bool  # the user exists in the database
+    known: bool  # the user has events newer than the watermark
     item_ids: list[str]  # every item the user touched
     positive_item_ids: list[str]  # items with a non-negative event type (fold-in input)
+
+
+_RECENT = (
+    select(Item.external_id, Event.type)
+    .select_from(User)
+    .join(Event, Event.user_id == User.id)
+    .join(Item, Item.id == Event.item_id)
+    .where(User.external_id == bindparam("user_id"), Event.id > bindparam("since_id"))
+    .order_by(Event.id.desc())
+    .limit(RECENT_LIMIT)
+)
 
 
 def recent_events(
     conn: Connection, user_id: str, since_id: int, negative_types: Collection[str]
 ) -> RecentEvents:
-    uid = conn.execute(select(User.id).where(User.external_id == user_id)).scalar()
-    if uid is None:
-        return RecentEvents(False, [], [])
-    rows = conn.execute(
-        select(Item.external_id, Event.type)
-        .join(Item, Item.id == Event.item_id)
-        .where(Event.user_id == uid, Event.id > since_id)
-        .order_by(Event.id.desc())
-        .limit(RECENT_LIMIT)
-    ).all()
+    """One indexed query, built once (users.external_id, then events by user id and id)."""
+    rows = conn.execute(_RECENT, {"user_id": user_id, "since_id": since_id}).all()
     items = [r[0] for r in rows]
     positive = [r[0] for r in rows if r[1] not in negative_types]
-    return RecentEvents(True, items, positive)
+    return RecentEvents(bool(rows), items, positive)
 
 
 def negative_feedback(

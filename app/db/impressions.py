@@ -31,13 +31,38 @@ class Served:
     model_version: str | None
 
 
-def write_impressions(conn: Connection, batch: Sequence[Served]) -> int:
+class IdCache:
+    """External → internal ids of users and items, so a batch of impressions is one plain INSERT.
+
+    Ids never change once assigned, so entries never go stale; the cache is cleared when it grows past
+    ``limit`` entries to bound memory.
+    """
+
+    def __init__(self, limit: int = 2_000_000) -> None:
+        self.users: dict[str, int] = {}
+        self.items: dict[str, int] = {}
+        self.limit = limit
+
+    def resolve(self, conn: Connection, users: set[str], items: set[str]) -> None:
+        if len(self.users) + len(self.items) > self.limit:
+            self.users.clear()
+            self.items.clear()
+        missing_users = [u for u in users if u not in self.users]
+        missing_items = [i for i in items if i not in self.items]
+        if missing_users:
+            self.users.update(upsert_users(conn, missing_users))
+        if missing_items:
+            self.items.update(upsert_items(conn, missing_items))
+
+
+def write_impressions(conn: Connection, batch: Sequence[Served], ids: IdCache | None = None) -> int:
     """Insert the impressions of ``batch`` in the caller's transaction; unknown users/items are created."""
     batch = [s for s in batch if s.item_ids]
     if not batch:
         return 0
-    users = upsert_users(conn, {s.user_id for s in batch})
-    items = upsert_items(conn, {i for s in batch for i in s.item_ids})
+    ids = ids or IdCache()
+    ids.resolve(conn, {s.user_id for s in batch}, {i for s in batch for i in s.item_ids})
+    users, items = ids.users, ids.items
     rows = [
         {
             "request_id": s.request_id,
@@ -69,6 +94,7 @@ class ImpressionWriter:
         self.dropped = 0
         self.written = 0
         self.failed = 0
+        self._ids = IdCache()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="impression-writer", daemon=True)
@@ -126,7 +152,8 @@ class ImpressionWriter:
             return
         try:
             with self._engine.begin() as conn:
-                self.written += write_impressions(conn, pending)
+                self.written += write_impressions(conn, pending, self._ids)
         except Exception:  # a failed batch is logged and counted; serving goes on
+            self._ids = IdCache()  # ids created in the rolled-back transaction do not exist
             self.failed += len(pending)
             log.exception("could not write %d impression lists", len(pending))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 import uuid
 
+import pandas as pd
 from api_support import Server
 from sqlalchemy import select, update
 
 from app.db.engine import make_engine
+from app.db.events import insert_events
 from app.db.models import Impression, Item
 
 
@@ -151,3 +153,35 @@ def test_metrics_count_routes_and_fallbacks(server: Server) -> None:
     assert 'recsys_fallbacks_total{source="popular"}' in text
     assert "recsys_events_written_total" in text
     assert "recsys_http_request_duration_seconds_bucket" in text
+
+
+def test_events_written_by_another_process_are_excluded_soon(server: Server) -> None:
+    """Events that did not come through this worker reach its in-memory view by the tail (~0.25 s)."""
+    with server.client() as c:
+        first = c.get("/v1/users/u4/recommendations", params={"k": 5}).json()["items"][0]["item_id"]
+    frame = pd.DataFrame(
+        {
+            "user_id": ["u4"],
+            "item_id": [first],
+            "timestamp": [time.time()],
+            "type": ["purchase"],
+            "value": [None],
+            "event_id": [_uid()],
+        }
+    )
+    engine = make_engine(server.dep.url)
+    try:
+        with engine.begin() as conn:
+            assert insert_events(conn, frame) == 1
+    finally:
+        engine.dispose()
+    deadline = time.monotonic() + 5
+    with server.client() as c:
+        while time.monotonic() < deadline:
+            items = {
+                i["item_id"] for i in c.get("/v1/users/u4/recommendations", params={"k": 5}).json()["items"]
+            }
+            if first not in items:
+                break
+            time.sleep(0.05)
+    assert first not in items

@@ -1,0 +1,335 @@
+"""Serving throughput and latency of the real HTTP service on loopback, next to a trivial endpoint.
+
+    .venv/bin/python bench/serve.py [--users 100000] [--items 50000] [--seconds 4] [--workers 1 2]
+
+Builds a 100k-user × 50k-item checkpoint (random embeddings: serving cost does not depend on their
+quality) and a SQLite database with those users, items and ~10 events per user; starts the service
+through ``app.api.server.run`` (1 and 2 workers); a load generator in another process (async httpx,
+bounded by time and request count) measures requests/s and p50/p95/p99 for recommendations,
+similar items, single events and /healthz at concurrency 1, 16 and 64.
+Prints a Markdown table and writes bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ENDPOINTS = ("healthz", "recommendations", "similar", "events")
+
+
+# --- fixture -------------------------------------------------------------------------------------
+def build(data_dir: Path, n_users: int, n_items: int, dim: int, per_user: int) -> str:
+    """A promoted checkpoint plus a migrated SQLite database holding its users, items and events."""
+    import numpy as np
+    import pandas as pd
+    from scipy import sparse
+
+    from app.db import registry
+    from app.db.engine import make_engine
+    from app.db.events import insert_events, max_event_id
+    from app.db.migrate import upgrade
+    from trainer.checkpoint import write_checkpoint
+
+    rng = np.random.default_rng(0)
+    users = [f"u{i}" for i in range(n_users)]
+    items = [f"i{j}" for j in range(n_items)]
+    weights = 1.0 / np.arange(1, n_items + 1)
+    rows = np.repeat(np.arange(n_users), per_user)
+    cols = rng.choice(n_items, size=rows.size, p=weights / weights.sum())
+    url = f"sqlite:///{data_dir / 'recsys.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    frame = pd.DataFrame(
+        {
+            "user_id": np.array(users, dtype=object)[rows],
+            "item_id": np.array(items, dtype=object)[cols],
+            "timestamp": 1.7e9 + np.arange(rows.size, dtype=np.float64),
+            "type": "view",
+            "value": np.nan,
+            "event_id": [f"b{k}" for k in range(rows.size)],
+        }
+    )
+    with engine.begin() as conn:
+        insert_events(conn, frame)
+        watermark = max_event_id(conn)
+    seen = sparse.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(n_users, n_items))
+    user_emb = rng.normal(0, 1 / np.sqrt(dim), (n_users, dim)).astype(np.float32)
+    item_emb = rng.normal(0, 1 / np.sqrt(dim), (n_items, dim)).astype(np.float32)
+    path = write_checkpoint(
+        data_dir / "checkpoints",
+        version="bench",
+        user_embeddings=user_emb,
+        item_embeddings=item_emb,
+        user_ids=users,
+        item_ids=items,
+        item_popularity=np.bincount(cols, minlength=n_items),
+        seen=seen,
+        watermark=watermark,
+    )
+    with engine.begin() as conn:
+        registry.register(conn, "bench", str(path), watermark=watermark, status="promoted")
+    engine.dispose()
+    return url
+
+
+# --- load generator (runs in its own process) ----------------------------------------------------
+async def _load(
+    base: str, endpoint: str, concurrency: int, seconds: float, max_requests: int, n_users: int, n_items: int
+) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    rng = random.Random(concurrency)
+    run_id = uuid.uuid4().hex[:8]
+    deadline = time.perf_counter() + seconds
+
+    def request(client: httpx.AsyncClient, n: int):  # noqa: ANN202
+        if endpoint == "healthz":
+            return client.get("/healthz")
+        if endpoint == "recommendations":
+            return client.get(f"/v1/users/u{rng.randrange(n_users)}/recommendations", params={"k": 10})
+        if endpoint == "similar":
+            return client.get(f"/v1/items/i{rng.randrange(n_items)}/similar", params={"k": 10})
+        event = {
+            "event_id": f"{run_id}-{n}",
+            "user_id": f"u{rng.randrange(n_users)}",
+            "item_id": f"i{rng.randrange(n_items)}",
+            "type": "click",
+        }
+        return client.post("/v1/events", json=event)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal errors, sent
+        while time.perf_counter() < deadline and sent < max_requests:
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                resp = await request(client, sent)
+                ok = resp.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - t0)
+            errors += not ok
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30.0) as client:
+        for _ in range(min(50, concurrency * 5)):  # warm-up: connections and caches
+            await client.get("/healthz")
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3)
+
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+    }
+
+
+def loadgen_main(argv: list[str]) -> None:
+    base, endpoint, conc, seconds, max_req, n_users, n_items = argv
+    out = asyncio.run(
+        _load(base, endpoint, int(conc), float(seconds), int(max_req), int(n_users), int(n_items))
+    )
+    print(json.dumps(out))
+
+
+# --- orchestration -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(
+    data_dir: Path, url: str, workers: int, log_level: str
+) -> tuple[subprocess.Popen, str, float]:
+    import httpx
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+    env.update(RECSYS_DATABASE_URL=url, RECSYS_DATA_DIR=str(data_dir), RECSYS_LOG_LEVEL=log_level)
+    code = (
+        f"from app.api.server import run; run(host='127.0.0.1', port={port}, workers={workers}, "
+        f"checkpoint=None, log_level={log_level!r})"
+    )
+    log = (data_dir / f"server-{workers}.log").open("wb")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {log.name}")
+        try:
+            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.02)
+    ready = time.perf_counter() - t0
+    if workers > 1:  # every worker loads its own copy; give the others time to finish loading
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            text = httpx.get(base + "/metrics", timeout=5).text
+            loaded = [
+                ln for ln in text.splitlines() if ln.startswith('recsys_model_loads_total{outcome="loaded"}')
+            ]
+            if loaded and float(loaded[0].split()[-1]) >= workers:
+                break
+            time.sleep(0.1)
+    return proc, base, ready
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User+system CPU of every process in the server's process group (uvicorn supervisor and workers)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 (pgrp) after the command name
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--items", type=int, default=50_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--events-per-user", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=4.0, help="Duration of each measurement.")
+    parser.add_argument("--max-requests", type=int, default=50_000, help="Cap per measurement.")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--log-level", default="warning", help="Service log level (info logs every request).")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
+    t0 = time.perf_counter()
+    url = build(data_dir, args.users, args.items, args.dim, args.events_per_user)
+    print(
+        f"fixture: {args.users} users × {args.items} items, dim {args.dim}, built in "
+        f"{time.perf_counter() - t0:.1f}s under {data_dir}",
+        file=sys.stderr,
+    )
+    results = []
+    for workers in args.workers:
+        proc, base, ready = start_server(data_dir, url, workers, args.log_level)
+        print(f"workers={workers}: ready in {ready:.2f}s (process start + model load)", file=sys.stderr)
+        try:
+            for conc in args.concurrency:
+                for endpoint in ENDPOINTS:
+                    cpu0 = group_cpu_seconds(proc.pid)
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--loadgen",
+                            base,
+                            endpoint,
+                            str(conc),
+                            str(args.seconds),
+                            str(args.max_requests),
+                            str(args.users),
+                            str(args.items),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                        cwd=ROOT,
+                    )
+                    row = {
+                        "workers": workers,
+                        "concurrency": conc,
+                        "endpoint": endpoint,
+                        "ready_s": round(ready, 2),
+                        **json.loads(out.stdout),
+                    }
+                    cpu = group_cpu_seconds(proc.pid) - cpu0
+                    row["server_cpu_ms_per_req"] = round(1000 * cpu / max(row["requests"], 1), 3)
+                    results.append(row)
+                    print(json.dumps(row), file=sys.stderr)
+        finally:
+            stop_server(proc)
+
+    lines = [
+        "| workers | concurrency | endpoint | req/s | vs healthz | p50 ms | p95 ms | p99 ms | errors "
+        "| server CPU ms/req |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        trivial = next(
+            x
+            for x in results
+            if x["workers"] == r["workers"]
+            and x["concurrency"] == r["concurrency"]
+            and x["endpoint"] == "healthz"
+        )
+        r["ratio_to_healthz"] = round(r["rps"] / trivial["rps"], 3)
+        lines.append(
+            f"| {r['workers']} | {r['concurrency']} | {r['endpoint']} | {r['rps']:.0f} | "
+            f"{r['ratio_to_healthz']:.2f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['errors']} | {r['server_cpu_ms_per_req']:.2f} |"
+        )
+    print("\n".join(lines))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "users": args.users,
+        "items": args.items,
+        "dim": args.dim,
+        "seconds": args.seconds,
+        "cpus": os.cpu_count(),
+        "log_level": args.log_level,
+        "database": "sqlite",
+    }
+    args.out.write_text(json.dumps({"setup": meta, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--loadgen":
+        loadgen_main(sys.argv[2:])
+    else:
+        main()
