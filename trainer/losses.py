@@ -2,7 +2,7 @@
 
 Inputs, for B rows and C negative columns: ``pos`` (B,) and ``neg`` (B, C) logits, the log expected
 counts ``pos_logq`` (B,) and ``neg_logq`` (B, C) (zeros to switch the correction off) and a validity
-``mask`` (B, C). The logQ correction (Yi et al. 2019; TensorFlow's sampled_softmax) subtracts
+``mask`` (B, C). ``neg_logq`` may be (1, C) when the negatives are shared by the batch. The logQ correction (Yi et al. 2019; TensorFlow's sampled_softmax) subtracts
 log(n·q) from every logit so that sampled negatives estimate the full-catalogue partition function
 rather than over-penalising the items the sampler favours.
 """
@@ -18,7 +18,7 @@ LOSSES = ("softmax", "nce", "bpr")
 def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
                     mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the positive against the corrected negatives (mean over rows)."""
-    logits = torch.cat([(pos - pos_logq)[:, None], (neg - neg_logq).masked_fill(~mask, float("-inf"))], dim=1)
+    logits = torch.cat([(pos - pos_logq)[:, None], torch.where(mask, neg - neg_logq, float("-inf"))], dim=1)
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
@@ -41,7 +41,7 @@ def bpr(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: 
     With the correction on, the weights turn the sampler's distribution back into uniform, so the
     loss estimates BPR under uniform negatives whatever sampled them; off, every negative counts equally.
     """
-    logw = (-neg_logq).masked_fill(~mask, float("-inf"))
+    logw = torch.where(mask, -neg_logq.expand_as(neg), float("-inf"))
     w = torch.softmax(logw, dim=1).nan_to_num(0.0)
     return (w * F.softplus(neg - pos[:, None])).sum(1).mean()
 

@@ -192,46 +192,50 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
                 return sum((batch if s.name == "in-batch" else s.n) * s.prob(items) for s in globals_)
 
             t_sampling += time.perf_counter() - ts
-            negs, logqs, masks, sources = [], [], [], []
-            for d in draws:
-                items_t = torch.from_numpy(d.items)
-                if d.shared:
-                    v = p if d.source == "in-batch" else model.items(items_t)
-                    negs.append(u @ v.T)
-                    mask = items_t[None, :] != pos_items[:, None]
-                    logq = np.log(expected(d.items)) if globals_ else np.log(d.n * d.q)
-                    logqs.append(torch.from_numpy(logq.astype(np.float32))[None, :].expand(idx.size, -1))
-                else:
-                    v = model.items(items_t)
-                    negs.append(torch.einsum("bd,bnd->bn", u, v))
-                    mask = torch.from_numpy(d.valid) & (items_t != pos_items[:, None])
-                    logqs.append(torch.from_numpy(np.log(d.n * d.q).astype(np.float32)))
-                masks.append(mask)
-                sources.append((d.source, d.items.shape[-1]))
-            neg = torch.cat(negs, 1)
-            mask = torch.cat(masks, 1)
+            draws = [d for d in draws if d.shared] + [d for d in draws if not d.shared]  # shared columns first
+            shared = [d for d in draws if d.shared]
+            sources = [(d.source, d.items.shape[-1]) for d in draws]
+            # shared negatives: one (B, C) matmul against the stacked item vectors
+            s_items = np.concatenate([d.items for d in shared])
+            s_items_t = torch.from_numpy(s_items)
+            vecs = [p if d.source == "in-batch" else model.items(torch.from_numpy(d.items)) for d in shared]
+            neg = u @ torch.cat(vecs).T
+            mask = s_items_t[None, :] != pos_items[:, None]  # accidental hits (and the in-batch diagonal)
+            if globals_:
+                s_logq = np.log(expected(s_items))
+            else:
+                s_logq = np.concatenate([np.log(d.n * d.q) for d in shared])
+            neg_logq = torch.from_numpy(s_logq.astype(np.float32))[None, :]
+            per_user = [d for d in draws if not d.shared]
+            if per_user:
+                items_u = torch.from_numpy(np.concatenate([d.items for d in per_user], axis=1))
+                neg = torch.cat([neg, torch.einsum("bd,bnd->bn", u, model.items(items_u))], 1)
+                valid = torch.from_numpy(np.concatenate([d.valid for d in per_user], axis=1))
+                mask = torch.cat([mask, valid & (items_u != pos_items[:, None])], 1)
+                u_logq = np.concatenate([np.log(d.n * d.q) for d in per_user], axis=1).astype(np.float32)
+                neg_logq = torch.cat([neg_logq.expand(idx.size, -1), torch.from_numpy(u_logq)], 1)
             if cfg.logq:
-                neg_logq = torch.cat(logqs, 1)
                 pos_logq = (torch.from_numpy(np.log(expected(pos_np)).astype(np.float32))
                             if globals_ else torch.zeros(idx.size))
             else:
-                neg_logq, pos_logq = torch.zeros_like(neg), torch.zeros(idx.size)
+                neg_logq, pos_logq = torch.zeros(1, 1), torch.zeros(idx.size)
             loss = loss_fn(pos, neg, pos_logq, neg_logq, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-            with torch.no_grad():
-                stats.add(pos.detach(), neg.detach(), mask, sources)
-                stats.loss_sum += float(loss)
-                stats.steps += 1
-                if has_val and b % cfg.diag_every == 0:
-                    rows = slice(0, min(idx.size, 128))  # a fixed slice of a shuffled batch: a fair sample
-                    cols = np.concatenate(
-                        [np.broadcast_to(d.items, (idx.size, d.items.shape[-1]))[rows] for d in draws], axis=1)
-                    fn = val_pairs.contains(users_np[rows, None], cols) & mask[rows].numpy()
-                    stats.n_fn += int(fn.sum())
-                    stats.n_fn_checked += int(mask[rows].sum())
+            stats.loss_sum += float(loss.detach())
+            stats.steps += 1
+            if b % cfg.diag_every == 0:  # diagnostics on a fixed share of steps and rows keep them cheap
+                with torch.no_grad():
+                    rows = slice(0, min(idx.size, 256))  # a slice of a shuffled batch is a fair sample
+                    stats.add(pos.detach()[rows], neg.detach()[rows], mask[rows], sources)
+                    if has_val:
+                        cols = np.concatenate(
+                            [np.broadcast_to(d.items, (idx.size, d.items.shape[-1]))[rows] for d in draws], axis=1)
+                        fn = val_pairs.contains(users_np[rows, None], cols) & mask[rows].numpy()
+                        stats.n_fn += int(fn.sum())
+                        stats.n_fn_checked += int(mask[rows].sum())
             step += 1
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss):.4f}", ev_s=f"{(b + 1) * cfg.batch_size / (time.perf_counter() - t_epoch):.0f}")

@@ -1,0 +1,101 @@
+"""The trainer's commands end to end on a small generated file, through a Typer app they register into."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from trainer.cli import register
+
+FAST = ["--epochs", "2", "--batch-size", "256", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    a = typer.Typer()
+    register(a)
+    return a
+
+
+@pytest.fixture(scope="module")
+def checkpoint(app: typer.Typer, small_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckpts")
+    r = CliRunner().invoke(app, ["train", "--events", str(small_file), "--out", str(out), "--version", "v1", *FAST])
+    assert r.exit_code == 0, r.output
+    assert "test NDCG@10" in r.output
+    return out / "v1"
+
+
+def test_train_writes_a_checkpoint(checkpoint: Path) -> None:
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["config"]["sampler"]["strategy"] == "mixed" and manifest["n_users"] == 300
+
+
+def test_recommend_all_and_some_users(app: typer.Typer, checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "recs.csv"
+    r = CliRunner().invoke(app, ["recommend", "--checkpoint", str(checkpoint), "--all", "--k", "5", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    recs = pd.read_csv(out, dtype={"user_id": str, "item_id": str})
+    assert list(recs.columns) == ["user_id", "item_id", "rank", "score"] and len(recs) == 300 * 5
+    assert (recs.groupby("user_id")["score"].apply(lambda s: s.is_monotonic_decreasing)).all()
+    manifest_seen = pd.read_csv(out)  # exclude-seen: no recommended item is one the user has
+    from trainer.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint)
+    for u, i in zip(manifest_seen["user_id"].astype(str), manifest_seen["item_id"].astype(str), strict=True):
+        assert ckpt.seen[ckpt.user_row[u], ckpt.item_row[i]] == 0
+    users = tmp_path / "users.txt"
+    users.write_text("u1\nu2\nghost\n")
+    r = CliRunner().invoke(app, ["recommend", "--checkpoint", str(checkpoint), "--users", str(users), "--k", "3",
+                                 "--out", str(out)])
+    assert r.exit_code == 0 and len(pd.read_csv(out)) == 6
+
+
+def test_evaluate_prints_a_table_with_the_baseline(app: typer.Typer, small_file: Path) -> None:
+    r = CliRunner().invoke(app, ["evaluate", "--events", str(small_file), "--strategy", "popularity", *FAST])
+    assert r.exit_code == 0, r.output
+    assert "| popularity/softmax |" in r.output and "| most-popular |" in r.output
+
+
+def test_negatives_show(app: typer.Typer, checkpoint: Path) -> None:
+    r = CliRunner().invoke(app, ["negatives", "show", "--checkpoint", str(checkpoint), "--user", "u1",
+                                 "--strategy", "hard", "--n", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert len(out["negatives"]) == 5 and all(n["source"] == "hard" for n in out["negatives"])
+
+
+def test_negatives_compare_writes_report_and_plots(app: typer.Typer, small_file: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["negatives", "compare", "--events", str(small_file), "--out", str(tmp_path),
+                                 "--strategies", "uniform,in-batch", *FAST])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "report.md").read_text()
+    assert "| uniform |" in text and "| in-batch |" in text and "| most-popular |" in text
+    for png in ("val_ndcg.png", "neg_score.png", "informative_rate.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert set(json.loads((tmp_path / "results.json").read_text())["strategies"]) == {"uniform", "in-batch"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--events", "/no/such/file.csv", "--out", "/tmp/x"], "no such file"),
+        (["train", "--events", "{file}", "--out", "/tmp/x", "--strategy", "nope"], "nope"),
+        (["train", "--events", "{file}", "--out", "/tmp/x", "--loss", "hinge"], "hinge"),
+        (["negatives", "show", "--checkpoint", "{ckpt}", "--user", "ghost"], "unknown user"),
+        (["negatives", "show", "--checkpoint", "/no/such/dir", "--user", "u1"], "not a checkpoint"),
+        (["recommend", "--checkpoint", "{ckpt}", "--out", "/tmp/x.csv"], "--users FILE or --all"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(app: typer.Typer, small_file: Path, checkpoint: Path,
+                                          args: list[str], message: str) -> None:
+    args = [a.format(file=small_file, ckpt=checkpoint) for a in args]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)  # no traceback
