@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, select
 
 from app.db.events import upsert_items, upsert_users
-from app.db.models import Impression
+from app.db.models import Item, User
 
 log = logging.getLogger("recsys.impressions")
 
@@ -35,7 +36,8 @@ class IdCache:
     """External → internal ids of users and items, so a batch of impressions is one plain INSERT.
 
     Ids never change once assigned, so entries never go stale; the cache is cleared when it grows past
-    ``limit`` entries to bound memory.
+    ``limit`` entries to bound memory. Misses are looked up with one SELECT; only ids still missing are
+    upserted (a cold user seen for the first time).
     """
 
     def __init__(self, limit: int = 2_000_000) -> None:
@@ -43,20 +45,35 @@ class IdCache:
         self.items: dict[str, int] = {}
         self.limit = limit
 
+    @staticmethod
+    def _fill(
+        conn: Connection, model: type[User] | type[Item], cache: dict[str, int], wanted: set[str]
+    ) -> None:
+        missing = [w for w in wanted if w not in cache]
+        if not missing:
+            return
+        col = model.__table__.c.external_id
+        for start in range(0, len(missing), 5000):
+            part = missing[start : start + 5000]
+            cache.update(conn.execute(select(col, model.__table__.c.id).where(col.in_(part))).all())
+        still = [w for w in missing if w not in cache]
+        if still:
+            cache.update((upsert_users if model is User else upsert_items)(conn, still))
+
     def resolve(self, conn: Connection, users: set[str], items: set[str]) -> None:
         if len(self.users) + len(self.items) > self.limit:
             self.users.clear()
             self.items.clear()
-        missing_users = [u for u in users if u not in self.users]
-        missing_items = [i for i in items if i not in self.items]
-        if missing_users:
-            self.users.update(upsert_users(conn, missing_users))
-        if missing_items:
-            self.items.update(upsert_items(conn, missing_items))
+        self._fill(conn, User, self.users, users)
+        self._fill(conn, Item, self.items, items)
 
 
 def write_impressions(conn: Connection, batch: Sequence[Served], ids: IdCache | None = None) -> int:
-    """Insert the impressions of ``batch`` in the caller's transaction; unknown users/items are created."""
+    """Insert the impressions of ``batch`` in the caller's transaction; unknown users/items are created.
+
+    The rows go straight to the driver's executemany: SQLAlchemy's per-row work would cost more than
+    the recommendations being logged.
+    """
     batch = [s for s in batch if s.item_ids]
     if not batch:
         return 0
@@ -64,17 +81,16 @@ def write_impressions(conn: Connection, batch: Sequence[Served], ids: IdCache | 
     ids.resolve(conn, {s.user_id for s in batch}, {i for s in batch for i in s.item_ids})
     users, items = ids.users, ids.items
     rows = [
-        {
-            "request_id": s.request_id,
-            "user_id": users[s.user_id],
-            "item_id": items[item],
-            "model_version": s.model_version,
-            "rank": rank,
-        }
+        (s.request_id, users[s.user_id], items[item], s.model_version, rank)
         for s in batch
         for rank, item in enumerate(s.item_ids, start=1)
     ]
-    conn.execute(Impression.__table__.insert(), rows)
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    sql = (
+        "INSERT INTO impressions (request_id, user_id, item_id, model_version, rank) "
+        f"VALUES ({', '.join([mark] * 5)})"
+    )
+    conn.exec_driver_sql(sql, rows)
     return len(rows)
 
 
@@ -117,27 +133,33 @@ class ImpressionWriter:
         self._thread = None
 
     def _run(self) -> None:
+        """Block for the first list, then gather for up to ``interval`` seconds (or a full batch) and write.
+
+        Gathering matters: writing each list as it arrives would be one transaction (and one fsync) per
+        recommendation.
+        """
         stop = False
         while not stop:
-            pending: list[Served] = []
-            try:
-                first = self._queue.get(timeout=self._interval)
-            except queue.Empty:
-                continue
+            first = self._queue.get()
             if first is None:
                 stop = True
+                pending: list[Served] = []
             else:
-                pending.append(first)
-            while len(pending) < self._batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                pending.append(more)
-            if stop:  # drain the rest before stopping
+                pending = [first]
+                deadline = time.monotonic() + self._interval
+                while len(pending) < self._batch:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        more = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    pending.append(more)
+            if stop:  # drain whatever is left before stopping
                 while True:
                     try:
                         more = self._queue.get_nowait()
