@@ -61,8 +61,8 @@ def negatives(
         Query(
             min_length=1,
             max_length=32,
-            pattern=r"^[a-z_]+$",
-            description="uniform, popularity, hard, feedback or mixed.",
+            pattern=r"^[a-z][a-z_-]*$",
+            description="uniform, popularity, in-batch, hard, feedback or mixed (see DESIGN.md).",
             examples=["mixed"],
         ),
     ] = "mixed",
