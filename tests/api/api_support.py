@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,9 +19,9 @@ from scipy import sparse
 
 from app.db import registry
 from app.db.engine import make_engine
-from app.db.events import insert_events, max_event_id
+from app.db.events import insert_events, max_event_id, read_events
 from app.db.migrate import upgrade
-from trainer.checkpoint import write_checkpoint
+from trainer.checkpoint import read_manifest, write_checkpoint
 from trainer.synth import SynthSpec, generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,12 +86,31 @@ class Deployment:
     frame: pd.DataFrame
     version: str = "v1"
     checkpoints: Path = field(init=False)
+    user_ids: list[str] = field(default_factory=list)
+    item_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.checkpoints = self.data_dir / "checkpoints"
 
 
-def deploy(url: str, data_dir: Path, *, promote: bool = True) -> Deployment:
+def train_checkpoint(url: str, root: Path, version: str) -> tuple[Path, int]:
+    """A real model: the trainer's pipeline on the events in the database (a few seconds on this data)."""
+    from trainer.pipeline import run, save  # torch, in the test process only; the server stays torch-free
+    from trainer.train import TrainConfig
+
+    engine = make_engine(url)
+    try:
+        events = read_events(engine)
+        with engine.connect() as conn:
+            watermark = max_event_id(conn)
+    finally:
+        engine.dispose()
+    result = run(events, TrainConfig(epochs=6, progress=False, threads=1, seed=0), watermark=watermark)
+    return save(result, root, version=version), watermark
+
+
+def deploy(url: str, data_dir: Path, *, promote: bool = True, trained: bool = False) -> Deployment:
+    """Migrate, load the synthetic log, write checkpoint v1 (trained, or the planted clusters), register it."""
     frame = synthetic()
     upgrade(url)
     engine = make_engine(url)
@@ -99,19 +119,28 @@ def deploy(url: str, data_dir: Path, *, promote: bool = True) -> Deployment:
             insert_events(conn, frame)
             watermark = max_event_id(conn)
         dep = Deployment(url, data_dir, frame)
-        path = cluster_checkpoint(dep.checkpoints, frame, dep.version, watermark=watermark)
+        if trained:
+            path, watermark = train_checkpoint(url, dep.checkpoints, dep.version)
+        else:
+            path = cluster_checkpoint(dep.checkpoints, frame, dep.version, watermark=watermark)
+        manifest = read_manifest(path)
+        dep.user_ids, dep.item_ids = manifest_ids(path)
         with engine.begin() as conn:
             registry.register(
                 conn,
                 dep.version,
                 str(path),
                 watermark=watermark,
-                metrics={"ndcg@10": 0.5},
+                metrics=manifest.get("metrics") or {},
                 status="promoted" if promote else "candidate",
             )
     finally:
         engine.dispose()
     return dep
+
+
+def manifest_ids(path: Path) -> tuple[list[str], list[str]]:
+    return json.loads((path / "user_ids.json").read_text()), json.loads((path / "item_ids.json").read_text())
 
 
 class Server:

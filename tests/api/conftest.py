@@ -21,13 +21,13 @@ from app.db.migrate import downgrade
 @pytest.fixture(scope="session")
 def sqlite_deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     data_dir: Path = tmp_path_factory.mktemp("api-sqlite")
-    return deploy(f"sqlite:///{data_dir / 'recsys.db'}", data_dir)
+    return deploy(f"sqlite:///{data_dir / 'recsys.db'}", data_dir, trained=True)
 
 
 @pytest.fixture(scope="session")
 def postgres_deployment(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     downgrade(postgres_url, "base")
-    return deploy(postgres_url, tmp_path_factory.mktemp("api-postgres"))
+    return deploy(postgres_url, tmp_path_factory.mktemp("api-postgres"), trained=True)
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
@@ -37,7 +37,7 @@ def deployment(request: pytest.FixtureRequest) -> Deployment:
 
 @pytest.fixture(scope="session")
 def server(deployment: Deployment) -> Iterator[Server]:
-    """A server per backend: the cluster checkpoint promoted, admin token set, polling off."""
+    """A server per backend: a model trained by the trainer promoted, admin token set, polling off."""
     srv = Server(deployment)
     try:
         srv.wait_ready()

@@ -38,8 +38,8 @@ def test_admin_models_reload_and_promote(server: Server) -> None:
         models = a.get("/admin/models").json()
         assert models["served_version"] == "v1"
         (v1,) = [m for m in models["models"] if m["version"] == "v1"]
-        assert v1["served"] and v1["status"] == "promoted" and v1["metrics"] == {"ndcg@10": 0.5}
-        assert v1["diagnostics"] == [{"epoch": 1, "informative_rate": 0.4}]
+        assert v1["served"] and v1["status"] == "promoted" and "ndcg@10" in v1["metrics"]["test"]
+        assert v1["diagnostics"] and {"epoch", "informative_rate"} <= set(v1["diagnostics"][0])
         assert a.post("/admin/reload").json() == {
             "model_version": "v1",
             "changed": False,
@@ -47,6 +47,34 @@ def test_admin_models_reload_and_promote(server: Server) -> None:
         }
         promoted = a.post("/admin/models/v1/promote").json()
         assert promoted["model_version"] == "v1" and promoted["changed"] is False
+
+
+def test_recommendations_follow_the_embeddings(tmp_path: Path) -> None:
+    """With the planted clusters as embeddings, every list stays in the user's (or item's) cluster."""
+    dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path)
+    clusters, home = dep.frame.attrs["item_cluster"], dep.frame.attrs["user_cluster"]
+    srv = Server(dep)
+    try:
+        srv.wait_ready()
+        with srv.client() as c:
+            for user in ("u1", "u2", "u9"):
+                items = c.get(f"/v1/users/{user}/recommendations", params={"k": 10}).json()["items"]
+                assert {int(clusters[int(i["item_id"][1:])]) for i in items} == {int(home[int(user[1:])])}
+            similar = c.get("/v1/items/i3/similar", params={"k": 8}).json()["items"]
+            assert all(clusters[int(i["item_id"][1:])] == clusters[3] for i in similar)
+            # Fold-in: a new user who likes three items of i3's cluster gets more of that cluster.
+            same = [f"i{j}" for j in range(len(clusters)) if clusters[j] == clusters[3]][:3]
+            batch = [
+                {"event_id": f"f{j}", "user_id": "newcomer", "item_id": i, "type": "like"}
+                for j, i in enumerate(same)
+            ]
+            assert c.post("/v1/events", json=batch).json()["accepted"] == 3
+            body = c.get("/v1/users/newcomer/recommendations", params={"k": 5}).json()
+            assert body["source"] == "fold_in"
+            assert all(clusters[int(i["item_id"][1:])] == clusters[3] for i in body["items"])
+            assert not {i["item_id"] for i in body["items"]} & set(same)
+    finally:
+        srv.stop()
 
 
 def test_admin_routes_are_off_without_a_token(sqlite_deployment: Deployment) -> None:
