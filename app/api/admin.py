@@ -147,7 +147,7 @@ async def promote(request: Request, version: Version) -> Response:
 
     row = await run_in_threadpool(_find)
     if row is not None:
-        path = holder._registry_path(row)
+        path = holder.registry_path(row)
     elif (state.settings.checkpoints_path / version).is_dir():
         path = state.settings.checkpoints_path / version
     else:

@@ -51,7 +51,8 @@ class ModelHolder:
         self.on_swap: list[Callable[[ServedModel], None]] = []
 
     # --- resolution -------------------------------------------------------------------------
-    def _registry_path(self, row: dict) -> Path:
+    def registry_path(self, row: dict) -> Path:
+        """A registered version's directory; falls back to checkpoints/<version> if the stored path moved."""
         path = Path(row["path"])
         if not path.is_dir() and (self.root / row["version"]).is_dir():
             return self.root / row["version"]
@@ -76,7 +77,7 @@ class ModelHolder:
         if not self._baseline_read:
             self._baseline_promoted, self._baseline_read = version, True
         if promoted and (self.pinned is None or version != self._baseline_promoted):
-            return Target(self._registry_path(promoted).resolve(), version)
+            return Target(self.registry_path(promoted).resolve(), version)
         if self.pinned is not None:
             return Target(self.pinned.resolve(), None)
         return self._newest_on_disk()

@@ -48,7 +48,11 @@ async def _poll(app: FastAPI, every: float) -> None:
 
 
 async def _initial_load(app: FastAPI) -> None:
-    result = await run_in_threadpool(app.state.holder.refresh)
+    try:
+        result = await run_in_threadpool(app.state.holder.refresh)
+    except Exception:  # the poller keeps trying; /readyz stays 503 meanwhile
+        log.exception("model load at start-up failed")
+        return
     if result.model is None:
         log.error("no model loaded at start-up", extra={"reason": result.error})
 
