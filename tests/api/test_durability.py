@@ -13,7 +13,7 @@ from api_support import Server, deploy
 from sqlalchemy import select
 
 from app.db.engine import make_engine
-from app.db.models import Event
+from app.db.models import Event, Impression
 
 
 def _writer(base: str, prefix: str, acked: list[str], stop: threading.Event) -> None:
@@ -66,3 +66,26 @@ def test_acknowledged_events_survive_kill_9(fresh_url: str, tmp_path: Path) -> N
         engine.dispose()
     missing = set(acked) - stored
     assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:5]}"
+
+
+def test_impressions_queued_at_shutdown_are_written(tmp_path: Path) -> None:
+    """A clean stop (SIGTERM) drains the impression queue before the process exits."""
+    dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path)
+    srv = Server(dep)
+    srv.wait_ready()
+    rids = []
+    with srv.client() as c:
+        for i in range(20):
+            rids.append(c.get(f"/v1/users/u{i}/recommendations", params={"k": 3}).json()["request_id"])
+    # uvicorn shuts down gracefully, then re-raises the signal: -15 is a clean exit here.
+    assert srv.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    assert "could not write" not in srv.logs()
+    engine = make_engine(dep.url)
+    try:
+        with engine.connect() as conn:
+            logged = set(
+                conn.execute(select(Impression.request_id).where(Impression.request_id.in_(rids))).scalars()
+            )
+    finally:
+        engine.dispose()
+    assert logged == set(rids)
