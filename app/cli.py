@@ -190,6 +190,166 @@ def serve(
     )
 
 
+models_app = typer.Typer(help="The model registry: list, promote, roll back.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Registered model versions, newest first, with status and the gate's decision."""
+    import json
+
+    from app.db import registry
+
+    engine = _engine()
+    with engine.connect() as conn:
+        versions = registry.list_versions(conn)
+    if as_json:
+        typer.echo(json.dumps(versions, indent=2, default=str))
+        return
+    if not versions:
+        typer.echo("no model versions registered yet (run `recsys retrain`)")
+        return
+    typer.echo(f"{'version':<28} {'status':<10} {'ndcg@10':>8} {'watermark':>10}  on disk  gate")
+    for v in versions:
+        metrics = v["metrics"] or {}
+        ndcg = metrics.get("test", {}).get("ndcg@10")
+        gate = metrics.get("gate", {}).get("reason", "")
+        typer.echo(
+            f"{v['version']:<28} {v['status']:<10} {'' if ndcg is None else f'{ndcg:.4f}':>8} "
+            f"{v['watermark'] if v['watermark'] is not None else '':>10}  "
+            f"{'yes' if Path(v['path']).is_dir() else 'no':<7}  {gate}"
+        )
+
+
+def _promote(version: str) -> None:
+    from app.db import registry
+    from trainer.checkpoint import CheckpointError, read_manifest, verify_files
+
+    engine = _engine()
+    with engine.begin() as conn:
+        row = registry.get_version(conn, version)
+        if row is None:
+            raise fail(f"unknown model version {version!r} (see `recsys models list`)")
+        try:
+            verify_files(Path(row["path"]), read_manifest(row["path"]))
+        except CheckpointError as exc:
+            raise fail(f"refusing to promote {version}: {exc}") from None
+        registry.promote(conn, version)
+    typer.echo(
+        f"promoted {version}; running services switch to it at their next poll or on POST /admin/reload"
+    )
+
+
+@models_app.command("promote")
+def models_promote(version: Annotated[str, typer.Argument(help="The version to serve.")]) -> None:
+    """Serve this version (its checkpoint is verified first)."""
+    _promote(version)
+
+
+@models_app.command("rollback")
+def models_rollback() -> None:
+    """Go back to the version promoted before the current one; the current one is marked rejected."""
+    from app.db import registry
+    from app.db.models import ModelVersion
+
+    engine = _engine()
+    with engine.connect() as conn:
+        versions = registry.list_versions(conn)
+    current = next((v for v in versions if v["status"] == "promoted"), None)
+    if current is None:
+        raise fail("no version is promoted: nothing to roll back")
+    earlier = sorted(
+        (
+            v
+            for v in versions
+            if v["promoted_at"] and v["status"] == "candidate" and v["version"] != current["version"]
+        ),
+        key=lambda v: v["promoted_at"],
+    )
+    if not earlier:
+        raise fail(f"{current['version']} is the only version ever promoted: nothing to roll back to")
+    _promote(earlier[-1]["version"])
+    with engine.begin() as conn:
+        conn.execute(
+            ModelVersion.__table__.update()
+            .where(ModelVersion.version == current["version"])
+            .values(status="rejected")
+        )
+    typer.echo(f"rolled back from {current['version']} (now rejected) to {earlier[-1]['version']}")
+
+
+@app.command("retrain")
+def retrain_cmd(
+    strategy: Annotated[
+        str, typer.Option(help="Negative sampling strategy (see `recsys train --help`).")
+    ] = "mixed",
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on validation).")] = 30,
+    lr: Annotated[float, typer.Option(min=1e-7, help="Adam learning rate.")] = 0.005,
+    dim: Annotated[int, typer.Option(min=2, max=1024, help="Embedding dimension.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="torch/FAISS threads.")] = 2,
+    warm_start: Annotated[
+        bool, typer.Option("--warm-start/--from-scratch", help="Start from the promoted model's embeddings.")
+    ] = True,
+    tolerance: Annotated[
+        float,
+        typer.Option(min=0.0, help="How much worse (absolute, on --metric) a candidate may be and ship."),
+    ] = 0.005,
+    metric: Annotated[
+        str, typer.Option(help="Gate metric: ndcg@10, recall@10, hitrate@10, ndcg@20, …")
+    ] = "ndcg@10",
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote even if the gate says worse; retrain with no new events.")
+    ] = False,
+    keep: Annotated[
+        int | None, typer.Option(min=1, help="Checkpoints kept on disk (RECSYS_KEEP_CHECKPOINTS).")
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Batch retraining: read events up to a new watermark, train, gate against the promoted model, promote.
+
+    Exit codes: 0 promoted, rejected or nothing to do; 1 failure (the promoted model is untouched);
+    75 another run holds the lock.
+    """
+    from app.db.engine import SchemaError
+    from app.db.lock import LockHeld
+    from trainer.retrain import RetrainError, RetrainOptions, retrain
+    from trainer.samplers import SamplerConfig
+    from trainer.train import TrainConfig
+
+    settings = get_settings()
+    try:
+        cfg = TrainConfig(
+            dim=dim,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            threads=threads,
+            progress=progress,
+            sampler=SamplerConfig(strategy=strategy),
+        )
+        options = RetrainOptions(
+            config=cfg,
+            warm_start=warm_start,
+            metric=metric,
+            tolerance=tolerance,
+            force=force,
+            keep=keep or settings.keep_checkpoints,
+        )
+        outcome = retrain(settings, options, log=typer.echo)
+    except LockHeld as exc:
+        raise fail(f"{exc}; not starting a second run", code=75) from None
+    except (SchemaError, RetrainError, ValueError) as exc:
+        raise fail(f"{exc}; the promoted model is untouched") from None
+    if outcome.status == "skipped":
+        typer.echo(f"nothing to do: {outcome.reason}")
+    else:
+        typer.echo(f"{outcome.status} {outcome.version}: {outcome.reason}")
+
+
 DEMO_CURLS = """
 Try it (admin token for this demo: {token}):
   curl -s 'http://{host}:{port}/v1/users/u1/recommendations?k=5' | python3 -m json.tool

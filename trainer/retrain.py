@@ -1,0 +1,277 @@
+"""The batch retraining job: new events in, a candidate model out, promoted only if it is not worse.
+
+Safe to run from cron: a job lock keeps two runs from overlapping; the checkpoint is written
+atomically and registered only when complete, so a run killed half-way leaves the promoted model
+and the registry untouched.
+
+The gate compares candidate and current model on the protocol's held-out slice, restricted to
+(user, item) pairs the current model has never seen (their first event is newer than its
+watermark): on older pairs the current model would be scored on its own training data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.db import registry
+from app.db.events import max_event_id, read_events
+from app.db.lock import job_lock
+from app.db.migrate import checked_engine
+from app.settings import Settings
+from trainer.checkpoint import (
+    MANIFEST,
+    Checkpoint,
+    CheckpointError,
+    list_checkpoints,
+    new_version,
+    read_checkpoint,
+)
+from trainer.data import Dataset, csr
+from trainer.evaluate import ScoreFn, dot_scores, evaluate
+from trainer.pipeline import run, save
+from trainer.train import TrainConfig, fit, load_model_state
+
+STALE_TMP_SECONDS = 3600.0
+
+
+class RetrainError(RuntimeError):
+    """A run that could not finish; the promoted model is untouched."""
+
+
+@dataclass
+class RetrainOptions:
+    config: TrainConfig = field(default_factory=TrainConfig)
+    warm_start: bool = True
+    metric: str = "ndcg@10"
+    tolerance: float = 0.005  # absolute: the candidate may be this much worse and still ship
+    force: bool = False
+    keep: int = 5
+    min_new_events: int = 1
+
+
+@dataclass
+class RetrainOutcome:
+    status: str  # promoted | rejected | skipped
+    version: str | None
+    reason: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_scores(ckpt: Checkpoint, data: Dataset) -> ScoreFn:
+    """Score data's users x items with an older model: unseen items rank last, unknown users get its popularity."""
+    user_map = np.array([ckpt.user_row.get(u, -1) for u in data.user_ids], dtype=np.int64)
+    item_map = np.array([ckpt.item_row.get(i, -1) for i in data.item_ids], dtype=np.int64)
+    known_item = item_map >= 0
+    items = np.zeros((data.n_items, ckpt.dim), dtype=np.float32)
+    items[known_item] = ckpt.item_embeddings[item_map[known_item]]
+    pop = np.full(data.n_items, -np.inf, dtype=np.float32)
+    pop[known_item] = ckpt.item_popularity[item_map[known_item]]
+
+    def score(rows: np.ndarray) -> np.ndarray:
+        mapped = user_map[rows]
+        out = np.empty((rows.size, data.n_items), dtype=np.float32)
+        known = mapped >= 0
+        out[known] = np.asarray(ckpt.user_embeddings)[mapped[known]] @ items.T
+        out[~known] = pop
+        out[:, ~known_item] = -np.inf
+        return out
+
+    return score
+
+
+def _new_pairs_mask(
+    events: Any, data: Dataset, negative_types: frozenset[str], watermark: int | None
+) -> np.ndarray:
+    """For each test pair of ``data``: True if no positive event of that pair is at or below ``watermark``."""
+    if watermark is None:
+        return np.ones(data.test_u.size, dtype=bool)
+    positive = ~events["type"].astype(str).str.lower().isin(negative_types).to_numpy()
+    old = positive & (events["id"].to_numpy() <= watermark)
+    user_row, item_row = data.user_row(), data.item_row()
+    u = events["user_id"][old].map(user_row).to_numpy(dtype=np.int64)
+    i = events["item_id"][old].map(item_row).to_numpy(dtype=np.int64)
+    old_keys = np.unique(u * data.n_items + i)
+    return ~np.isin(data.test_u * data.n_items + data.test_i, old_keys)
+
+
+def prune_checkpoints(root: Path, keep: int, protect: set[str]) -> list[str]:
+    """Delete all but the newest ``keep`` checkpoints (never a protected version) and stale temporaries."""
+
+    def created(p: Path) -> str:
+        try:
+            return str(json.loads((p / MANIFEST).read_text()).get("created_at", "")) + p.name
+        except (OSError, ValueError):
+            return p.name
+
+    removed = []
+    ordered = sorted(list_checkpoints(root), key=created, reverse=True)
+    for path in ordered[keep:]:
+        if path.name not in protect:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    now = time.time()
+    for tmp in root.glob(".tmp-*"):
+        if tmp.is_dir() and now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return removed
+
+
+def retrain(
+    settings: Settings, options: RetrainOptions, log: Callable[[str], None] = print
+) -> RetrainOutcome:
+    """Run the whole job under the lock; raise LockHeld, SchemaError or RetrainError on failure."""
+    engine = checked_engine(settings.sqlalchemy_url)
+    try:
+        with job_lock(engine, "retrain"):
+            return _retrain_locked(engine, settings, options, log)
+    finally:
+        engine.dispose()
+
+
+def _current_model(
+    engine: Any, log: Callable[[str], None]
+) -> tuple[dict[str, Any] | None, Checkpoint | None]:
+    with engine.connect() as conn:
+        current = registry.current_promoted(conn)
+    if current is None:
+        return None, None
+    try:
+        return current, read_checkpoint(current["path"])
+    except CheckpointError as exc:
+        log(
+            f"warning: the promoted model {current['version']} cannot be read ({exc}); comparing against nothing"
+        )
+        return current, None
+
+
+def _retrain_locked(
+    engine: Any, settings: Settings, options: RetrainOptions, log: Callable[[str], None]
+) -> RetrainOutcome:
+    t0 = time.perf_counter()
+    with engine.connect() as conn:
+        watermark = max_event_id(conn)
+    current, current_ckpt = _current_model(engine, log)
+    old_watermark = current_ckpt.watermark if current_ckpt is not None else None
+    new_events = watermark - (old_watermark or 0)
+    if current_ckpt is not None and new_events < options.min_new_events and not options.force:
+        return RetrainOutcome(
+            "skipped", None, f"no new events since the promoted model's watermark {old_watermark}"
+        )
+
+    events = read_events(engine, until_id=watermark)
+    if events.empty:
+        raise RetrainError("the database holds no events: import some first (`recsys import`)")
+    log(f"read {len(events):,} events up to id {watermark:,} ({new_events:,} new since the current model)")
+    t_read = time.perf_counter()
+
+    init_state = None
+    if options.warm_start and current_ckpt is not None:
+        try:
+            init_state = load_model_state(current_ckpt.extra_file("model.pt").read_bytes())
+            log(f"warm start from {current_ckpt.version}")
+        except (CheckpointError, OSError, ValueError) as exc:
+            log(f"warning: cannot warm-start from {current_ckpt.version} ({exc}); training from scratch")
+    try:  # selection: early stopping on validation, the model the gate judges
+        result = run(events, options.config, refit=False, init_state=init_state, watermark=watermark)
+    except ValueError as exc:
+        raise RetrainError(f"training failed: {exc}") from exc
+    t_train = time.perf_counter()
+
+    data = result.data
+    exclude = csr(data.train_u, data.train_i, data.n_users, data.n_items)
+    candidates = data.candidates()
+    users, items = result.selection.model.export()
+    gate: dict[str, Any] = {"metric": options.metric, "tolerance": options.tolerance, "against": None}
+    status, reason = "promoted", "first model"
+    if current_ckpt is not None:
+        mask = _new_pairs_mask(events, data, settings.negative_types, old_watermark)
+        slice_note = "pairs newer than the current model"
+        if not mask.any():
+            mask[:] = True
+            slice_note = "whole test slice (no held-out pair is newer than the current model)"
+        held_u, held_i = data.test_u[mask], data.test_i[mask]
+        cand = evaluate(dot_scores(users, items), exclude, held_u, held_i, candidates)
+        cur = evaluate(checkpoint_scores(current_ckpt, data), exclude, held_u, held_i, candidates)
+        c_val, p_val = cand[options.metric], cur[options.metric]
+        gate.update(
+            against=current_ckpt.version,
+            slice=slice_note,
+            held_out_pairs=int(held_u.size),
+            users=cand["users"],
+            candidate=cand,
+            current=cur,
+        )
+        if c_val >= p_val - options.tolerance:
+            status, reason = (
+                "promoted",
+                f"{options.metric} {c_val:.4f} vs current {p_val:.4f} (tolerance {options.tolerance})",
+            )
+        elif options.force:
+            status, reason = "promoted", f"forced: {options.metric} {c_val:.4f} vs current {p_val:.4f}"
+        else:
+            status = "rejected"
+            reason = (
+                f"{options.metric} {c_val:.4f} is worse than the current model's {p_val:.4f} "
+                f"by more than the tolerance {options.tolerance}"
+            )
+    gate["decision"], gate["reason"] = status, reason
+    t_gate = time.perf_counter()
+
+    # The model that ships learns from everything, the newest events included, for the chosen epochs.
+    everything = replace(
+        data, train_u=data.all_u, train_i=data.all_i, val_u=data.val_u[:0], val_i=data.val_i[:0]
+    )
+    final = fit(
+        everything, replace(options.config, epochs=max(result.selection.best_epoch, 1)), init_state=init_state
+    )
+    result = replace(result, final=final)
+    t_final = time.perf_counter()
+
+    version = new_version()
+    timing = {
+        "read_s": round(t_read - t0, 2),
+        "train_s": round(t_train - t_read, 2),
+        "gate_s": round(t_gate - t_train, 2),
+        "final_fit_s": round(t_final - t_gate, 2),
+    }
+    path = save(
+        result,
+        settings.checkpoints_path,
+        version=version,
+        extra_config={
+            "retrain": {
+                "gate": {k: v for k, v in gate.items() if k not in ("candidate", "current")},
+                "warm_start": init_state is not None,
+            }
+        },
+    )
+    metrics = {
+        **result.metrics(),
+        "gate": gate,
+        "timing": {**timing, "total_s": round(time.perf_counter() - t0, 2)},
+        "diagnostics": result.diagnostics()[-1:] if result.diagnostics() else [],
+    }
+    with engine.begin() as conn:
+        registry.register(
+            conn,
+            version,
+            str(path.resolve()),
+            watermark=watermark,
+            metrics=metrics,
+            status="rejected" if status == "rejected" else "candidate",
+        )
+        if status == "promoted":
+            registry.promote(conn, version)
+    protect = {version} | ({current["version"]} if current else set())
+    removed = prune_checkpoints(settings.checkpoints_path, options.keep, protect)
+    if removed:
+        log(f"pruned {len(removed)} old checkpoint(s): {', '.join(removed)}")
+    return RetrainOutcome(status, version, reason, metrics)
