@@ -75,6 +75,9 @@ def draw_negatives(ckpt: Checkpoint, user_id: str, strategy: str, n: int, *,
                    skip: int = 5, alpha: float = 0.75) -> dict[str, Any]:
     """Draw ``n`` negatives for ``user_id`` (external id) with ``strategy`` and describe each one.
 
+    Strategy "feedback" draws from ``feedback_items`` only (the caller's explicit negatives for the
+    user); with none it returns no negatives rather than failing.
+
     ``easy_share`` is the share of (valid) negatives whose score is more than EASY_MARGIN logits below
     the mean score of the user's known positives: such negatives carry almost no softmax loss.
     """
@@ -84,8 +87,6 @@ def draw_negatives(ckpt: Checkpoint, user_id: str, strategy: str, n: int, *,
         raise KeyError(f"unknown user {user_id!r}: not in model {ckpt.version}")
     if not 1 <= n <= 10_000:
         raise ValueError(f"n must be between 1 and 10000, got {n}")
-    if strategy == "feedback" and not feedback_items:
-        raise ValueError("strategy 'feedback' needs the user's explicit negatives (feedback_items)")
     user = ckpt.user_row[user_id]
     rng = np.random.default_rng(seed)
     draws = _draws(ckpt, user, strategy, n, rng, feedback_items=feedback_items, pool=pool, skip=skip, alpha=alpha)

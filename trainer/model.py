@@ -14,12 +14,13 @@ from torch import nn
 
 class EmbeddingModel(nn.Module):
     def __init__(self, n_users: int, n_items: int, dim: int = 64, *, cosine: bool = True,
-                 temperature: float = 0.2, init_std: float = 0.1) -> None:
+                 temperature: float = 0.2, init_std: float = 0.1, sparse: bool = True) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError("temperature must be positive")
-        self.user = nn.Embedding(n_users, dim)
-        self.item = nn.Embedding(n_items, dim)
+        # sparse gradients: a step touches a few thousand rows, not the whole table (SparseAdam)
+        self.user = nn.Embedding(n_users, dim, sparse=sparse)
+        self.item = nn.Embedding(n_items, dim, sparse=sparse)
         nn.init.normal_(self.user.weight, std=init_std)
         nn.init.normal_(self.item.weight, std=init_std)
         self.cosine = cosine

@@ -219,12 +219,14 @@ class HardSampler(Sampler):
     def __init__(
         self, known: sparse.csr_matrix, n: int = 16, *, pool: int = 100, skip: int = 5,
         refresh_every: int = 200, index_type: str = "flat", candidates: np.ndarray | None = None,
+        retrain_every: int = 10,
     ) -> None:
         super().__init__(n)
         if pool <= skip:
             raise ValueError(f"hard: pool ({pool}) must exceed skip ({skip})")
         self.known = PairIndex(known)
         self.pool, self.skip, self.refresh_every, self.index_type = pool, skip, max(1, refresh_every), index_type
+        self.retrain_every = max(1, retrain_every)
         self.candidates = None if candidates is None else np.flatnonzero(candidates).astype(np.int64)
         self.index: Any = None
         self.built_at = -1
@@ -235,9 +237,19 @@ class HardSampler(Sampler):
         self.samples = 0
 
     def refresh(self, item_vectors: np.ndarray, step: int = 0) -> None:
+        """Rebuild the index over current item vectors. An IVF index keeps its coarse quantiser and only
+        re-adds the vectors (k-means is the expensive part; a slightly stale partition costs little
+        recall); the quantiser is retrained every ``retrain_every`` refreshes."""
         t = time.perf_counter()
-        x = item_vectors if self.candidates is None else item_vectors[self.candidates]
-        self.index = build_index(x, self.index_type)
+        x = np.ascontiguousarray(item_vectors if self.candidates is None else item_vectors[self.candidates],
+                                 dtype=np.float32)
+        reuse = (self.index is not None and hasattr(self.index, "nprobe") and self.index.ntotal == x.shape[0]
+                 and self.refreshes % self.retrain_every != 0)
+        if reuse:
+            self.index.reset()
+            self.index.add(x)
+        else:
+            self.index = build_index(x, self.index_type)
         self.built_at = step
         self.refreshes += 1
         self.refresh_seconds += time.perf_counter() - t

@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     patience: int = 3
+    sparse: bool = True  # sparse embedding gradients + SparseAdam (lazy Adam): cost per step ∝ rows touched
     hard_warmup_epochs: int = 3
     val_max_users: int = 5000
     diag_every: int = 10  # measure the false-negative rate on every n-th step
@@ -153,10 +154,12 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     sampler = make_sampler(scfg, popularity=popularity, known=train_csr, feedback=data.feedback,
                            impressions=impressions)
     hard = _hard_samplers(sampler)
-    model = EmbeddingModel(data.n_users, data.n_items, cfg.dim, cosine=cfg.cosine, temperature=cfg.temperature)
+    model = EmbeddingModel(data.n_users, data.n_items, cfg.dim, cosine=cfg.cosine, temperature=cfg.temperature,
+                           sparse=cfg.sparse)
     if init_state is not None:
         _warm_start(model, init_state, data)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = (torch.optim.SparseAdam(list(model.parameters()), lr=cfg.lr) if cfg.sparse
+           else torch.optim.Adam(model.parameters(), lr=cfg.lr))
     val_pairs = PairIndex(_pairs_csr(data.val_u, data.val_i, data.n_users, data.n_items))
     candidates = data.candidates()
     has_val = data.val_u.size > 0
