@@ -152,6 +152,12 @@ async def _load(
 
 def loadgen_main(argv: list[str]) -> None:
     base, endpoint, conc, seconds, max_req, n_users, n_items = argv
+    try:  # a faster event loop for the client: the load generator should not be the bottleneck
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
     out = asyncio.run(
         _load(base, endpoint, int(conc), float(seconds), int(max_req), int(n_users), int(n_items))
     )
