@@ -215,3 +215,25 @@ def test_admin_negatives_use_the_served_model_and_db_feedback(server: Server) ->
         assert {n["item_id"] for n in feedback["negatives"]} <= disliked
         assert_error(a.get("/admin/users/nobody-here/negatives"), 404, "unknown_user")
         assert_error(a.get("/admin/users/u1/negatives", params={"strategy": "bogus"}), 422, "bad_strategy")
+
+
+def test_pinned_checkpoint_until_a_newer_promotion(tmp_path: Path) -> None:
+    """`recsys serve --checkpoint DIR` wins over the promoted version, until something is promoted later."""
+    dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path)
+    pinned = cluster_checkpoint(tmp_path / "elsewhere", dep.frame, "pinned", watermark=None, seed=4)
+    srv = Server(dep, poll=0.2, checkpoint=pinned)
+    try:
+        srv.wait_ready()
+        with srv.client() as c:
+            assert c.get("/readyz").json()["model_version"] == "pinned"
+            time.sleep(0.5)  # polls see the promoted v1, which was promoted before start-up: no change
+            assert c.get("/readyz").json()["model_version"] == "pinned"
+            _register(
+                dep, "v2", cluster_checkpoint(dep.checkpoints, dep.frame, "v2", watermark=None), promote=True
+            )
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and c.get("/readyz").json()["model_version"] != "v2":
+                time.sleep(0.1)
+            assert c.get("/readyz").json()["model_version"] == "v2"
+    finally:
+        srv.stop()
