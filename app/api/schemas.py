@@ -36,7 +36,7 @@ class ErrorInfo(BaseModel):
 class ErrorResponse(BaseModel):
     """The body of every 4xx/5xx answer."""
 
-    error: ErrorInfo
+    error: ErrorInfo = Field(description="What went wrong.")
 
 
 class ScoredItem(BaseModel):
