@@ -1,9 +1,10 @@
 """Serving throughput and latency of the real HTTP service on loopback, next to a trivial endpoint.
 
     .venv/bin/python bench/serve.py [--users 100000] [--items 50000] [--seconds 4] [--workers 1 2]
+                                    [--postgres postgresql://postgres@127.0.0.1:5432/test]
 
 Builds a 100k-user × 50k-item checkpoint (random embeddings: serving cost does not depend on their
-quality) and a SQLite database with those users, items and ~10 events per user; starts the service
+quality) and a SQLite (or a new, dropped-afterwards PostgreSQL) database with those users, items and ~10 events per user; starts the service
 through ``app.api.server.run`` (1 and 2 workers); a load generator in another process (async httpx,
 bounded by time and request count) measures requests/s and p50/p95/p99 for recommendations,
 similar items, single events and /healthz at concurrency 1, 16 and 64.
@@ -33,7 +34,36 @@ ENDPOINTS = ("healthz", "recommendations", "similar", "events")
 
 
 # --- fixture -------------------------------------------------------------------------------------
-def build(data_dir: Path, n_users: int, n_items: int, dim: int, per_user: int) -> str:
+def fresh_postgres(base: str) -> str:
+    """A new, empty database next to ``base`` (the bench never touches existing data)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"recsys_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(
+        base.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return (
+        make_url(base.replace("postgresql://", "postgresql+psycopg://", 1))
+        .set(database=name)
+        .render_as_string(hide_password=False)
+    )
+
+
+def drop_postgres(url: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def build(data_dir: Path, n_users: int, n_items: int, dim: int, per_user: int, url: str | None = None) -> str:
     """A promoted checkpoint plus a migrated SQLite database holding its users, items and events."""
     import numpy as np
     import pandas as pd
@@ -51,7 +81,7 @@ def build(data_dir: Path, n_users: int, n_items: int, dim: int, per_user: int) -
     weights = 1.0 / np.arange(1, n_items + 1)
     rows = np.repeat(np.arange(n_users), per_user)
     cols = rng.choice(n_items, size=rows.size, p=weights / weights.sum())
-    url = f"sqlite:///{data_dir / 'recsys.db'}"
+    url = url or f"sqlite:///{data_dir / 'recsys.db'}"
     upgrade(url)
     engine = make_engine(url)
     frame = pd.DataFrame(
@@ -250,18 +280,37 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--log-level", default="warning", help="Service log level (info logs every request).")
+    parser.add_argument(
+        "--postgres", help="Base PostgreSQL URL: run against a new database there instead of SQLite."
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
     t0 = time.perf_counter()
-    url = build(data_dir, args.users, args.items, args.dim, args.events_per_user)
+    url = build(
+        data_dir,
+        args.users,
+        args.items,
+        args.dim,
+        args.events_per_user,
+        fresh_postgres(args.postgres) if args.postgres else None,
+    )
     print(
         f"fixture: {args.users} users × {args.items} items, dim {args.dim}, built in "
         f"{time.perf_counter() - t0:.1f}s under {data_dir}",
         file=sys.stderr,
     )
-    results = []
+    try:
+        results = measure(args, data_dir, url)
+    finally:
+        if args.postgres:
+            drop_postgres(url)
+    report(args, results)
+
+
+def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
+    results: list[dict] = []
     for workers in args.workers:
         proc, base, ready = start_server(data_dir, url, workers, args.log_level)
         print(f"workers={workers}: ready in {ready:.2f}s (process start + model load)", file=sys.stderr)
@@ -301,6 +350,10 @@ def main() -> None:
         finally:
             stop_server(proc)
 
+    return results
+
+
+def report(args: argparse.Namespace, results: list[dict]) -> None:
     lines = [
         "| workers | concurrency | endpoint | req/s | vs healthz | p50 ms | p95 ms | p99 ms | errors "
         "| server CPU ms/req |",
@@ -329,7 +382,7 @@ def main() -> None:
         "seconds": args.seconds,
         "cpus": os.cpu_count(),
         "log_level": args.log_level,
-        "database": "sqlite",
+        "database": "postgresql" if args.postgres else "sqlite",
     }
     args.out.write_text(json.dumps({"setup": meta, "results": results}, indent=2))
 
