@@ -9,19 +9,29 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/faiss load OpenMP: see trainer/model.py
 
-from trainer.data import Dataset
-from trainer.evaluate import dot_scores, evaluate
-from trainer.losses import get_loss
-from trainer.model import EmbeddingModel
-from trainer.samplers import HardSampler, MixedSampler, PairIndex, Sampler, SamplerConfig, make_sampler
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from trainer.data import Dataset  # noqa: E402
+from trainer.evaluate import dot_scores, evaluate  # noqa: E402
+from trainer.losses import get_loss  # noqa: E402
+from trainer.model import EmbeddingModel  # noqa: E402
+from trainer.samplers import (  # noqa: E402
+    HardSampler,
+    MixedSampler,
+    PairIndex,
+    Sampler,
+    SamplerConfig,
+    make_sampler,
+)
 
 INFORMATIVE_MARGIN = 1.0  # a negative is informative when its logit is within this of the positive's
 

@@ -20,7 +20,7 @@ def data(small_events: pd.DataFrame):  # noqa: ANN201
 
 
 def test_model_recovers_planted_clusters_well_above_popularity(small_events: pd.DataFrame) -> None:
-    result = run(small_events, TrainConfig(**FAST))
+    result = run(small_events, TrainConfig(**{**FAST, "epochs": 20, "patience": 3}))
     assert result.test["recall@10"] > 1.4 * result.baseline["recall@10"]
     # the learned item vectors group by planted cluster: same-cluster pairs are closer than cross-cluster ones
     _, items = result.final.model.export()
