@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from app.db import registry
-from app.db.events import max_event_id, read_events
+from app.db.events import max_event_id, read_events, read_ignored_impressions
 from app.db.lock import job_lock
 from app.db.migrate import checked_engine
 from app.settings import Settings
@@ -34,9 +34,9 @@ from trainer.checkpoint import (
     new_version,
     read_checkpoint,
 )
-from trainer.data import Dataset, csr
-from trainer.evaluate import ScoreFn, dot_scores, evaluate
-from trainer.pipeline import run, save
+from trainer.data import Dataset, build_dataset, csr
+from trainer.evaluate import ScoreFn, dot_scores, evaluate, popularity_scores
+from trainer.pipeline import RunResult, save
 from trainer.train import TrainConfig, fit, load_model_state
 
 STALE_TMP_SECONDS = 3600.0
@@ -100,6 +100,15 @@ def _new_pairs_mask(
     i = events["item_id"][old].map(item_row).to_numpy(dtype=np.int64)
     old_keys = np.unique(u * data.n_items + i)
     return ~np.isin(data.test_u * data.n_items + data.test_i, old_keys)
+
+
+def ignored_impressions(engine: Any, data: Dataset) -> Any:
+    """Served-but-ignored (user, item) pairs as a users x items matrix in data's rows (unknown ids dropped)."""
+    pairs = read_ignored_impressions(engine)
+    u = pairs["user_id"].map(data.user_row()).to_numpy(dtype=float, na_value=np.nan)
+    i = pairs["item_id"].map(data.item_row()).to_numpy(dtype=float, na_value=np.nan)
+    keep = ~(np.isnan(u) | np.isnan(i))
+    return csr(u[keep].astype(np.int64), i[keep].astype(np.int64), data.n_users, data.n_items)
 
 
 def prune_checkpoints(root: Path, keep: int, protect: set[str]) -> list[str]:
@@ -179,16 +188,21 @@ def _retrain_locked(
             log(f"warm start from {current_ckpt.version}")
         except (CheckpointError, OSError, ValueError) as exc:
             log(f"warning: cannot warm-start from {current_ckpt.version} ({exc}); training from scratch")
-    try:  # selection: early stopping on validation, the model the gate judges
-        result = run(events, options.config, refit=False, init_state=init_state, watermark=watermark)
+    try:
+        data = build_dataset(events, watermark=watermark)
     except ValueError as exc:
-        raise RetrainError(f"training failed: {exc}") from exc
+        raise RetrainError(f"cannot build a training set: {exc}") from exc
+    ignored = ignored_impressions(engine, data)
+    log(f"{ignored.nnz:,} served-but-ignored impressions join the feedback negatives")
+    # Selection: early stopping on validation; the model the gate judges.
+    selection = fit(data, options.config, init_state=init_state, impressions=ignored)
     t_train = time.perf_counter()
 
-    data = result.data
     exclude = csr(data.train_u, data.train_i, data.n_users, data.n_items)
     candidates = data.candidates()
-    users, items = result.selection.model.export()
+    users, items = selection.model.export()
+    test = evaluate(dot_scores(users, items), exclude, data.test_u, data.test_i, candidates)
+    baseline = evaluate(popularity_scores(data.popularity()), exclude, data.test_u, data.test_i, candidates)
     gate: dict[str, Any] = {"metric": options.metric, "tolerance": options.tolerance, "against": None}
     status, reason = "promoted", "first model"
     if current_ckpt is not None:
@@ -230,9 +244,12 @@ def _retrain_locked(
         data, train_u=data.all_u, train_i=data.all_i, val_u=data.val_u[:0], val_i=data.val_i[:0]
     )
     final = fit(
-        everything, replace(options.config, epochs=max(result.selection.best_epoch, 1)), init_state=init_state
+        everything,
+        replace(options.config, epochs=max(selection.best_epoch, 1)),
+        init_state=init_state,
+        impressions=ignored,
     )
-    result = replace(result, final=final)
+    result = RunResult(data, selection, final, test, baseline, time.perf_counter() - t_read)
     t_final = time.perf_counter()
 
     version = new_version()

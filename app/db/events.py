@@ -14,7 +14,7 @@ import pandas as pd
 from sqlalchemy import Connection, Engine, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.db.models import Event, Item, User
+from app.db.models import Event, Impression, Item, User
 
 CHUNK = 5000
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "type", "value", "event_id")
@@ -176,3 +176,22 @@ _EMPTY_DTYPES = {
     "value": "float64",
     "event_id": "object",
 }
+
+
+def read_ignored_impressions(engine: Engine) -> pd.DataFrame:
+    """Distinct (user_id, item_id) pairs that were served but never got an event from that user.
+
+    The most realistic negatives there are: the user saw the item and passed it over.
+    """
+    seen = select(Event.id).where(Event.user_id == Impression.user_id, Event.item_id == Impression.item_id)
+    stmt = (
+        select(User.external_id.label("user_id"), Item.external_id.label("item_id"))
+        .select_from(Impression)
+        .join(User, User.id == Impression.user_id)
+        .join(Item, Item.id == Impression.item_id)
+        .where(~seen.exists())
+        .distinct()
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    return pd.DataFrame(rows, columns=["user_id", "item_id"], dtype=object)
