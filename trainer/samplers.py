@@ -211,6 +211,8 @@ class HardSampler(Sampler):
     stale by up to that many steps (reported). For each user: search the top ``pool`` items with
     the *current* user vector, drop known positives, skip the first ``skip`` remaining ranks (the
     likeliest false negatives) and draw ``n`` uniformly from the rest: q = 1/|rest| for that user.
+    ``max_rows`` caps how many rows of a batch get hard negatives: the search is the cost that grows
+    with the catalogue, and a quarter of a shuffled batch is still a fair sample of users.
     """
 
     name = "hard"
@@ -219,7 +221,7 @@ class HardSampler(Sampler):
     def __init__(
         self, known: sparse.csr_matrix, n: int = 16, *, pool: int = 100, skip: int = 5,
         refresh_every: int = 200, index_type: str = "flat", candidates: np.ndarray | None = None,
-        retrain_every: int = 10,
+        retrain_every: int = 10, max_rows: int | None = None,
     ) -> None:
         super().__init__(n)
         if pool <= skip:
@@ -227,6 +229,7 @@ class HardSampler(Sampler):
         self.known = PairIndex(known)
         self.pool, self.skip, self.refresh_every, self.index_type = pool, skip, max(1, refresh_every), index_type
         self.retrain_every = max(1, retrain_every)
+        self.max_rows = max_rows  # mine for the first max_rows rows of a (shuffled) batch only; None: all
         self.candidates = None if candidates is None else np.flatnonzero(candidates).astype(np.int64)
         self.index: Any = None
         self.built_at = -1
@@ -274,14 +277,19 @@ class HardSampler(Sampler):
     def sample(self, users, positives, rng, user_vectors=None, step=0):  # noqa: ANN001, ANN201
         if user_vectors is None:
             raise ValueError("hard: needs the batch's user vectors")
-        found, eligible = self.candidates_for(users, user_vectors)
+        users = np.asarray(users)
+        rows = users.size if self.max_rows is None else min(self.max_rows, users.size)
+        found, eligible = self.candidates_for(users[:rows], np.asarray(user_vectors)[:rows])
         cols, m = _pick_per_row(eligible, rng, self.n)
-        items = np.take_along_axis(found, cols, axis=1)
-        valid = np.repeat((m > 0)[:, None], self.n, axis=1)
-        q = np.where(valid, 1.0 / np.maximum(m, 1)[:, None], 1.0)
+        items = np.zeros((users.size, self.n), dtype=np.int64)
+        q = np.ones((users.size, self.n))
+        valid = np.zeros((users.size, self.n), dtype=bool)
+        valid[:rows] = (m > 0)[:, None]
+        items[:rows] = np.where(valid[:rows], np.take_along_axis(found, cols, axis=1), 0)
+        q[:rows] = np.where(valid[:rows], 1.0 / np.maximum(m, 1)[:, None], 1.0)
         self.staleness_sum += max(0, step - self.built_at)
         self.samples += 1
-        return [Draw(np.where(valid, items, 0), q, self.name, False, self.n, valid)]
+        return [Draw(items, q, self.name, False, self.n, valid)]
 
     def stats(self) -> dict[str, float]:
         return {
@@ -385,6 +393,7 @@ class SamplerConfig:
     refresh_every: int = 200
     index_type: str = "auto"
     hard_warmup_steps: int = 0
+    hard_rows: int | None = 256  # rows per batch that get hard negatives (None: every row)
     n_feedback: int = 4
     mixed: tuple[str, ...] = field(default=("in-batch", "uniform"))
 
@@ -407,7 +416,7 @@ def make_sampler(
         if name == "hard":
             return Component(
                 HardSampler(known, cfg.n_hard, pool=cfg.pool, skip=cfg.skip, refresh_every=cfg.refresh_every,
-                            index_type=cfg.index_type, candidates=candidates),
+                            index_type=cfg.index_type, candidates=candidates, max_rows=cfg.hard_rows),
                 after_step=cfg.hard_warmup_steps,
             )
         if name == "feedback":
