@@ -34,6 +34,7 @@ def _write(root: Path, version: str = "v1", **overrides):  # noqa: ANN202
         item_ids=[f"i{i}" for i in range(n_items)],
         item_popularity=rng.integers(0, 100, n_items),
         seen=seen,
+        feedback=sparse.random(n_users, n_items, density=0.05, format="csr", random_state=2),
         config={"dim": dim},
         metrics={"ndcg@10": 0.2},
         diagnostics=[{"epoch": 1, "mean_neg_score": 0.1}],
@@ -52,6 +53,7 @@ def test_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ckpt.user_embeddings, kw["user_embeddings"].astype(np.float32))
     assert ckpt.item_row["i7"] == 7 and ckpt.user_ids[3] == "u3"
     assert (ckpt.seen != kw["seen"].astype(bool)).nnz == 0
+    assert (ckpt.feedback != kw["feedback"].astype(bool)).nnz == 0
     assert ckpt.manifest["metrics"] == {"ndcg@10": 0.2}
     assert ckpt.extra_file("model.pt").read_bytes() == b"torch state bytes"
     index = ckpt.load_index()

@@ -35,6 +35,8 @@ ITEM_IDS = "item_ids.json"
 POPULARITY = "item_popularity.npy"
 SEEN_INDPTR = "seen_indptr.npy"
 SEEN_INDICES = "seen_indices.npy"
+FEEDBACK_INDPTR = "feedback_indptr.npy"  # optional: explicit negatives, never recommended to their user
+FEEDBACK_INDICES = "feedback_indices.npy"
 INDEX = "index.faiss"
 REQUIRED = (USER_EMB, ITEM_EMB, USER_IDS, ITEM_IDS, POPULARITY, SEEN_INDPTR, SEEN_INDICES, INDEX)
 
@@ -55,10 +57,13 @@ class Checkpoint:
     item_ids: list[str]
     item_popularity: np.ndarray
     seen: sparse.csr_matrix
+    feedback: sparse.csr_matrix | None = None
     user_row: dict[str, int] = field(default_factory=dict)
     item_row: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.feedback is None:
+            self.feedback = sparse.csr_matrix(self.seen.shape, dtype=np.float32)
         if not self.user_row:
             self.user_row = {u: i for i, u in enumerate(self.user_ids)}
         if not self.item_row:
@@ -142,6 +147,7 @@ def write_checkpoint(
     item_ids: list[str],
     item_popularity: np.ndarray,
     seen: sparse.csr_matrix,
+    feedback: sparse.csr_matrix | None = None,
     config: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     diagnostics: list[Mapping[str, Any]] | None = None,
@@ -170,6 +176,10 @@ def write_checkpoint(
     seen = sparse.csr_matrix(seen)
     if seen.shape != (n_users, n_items):
         raise CheckpointError(f"seen matrix shape {seen.shape} != {(n_users, n_items)}")
+    if feedback is not None:
+        feedback = sparse.csr_matrix(feedback)
+        if feedback.shape != (n_users, n_items):
+            raise CheckpointError(f"feedback matrix shape {feedback.shape} != {(n_users, n_items)}")
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -185,6 +195,9 @@ def write_checkpoint(
         _save_npy(tmp / POPULARITY, np.asarray(item_popularity, dtype=np.int64))
         _save_npy(tmp / SEEN_INDPTR, seen.indptr.astype(np.int64))
         _save_npy(tmp / SEEN_INDICES, seen.indices.astype(np.int32))
+        if feedback is not None:
+            _save_npy(tmp / FEEDBACK_INDPTR, feedback.indptr.astype(np.int64))
+            _save_npy(tmp / FEEDBACK_INDICES, feedback.indices.astype(np.int32))
         import faiss
 
         if index is None:
@@ -206,6 +219,7 @@ def write_checkpoint(
             "n_users": int(n_users),
             "n_items": int(n_items),
             "n_seen": int(seen.nnz),
+            "n_feedback": int(feedback.nnz) if feedback is not None else 0,
             "index_type": type(index).__name__,
             "score": "dot",
             "watermark": watermark,
@@ -295,6 +309,18 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False, verify: bool = True
     seen = sparse.csr_matrix(
         (np.ones(indices.size, dtype=np.float32), indices, indptr), shape=(n_users, n_items)
     )
+    feedback = None
+    if FEEDBACK_INDPTR in manifest["files"]:
+        try:
+            f_indptr = np.load(path / FEEDBACK_INDPTR, allow_pickle=False)
+            f_indices = np.load(path / FEEDBACK_INDICES, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot read the feedback matrix ({exc})") from exc
+        if f_indptr.shape != (n_users + 1,) or (f_indices.size and int(f_indices.max()) >= n_items):
+            raise CheckpointError(f"{path}: feedback matrix is inconsistent")
+        feedback = sparse.csr_matrix(
+            (np.ones(f_indices.size, dtype=np.float32), f_indices, f_indptr), shape=(n_users, n_items)
+        )
     return Checkpoint(
         path=path,
         manifest=manifest,
@@ -304,6 +330,7 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False, verify: bool = True
         item_ids=item_ids,
         item_popularity=popularity,
         seen=seen,
+        feedback=feedback,
     )
 
 
