@@ -34,6 +34,12 @@ TempOpt = Annotated[float, typer.Option("--temperature", min=1e-3, help="Softmax
 LogqOpt = Annotated[bool, typer.Option("--logq/--no-logq", help="Apply the logQ correction.")]
 RefitOpt = Annotated[bool, typer.Option("--refit/--no-refit", help="Retrain on train+validation for the chosen epochs.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Popularity exponent (popularity).")]
+PoolOpt = Annotated[int, typer.Option("--pool", min=2, help="Hard: top items searched per user.")]
+SkipOpt = Annotated[int, typer.Option("--skip", min=0, help="Hard: top non-positive ranks skipped.")]
+RefreshOpt = Annotated[int, typer.Option("--refresh-every", min=1, help="Hard: steps between index rebuilds.")]
+IndexOpt = Annotated[str, typer.Option("--index-type", help="Hard: flat, ivf, hnsw or auto (flat up to 20k items).")]
+WarmupOpt = Annotated[int, typer.Option("--hard-warmup", min=0, help="Hard: epochs on easy negatives first.")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -47,15 +53,20 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _config(strategy: str, loss: str, dim: int, epochs: int, seed: int, threads: int, lr: float, batch_size: int,
-            negatives: int, temperature: float, logq: bool, progress: bool) -> Any:
+            negatives: int, temperature: float, logq: bool, progress: bool, alpha: float = 0.75, pool: int = 100,
+            skip: int = 5, refresh_every: int = 200, index_type: str = "auto", hard_warmup: int = 3) -> Any:
     from trainer.samplers import SamplerConfig
     from trainer.train import TrainConfig
 
     _check_choice("--strategy", strategy, STRATEGY_CHOICES)
     _check_choice("--loss", loss, LOSS_CHOICES)
+    _check_choice("--index-type", index_type, ("flat", "ivf", "hnsw", "auto"))
+    if pool <= skip:
+        raise typer.BadParameter(f"--pool ({pool}) must exceed --skip ({skip})", param_hint="--pool")
     return TrainConfig(dim=dim, epochs=epochs, seed=seed, threads=threads, lr=lr, batch_size=batch_size,
-                       loss=loss, logq=logq, temperature=temperature, progress=progress,
-                       sampler=SamplerConfig(strategy=strategy, n_negatives=negatives))
+                       loss=loss, logq=logq, temperature=temperature, progress=progress, hard_warmup_epochs=hard_warmup,
+                       sampler=SamplerConfig(strategy=strategy, n_negatives=negatives, alpha=alpha, pool=pool,
+                                             skip=skip, refresh_every=refresh_every, index_type=index_type))
 
 
 def _load(events: Path | None, fmt: str | None) -> tuple[Any, int | None]:
@@ -100,13 +111,20 @@ def train(
     negatives: NegOpt = 512,
     temperature: TempOpt = 0.2,
     logq: LogqOpt = True,
+    alpha: AlphaOpt = 0.75,
+    pool: PoolOpt = 100,
+    skip: SkipOpt = 5,
+    refresh_every: RefreshOpt = 200,
+    index_type: IndexOpt = "auto",
+    hard_warmup: WarmupOpt = 3,
     refit: RefitOpt = True,
     progress: ProgressOpt = True,
     warm_start: Annotated[Path | None, typer.Option("--warm-start", help="Checkpoint to start from.")] = None,
     version: Annotated[str | None, typer.Option("--version", help="Model version (default: time-based).")] = None,
 ) -> None:
     """Train a model and write a checkpoint directory (split, early stopping, refit, test metrics)."""
-    cfg = _config(strategy, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress)
+    cfg = _config(strategy, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress,
+                  alpha, pool, skip, refresh_every, index_type, hard_warmup)
     init_state = None
     if warm_start is not None:
         from trainer.checkpoint import CheckpointError, read_checkpoint
@@ -149,13 +167,20 @@ def evaluate_cmd(
     negatives: NegOpt = 512,
     temperature: TempOpt = 0.2,
     logq: LogqOpt = True,
+    alpha: AlphaOpt = 0.75,
+    pool: PoolOpt = 100,
+    skip: SkipOpt = 5,
+    refresh_every: RefreshOpt = 200,
+    index_type: IndexOpt = "auto",
+    hard_warmup: WarmupOpt = 3,
     refit: RefitOpt = True,
     progress: ProgressOpt = True,
 ) -> None:
     """Split by the protocol, train, and print the test metrics next to most-popular."""
     from trainer.report import metric_table
 
-    cfg = _config(strategy, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress)
+    cfg = _config(strategy, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress,
+                  alpha, pool, skip, refresh_every, index_type, hard_warmup)
     frame, _ = _load(events, fmt)
     result = _run(frame, cfg, refit)
     typer.echo(metric_table([(f"{strategy}/{loss}", result.test, result.seconds),
@@ -233,6 +258,12 @@ def compare(
     negatives: NegOpt = 512,
     temperature: TempOpt = 0.2,
     logq: LogqOpt = True,
+    alpha: AlphaOpt = 0.75,
+    pool: PoolOpt = 100,
+    skip: SkipOpt = 5,
+    refresh_every: RefreshOpt = 200,
+    index_type: IndexOpt = "auto",
+    hard_warmup: WarmupOpt = 3,
     progress: ProgressOpt = False,
 ) -> None:
     """Train every strategy on the same split; write REPORT_DIR/report.md, results.json and plots."""
@@ -250,7 +281,8 @@ def compare(
     rows, histories, results = [], {}, {}
     baseline = None
     for name in names:
-        cfg = _config(name, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress)
+        cfg = _config(name, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress,
+                  alpha, pool, skip, refresh_every, index_type, hard_warmup)
         typer.echo(f"training {name} ...", err=True)
         r = _run(data, cfg, refit=True)
         rows.append((name, r.test, r.seconds))
