@@ -99,3 +99,27 @@ def test_bad_input_exits_2_with_a_message(app: typer.Typer, small_file: Path, ch
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)  # no traceback
+
+
+def test_train_from_the_database_records_the_watermark(app: typer.Typer, small_events: pd.DataFrame,
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.db.engine import make_engine
+    from app.db.events import insert_events
+    from app.db.migrate import upgrade
+    from app.settings import get_settings
+
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        url = get_settings().sqlalchemy_url
+        upgrade(url)
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            insert_events(conn, small_events.iloc[:3000])
+        engine.dispose()
+        r = CliRunner().invoke(app, ["train", "--version", "db1", *FAST])  # no --events, no --out: settings
+        assert r.exit_code == 0, r.output
+        manifest = json.loads((tmp_path / "checkpoints" / "db1" / "manifest.json").read_text())
+        assert manifest["watermark"] == 3000 and manifest["metrics"]["data"]["train"] > 0
+    finally:
+        get_settings.cache_clear()
