@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import sparse  # noqa: E402
 
 from trainer.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 
@@ -50,6 +51,7 @@ class ServedModel:
     pop_order: np.ndarray  # item rows by popularity, most popular first
     hidden: np.ndarray  # bool per item row; replaced wholesale when the hidden set is refreshed
     n_hidden: int
+    excluded: sparse.csr_matrix  # checkpoint's seen items plus its explicit negatives, per user row
     load_seconds: float
     loaded_at: float = field(default_factory=time.time)
 
@@ -76,7 +78,8 @@ class ServedModel:
         return [r for r in (get(i) for i in item_ids) if r is not None]
 
     def seen_rows(self, user_row: int) -> np.ndarray:
-        seen = self.ckpt.seen
+        """Items never to recommend to this user: trained-on positives and explicit negatives."""
+        seen = self.excluded
         return seen.indices[seen.indptr[user_row] : seen.indptr[user_row + 1]]
 
     def user_vector(self, user_row: int) -> np.ndarray:
@@ -144,6 +147,10 @@ def load_model(path: str | Path, hidden_ids: list[str] | None = None) -> ServedM
         raise CheckpointError(f"{path}: FAISS index does not match the item embeddings")
     item_ids = np.array(ckpt.item_ids, dtype=object)
     pop_order = np.argsort(-np.asarray(ckpt.item_popularity), kind="stable")
+    excluded = ckpt.seen
+    feedback = getattr(ckpt, "feedback", None)  # optional in the checkpoint format
+    if feedback is not None and feedback.nnz:
+        excluded = (ckpt.seen + feedback).tocsr()
     model = ServedModel(
         ckpt=ckpt,
         index=index,
@@ -151,6 +158,7 @@ def load_model(path: str | Path, hidden_ids: list[str] | None = None) -> ServedM
         pop_order=pop_order,
         hidden=np.zeros(len(item_ids), dtype=bool),
         n_hidden=0,
+        excluded=excluded,
         load_seconds=0.0,
     )
     model.set_hidden(hidden_ids or [])

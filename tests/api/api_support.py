@@ -40,7 +40,13 @@ def synthetic() -> pd.DataFrame:
 
 
 def cluster_checkpoint(
-    root: Path, frame: pd.DataFrame, version: str, *, watermark: int | None, seed: int = 0
+    root: Path,
+    frame: pd.DataFrame,
+    version: str,
+    *,
+    watermark: int | None,
+    seed: int = 0,
+    feedback: dict[str, list[str]] | None = None,
 ) -> Path:
     """A checkpoint whose embeddings are the synthetic log's planted clusters (one-hot) plus noise."""
     rng = np.random.default_rng(seed)
@@ -62,6 +68,11 @@ def cluster_checkpoint(
     seen = sparse.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(len(users), len(items)))
     seen.data[:] = 1.0
     popularity = np.bincount(c, minlength=len(items))
+    neg_rows = [urow[u] for u, its in (feedback or {}).items() for _ in its]
+    neg_cols = [irow[i] for its in (feedback or {}).values() for i in its]
+    negatives = sparse.csr_matrix(
+        (np.ones(len(neg_rows), np.float32), (neg_rows, neg_cols)), shape=seen.shape
+    )
     return write_checkpoint(
         root,
         version=version,
@@ -71,6 +82,7 @@ def cluster_checkpoint(
         item_ids=items,
         item_popularity=popularity,
         seen=seen,
+        feedback=negatives,
         watermark=watermark,
         metrics={"ndcg@10": 0.5},
         diagnostics=[{"epoch": 1, "informative_rate": 0.4}],

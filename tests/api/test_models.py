@@ -62,6 +62,19 @@ def test_recommendations_follow_the_embeddings(tmp_path: Path) -> None:
                 assert {int(clusters[int(i["item_id"][1:])]) for i in items} == {int(home[int(user[1:])])}
             similar = c.get("/v1/items/i3/similar", params={"k": 8}).json()["items"]
             assert all(clusters[int(i["item_id"][1:])] == clusters[3] for i in similar)
+            # The checkpoint's explicit negatives are never recommended to their user.
+            top = [
+                i["item_id"] for i in c.get("/v1/users/u1/recommendations", params={"k": 3}).json()["items"]
+            ]
+        v2 = cluster_checkpoint(dep.checkpoints, dep.frame, "v2", watermark=None, feedback={"u1": top[:2]})
+        _register(dep, "v2", v2, promote=True)
+        with srv.admin() as a:
+            assert a.post("/admin/reload").json()["model_version"] == "v2"
+        with srv.client() as c:
+            after = [
+                i["item_id"] for i in c.get("/v1/users/u1/recommendations", params={"k": 3}).json()["items"]
+            ]
+            assert not set(top[:2]) & set(after) and top[2] in after
             # Fold-in: a new user who likes three items of i3's cluster gets more of that cluster.
             same = [f"i{j}" for j in range(len(clusters)) if clusters[j] == clusters[3]][:3]
             batch = [
