@@ -82,6 +82,13 @@ class ServedModel:
         seen = self.excluded
         return seen.indices[seen.indptr[user_row] : seen.indptr[user_row + 1]]
 
+    def negative_rows(self, user_row: int) -> np.ndarray:
+        """The user's explicit negatives in the checkpoint: excluded even when seen items are allowed."""
+        feedback = getattr(self.ckpt, "feedback", None)
+        if feedback is None or not feedback.nnz:
+            return np.zeros(0, dtype=np.int32)
+        return feedback.indices[feedback.indptr[user_row] : feedback.indptr[user_row + 1]]
+
     def user_vector(self, user_row: int) -> np.ndarray:
         return np.asarray(self.ckpt.user_embeddings[user_row], dtype=np.float32)
 

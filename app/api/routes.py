@@ -61,7 +61,7 @@ def recommendations(
     state = request.app.state
     row = model.user_row(user_id)
     if row is not None:
-        exclude: list[int] = []
+        exclude: list[int]
         if exclude_seen:
             recent = state.recent.items_for(user_id, model.watermark)
             if recent is None:  # the in-memory view cannot tell: ask the database
@@ -71,6 +71,8 @@ def recommendations(
                     ).item_ids
             exclude = model.rows_of(recent)
             exclude.extend(model.seen_rows(row).tolist())
+        else:
+            exclude = model.negative_rows(row).tolist()
         ranked, source = model.search(model.user_vector(row), k, exclude), "model"
     else:
         with state.engine.connect() as conn:  # a user the model does not know: their whole history counts

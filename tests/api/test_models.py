@@ -75,6 +75,8 @@ def test_recommendations_follow_the_embeddings(tmp_path: Path) -> None:
                 i["item_id"] for i in c.get("/v1/users/u1/recommendations", params={"k": 3}).json()["items"]
             ]
             assert not set(top[:2]) & set(after) and top[2] in after
+            allowed = c.get("/v1/users/u1/recommendations", params={"k": 50, "exclude_seen": False}).json()
+            assert not set(top[:2]) & {i["item_id"] for i in allowed["items"]}
             # Fold-in: a new user who likes three items of i3's cluster gets more of that cluster.
             same = [f"i{j}" for j in range(len(clusters)) if clusters[j] == clusters[3]][:3]
             batch = [
