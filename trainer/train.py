@@ -222,8 +222,12 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
             per_user = [d for d in draws if not d.shared]
             if per_user:
                 items_u = torch.from_numpy(np.concatenate([d.items for d in per_user], axis=1))
-                neg = torch.cat([neg, torch.einsum("bd,bnd->bn", u, model.items(items_u))], 1)
                 valid = torch.from_numpy(np.concatenate([d.valid for d in per_user], axis=1))
+                # score only rows that have per-user negatives (hard mining may cover part of the batch)
+                live = torch.nonzero(valid.any(1)).squeeze(1)
+                block = torch.zeros(idx.size, items_u.shape[1])
+                block = block.index_put((live,), torch.einsum("bd,bnd->bn", u[live], model.items(items_u[live])))
+                neg = torch.cat([neg, block], 1)
                 mask = torch.cat([mask, valid & (items_u != pos_items[:, None])], 1)
                 u_logq = np.concatenate([np.log(d.n * d.q) for d in per_user], axis=1).astype(np.float32)
                 neg_logq = torch.cat([neg_logq.expand(idx.size, -1), torch.from_numpy(u_logq)], 1)
