@@ -88,11 +88,14 @@ def scale(args: argparse.Namespace) -> dict:
     del events
     prep = time.perf_counter() - t
     cfg = TrainConfig(epochs=1, hard_warmup_epochs=0, progress=False, threads=args.threads, val_max_users=2000,
-                      sampler=SamplerConfig(strategy="hard", index_type=args.index, refresh_every=args.refresh_every))
+                      batch_size=args.batch_size,
+                      sampler=SamplerConfig(strategy="hard", index_type=args.index, refresh_every=args.refresh_every,
+                                            hard_rows=args.hard_rows))
     h = fit(data, cfg).history[0]
     uniform = fit(data, replace(cfg, sampler=SamplerConfig(strategy="uniform"))).history[0]
     return {"events": 5_000_000, "data": data.describe(), "prepare_s": round(prep, 1), "index_type": args.index,
-            "refresh_every": args.refresh_every, "hard_epoch": {k: v for k, v in h.items() if k != "sources"},
+            "refresh_every": args.refresh_every, "batch_size": args.batch_size, "hard_rows": args.hard_rows,
+            "threads": args.threads, "hard_epoch": {k: v for k, v in h.items() if k != "sources"},
             "uniform_epoch_s": uniform["train_seconds"],
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
@@ -108,6 +111,8 @@ def main() -> None:
     p.add_argument("--scale", action="store_true", help="time one hard-negative epoch on a 5M-event log")
     p.add_argument("--index", default="auto", help="FAISS index for --scale: flat, ivf, hnsw, auto")
     p.add_argument("--refresh-every", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4096, help="--scale: positives per batch")
+    p.add_argument("--hard-rows", type=int, default=1024, help="--scale: rows per batch given hard negatives")
     args = p.parse_args()
     res = scale(args) if args.scale else quality(args)
     out = Path(args.out or ROOT / "bench" / "results" / ("scale.json" if args.scale else "quality.json"))
@@ -115,6 +120,8 @@ def main() -> None:
     out.write_text(json.dumps(res, indent=2, default=str))
     if args.scale:
         h = res["hard_epoch"]
+        print(f"batch {res['batch_size']}, hard negatives for {res['hard_rows']} rows per batch, "
+              f"index {res['index_type']} refreshed every {res['refresh_every']} steps, {res['threads']} threads\n")
         print("| log | train positives | hard epoch s | index+search share | events/s | uniform epoch s | peak RSS GiB |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         print(f"| 5M events, 100k users, 50k items | {res['data']['train']} | {h['train_seconds']:.1f} | "
