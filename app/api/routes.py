@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-import pandas as pd
 from fastapi import APIRouter, Body, Query, Request, Response
 
 from app.api import metrics
@@ -19,7 +18,7 @@ from app.api.jsonresp import JSON
 from app.api.model import Ranked, ServedModel
 from app.api.schemas import EventIn, EventsAccepted, Health, Readiness, Recommendations, SimilarItems
 from app.api.userdata import recent_events
-from app.db.events import insert_events
+from app.db.events import insert_event_rows
 from app.db.impressions import Served
 
 router = APIRouter()
@@ -155,19 +154,20 @@ def post_events(
     accepted = 0
     if unique:
         now = time.time()
-        frame = pd.DataFrame(
+        rows = [
             {
-                "event_id": [e.event_id for e in unique],
-                "user_id": [e.user_id for e in unique],
-                "item_id": [e.item_id for e in unique],
-                "type": [e.type for e in unique],
-                "value": pd.Series([e.value for e in unique], dtype="float64"),
-                "timestamp": [now if e.timestamp is None else e.timestamp for e in unique],
+                "event_id": e.event_id,
+                "user_id": e.user_id,
+                "item_id": e.item_id,
+                "type": e.type,
+                "value": e.value,
+                "timestamp": now if e.timestamp is None else e.timestamp,
             }
-        )
+            for e in unique
+        ]
         # SQLite has one writer: queueing on a lock here beats its busy-timeout backoff (long sleeps).
         with request.app.state.write_lock, request.app.state.engine.begin() as conn:
-            accepted = insert_events(conn, frame)
+            accepted = insert_event_rows(conn, rows)
         request.app.state.recent.add_local((e.user_id, e.item_id) for e in unique)
     metrics.EVENTS_WRITTEN.inc(accepted)
     metrics.EVENTS_DUPLICATE.inc(len(events) - accepted)

@@ -67,20 +67,40 @@ def insert_events(
     """
     if frame.empty:
         return 0
-    users = upsert_users(conn, frame["user_id"].unique().tolist())
-    items = upsert_items(conn, frame["item_id"].unique().tolist())
     values = frame["value"].astype("float64")
-    records = pd.DataFrame(
+    rows = pd.DataFrame(
         {
             "event_id": frame["event_id"].astype(str),
-            "user_id": frame["user_id"].map(users).astype("int64"),
-            "item_id": frame["item_id"].map(items).astype("int64"),
+            "user_id": frame["user_id"].astype(str),
+            "item_id": frame["item_id"].astype(str),
             "type": frame["type"].astype(str),
             "value": values.astype(object).where(values.notna(), None),
             "timestamp": frame["timestamp"].astype("float64"),
         }
     ).to_dict("records")
-    if conn.dialect.name == "postgresql":
+    return insert_event_rows(conn, rows, progress)
+
+
+def insert_event_rows(
+    conn: Connection, rows: list[dict[str, Any]], progress: Callable[[int], None] | None = None
+) -> int:
+    """``insert_events`` for plain dicts (keys EVENT_COLUMNS, value None when absent): no pandas on the HTTP path."""
+    if not rows:
+        return 0
+    users = upsert_users(conn, {r["user_id"] for r in rows})
+    items = upsert_items(conn, {r["item_id"] for r in rows})
+    records = [
+        {
+            "event_id": r["event_id"],
+            "user_id": users[r["user_id"]],
+            "item_id": items[r["item_id"]],
+            "type": r["type"],
+            "value": r["value"],
+            "timestamp": float(r["timestamp"]),
+        }
+        for r in rows
+    ]
+    if conn.dialect.name == "postgresql" and len(records) > 100:
         return _copy_events_postgres(conn, records, progress)
     table = Event.__table__
     inserted = 0
