@@ -20,6 +20,7 @@ from app.api import metrics
 from app.api.model import ServedModel, load_model
 from app.api.userdata import hidden_items
 from app.db import registry
+from app.db.items import categories_of, item_categories
 from trainer.checkpoint import CheckpointError, list_checkpoints, read_manifest
 
 log = logging.getLogger("recsys.model")
@@ -93,8 +94,9 @@ class ModelHolder:
         """Load a checkpoint without serving it (raises CheckpointError)."""
         with self.engine.connect() as conn:
             hidden = hidden_items(conn)
+            categories = item_categories(conn)
         try:
-            return load_model(path, hidden)
+            return load_model(path, hidden, categories)
         except CheckpointError as exc:
             self._refuse(path, str(exc))
             raise
@@ -126,7 +128,7 @@ class ModelHolder:
         """Serve the resolved target if it differs from the current model (blocking; run in a thread).
 
         ``force`` retries a previously refused checkpoint. When the target is already served, only the
-        hidden-items mask is refreshed.
+        hidden-items mask and the category index are refreshed.
         """
         with self._lock:
             target = self.resolve()
@@ -135,7 +137,9 @@ class ModelHolder:
                 return RefreshResult(False, current, None if current else "no checkpoint available")
             if current is not None and Path(current.ckpt.path) == target.path:
                 with self.engine.connect() as conn:
-                    current.set_hidden(hidden_items(conn))
+                    hidden, categories = hidden_items(conn), item_categories(conn)
+                current.set_hidden(hidden)
+                current.set_categories(categories)
                 return RefreshResult(False, current)
             if not force and str(target.path) in self.refused:
                 return RefreshResult(False, current, self.refused[str(target.path)])
@@ -147,6 +151,15 @@ class ModelHolder:
                 return RefreshResult(False, current, str(exc))
             self.swap(model)
             return RefreshResult(True, model)
+
+    def apply_item(self, item_id: str, hidden: bool | None, attributes: dict | None) -> None:
+        """A PUT of an item committed on this worker: update the served model's hidden mask and category
+        index at once. Under the refresh lock, so a concurrent refresh that read the database before the
+        commit cannot undo it."""
+        categories = None if attributes is None else categories_of(attributes)
+        with self._lock:
+            if self.current is not None:
+                self.current.update_item(item_id, hidden, categories)
 
     def _fallback_on_disk(self) -> RefreshResult:
         """At start-up with nothing promoted: try older checkpoints until one loads."""

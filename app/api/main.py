@@ -18,7 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from app.api import admin, errors, logs, routes
+from app.api import admin, catalog, errors, logs, routes
 from app.api.holder import ModelHolder
 from app.api.middleware import RequestContext
 from app.api.recent import RecentEventsView
@@ -32,6 +32,10 @@ log = logging.getLogger("recsys.api")
 TAGS = [
     {"name": "recommendations", "description": "Ranked items for users and items."},
     {"name": "events", "description": "Interaction and feedback ingestion (idempotent)."},
+    {
+        "name": "catalogue",
+        "description": "Item and user attributes, hidden items, popular and latest items (no model needed).",
+    },
     {"name": "admin", "description": "Bearer-token protected: negatives, models, promotion, reload."},
     {"name": "ops", "description": "Health, readiness and Prometheus metrics."},
 ]
@@ -97,7 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.list_cache = catalog.ListCache()
     errors.install(app)
+    app.include_router(catalog.router)  # first: /v1/items/popular before /v1/items/{item_id}
     app.include_router(routes.router)
     app.include_router(admin.router)
     app.add_middleware(RequestContext)

@@ -24,6 +24,15 @@ from scipy import sparse  # noqa: E402
 from trainer.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 
 _omp = threading.local()
+EXACT_MAX = 4096  # filtered candidate sets up to this size are scored exactly instead of through FAISS
+
+
+def _invert(by_row: dict[int, list[str]]) -> dict[str, np.ndarray]:
+    out: dict[str, list[int]] = {}
+    for row, cats in by_row.items():
+        for cat in cats:
+            out.setdefault(cat, []).append(row)
+    return {cat: np.array(sorted(rows), dtype=np.int64) for cat, rows in out.items()}
 
 
 def _single_threaded() -> None:
@@ -54,6 +63,10 @@ class ServedModel:
     excluded: sparse.csr_matrix  # checkpoint's seen items plus its explicit negatives, per user row
     load_seconds: float
     loaded_at: float = field(default_factory=time.time)
+    # category → sorted item rows; built at load, replaced wholesale on refresh or by a PUT of an item
+    categories: dict[str, np.ndarray] = field(default_factory=dict)
+    _row_categories: dict[int, list[str]] = field(default_factory=dict)
+    _edit: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def version(self) -> str:
@@ -80,6 +93,11 @@ class ServedModel:
     def seen_rows(self, user_row: int) -> np.ndarray:
         """Items never to recommend to this user: trained-on positives and explicit negatives."""
         seen = self.excluded
+        return seen.indices[seen.indptr[user_row] : seen.indptr[user_row + 1]]
+
+    def positive_rows(self, user_row: int) -> np.ndarray:
+        """The items the checkpoint trained on as this user's positives."""
+        seen = self.ckpt.seen
         return seen.indices[seen.indptr[user_row] : seen.indptr[user_row + 1]]
 
     def negative_rows(self, user_row: int) -> np.ndarray:
@@ -118,15 +136,116 @@ class ServedModel:
                 return Ranked(rows[:k], scores[:k])
             fetch = self.n_items
 
-    def popular(self, k: int, exclude: np.ndarray | list[int]) -> Ranked:
-        """The most popular visible items not in ``exclude``; scores are the training interaction counts."""
-        allowed = ~self.hidden if self.hidden.size else np.ones(self.n_items, dtype=bool)
-        exclude = np.asarray(exclude, dtype=np.int64)
-        if exclude.size:
-            allowed = allowed.copy()
-            allowed[exclude] = False
+    def popular(
+        self, k: int, exclude: np.ndarray | list[int], only: np.ndarray | list[int] | None = None
+    ) -> Ranked:
+        """The most popular visible items not in ``exclude`` (and in ``only`` when given); scores are the
+        training interaction counts."""
+        allowed = self.valid_mask(exclude, only)
         order = self.pop_order[allowed[self.pop_order]][:k]
         return Ranked(order, self.ckpt.item_popularity[order].astype(np.float32))
+
+    def valid_mask(self, exclude: np.ndarray | list[int], only: np.ndarray | list[int] | None) -> np.ndarray:
+        """True for the rows a request may return: visible, not excluded, and in ``only`` when given."""
+        if only is not None:
+            mask = np.zeros(self.n_items, dtype=bool)
+            mask[np.asarray(only, dtype=np.int64)] = True
+            mask &= ~self.hidden
+        else:
+            mask = ~self.hidden
+        exclude = np.asarray(exclude, dtype=np.int64)
+        if exclude.size:
+            mask[exclude] = False
+        return mask
+
+    def search_filtered(
+        self,
+        vector: np.ndarray,
+        k: int,
+        exclude: np.ndarray | list[int],
+        only: np.ndarray | list[int] | None = None,
+    ) -> Ranked:
+        """Top ``k`` among the valid rows (see ``valid_mask``), the filter applied inside the search.
+
+        A small candidate set (at most EXACT_MAX rows) is scored exactly against the item embeddings;
+        otherwise FAISS searches with an ``IDSelectorBitmap`` of the valid rows, so it returns ``k`` hits
+        whenever ``k`` valid rows exist (an approximate index that returns fewer is completed exactly).
+        """
+        mask = self.valid_mask(exclude, only)
+        n_valid = int(mask.sum())
+        want = min(k, n_valid)
+        if want == 0:
+            return Ranked(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+        query = vector.reshape(1, -1).astype(np.float32, copy=False)
+        if n_valid > EXACT_MAX:
+            _single_threaded()
+            bitmap = np.packbits(mask, bitorder="little")
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(bitmap))
+            scores, rows = self.index.search(query, want, params=params)
+            scores, rows = scores[0], rows[0]
+            keep = rows >= 0
+            keep[keep] &= mask[rows[keep]]
+            if int(keep.sum()) >= want:
+                return Ranked(rows[keep][:want], scores[keep][:want])
+        return self._exact(query[0], np.flatnonzero(mask), want)
+
+    def _exact(self, vector: np.ndarray, rows: np.ndarray, k: int) -> Ranked:
+        scores = np.asarray(self.ckpt.item_embeddings[rows], dtype=np.float32) @ vector
+        if k < len(rows):
+            top = np.argpartition(-scores, k - 1)[:k]
+            rows, scores = rows[top], scores[top]
+        order = np.lexsort((rows, -scores))
+        return Ranked(rows[order].astype(np.int64), scores[order].astype(np.float32))
+
+    def category_rows(self, category: str) -> np.ndarray:
+        return self.categories.get(category, np.zeros(0, dtype=np.int64))
+
+    def set_categories(self, item_categories: dict[str, list[str]]) -> None:
+        """Rebuild the category → rows index from external item id → categories (items not served are skipped)."""
+        get = self.ckpt.item_row.get
+        by_row = {row: cats for item, cats in item_categories.items() if (row := get(item)) is not None}
+        with self._edit:
+            self._row_categories = by_row
+            self.categories = _invert(by_row)
+
+    def update_item(self, item_id: str, hidden: bool | None, categories: list[str] | None) -> None:
+        """Apply one item's new hidden flag and/or categories at once (a PUT on this worker)."""
+        row = self.item_row(item_id)
+        if row is None:
+            return
+        with self._edit:
+            if hidden is not None and bool(self.hidden[row]) != hidden:
+                mask = self.hidden.copy()
+                mask[row] = hidden
+                self.hidden, self.n_hidden = mask, int(mask.sum())
+            if categories is not None and self._row_categories.get(row, []) != categories:
+                by_row = dict(self._row_categories)
+                if categories:
+                    by_row[row] = categories
+                else:
+                    by_row.pop(row, None)
+                self._row_categories = by_row
+                self.categories = _invert(by_row)
+
+    def explain(
+        self, rec_rows: np.ndarray, history_rows: np.ndarray, top: int = 3
+    ) -> list[list[tuple[int, float]]]:
+        """For each recommended row, the ``top`` history rows with the largest positive item-item dot
+        product (the contribution of that history item), best first."""
+        if not len(history_rows) or not len(rec_rows):
+            return [[] for _ in range(len(rec_rows))]
+        emb = self.ckpt.item_embeddings
+        rec = np.asarray(emb[np.asarray(rec_rows)], dtype=np.float32)
+        hist = np.asarray(emb[np.asarray(history_rows)], dtype=np.float32)
+        sims = rec @ hist.T
+        out = []
+        n = min(top, len(history_rows))
+        for i in range(len(rec_rows)):
+            row = sims[i]
+            best = np.argpartition(-row, n - 1)[:n] if n < len(row) else np.arange(len(row))
+            best = best[np.argsort(-row[best], kind="stable")]
+            out.append([(int(history_rows[j]), float(row[j])) for j in best if row[j] > 0])
+        return out
 
     def similar(self, item_row: int, k: int) -> Ranked:
         vector = np.asarray(self.ckpt.item_embeddings[item_row], dtype=np.float32)
@@ -138,11 +257,16 @@ class ServedModel:
         rows = self.rows_of(hidden_ids)
         if rows:
             mask[rows] = True
-        self.hidden = mask
-        self.n_hidden = int(mask.sum())
+        with self._edit:
+            self.hidden = mask
+            self.n_hidden = int(mask.sum())
 
 
-def load_model(path: str | Path, hidden_ids: list[str] | None = None) -> ServedModel:
+def load_model(
+    path: str | Path,
+    hidden_ids: list[str] | None = None,
+    item_categories: dict[str, list[str]] | None = None,
+) -> ServedModel:
     """Read, verify and prepare a checkpoint (blocking: call it from a thread, never the event loop)."""
     start = time.perf_counter()
     ckpt = read_checkpoint(path, mmap=True)
@@ -169,5 +293,6 @@ def load_model(path: str | Path, hidden_ids: list[str] | None = None) -> ServedM
         load_seconds=0.0,
     )
     model.set_hidden(hidden_ids or [])
+    model.set_categories(item_categories or {})
     model.load_seconds = time.perf_counter() - start
     return model

@@ -7,9 +7,12 @@ keeping the event loop free (FAISS and the DB drivers release the GIL while they
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Body, Query, Request, Response
+from pydantic import StringConstraints
 
 from app.api import metrics
 from app.api.deps import NO_MODEL, VALIDATION, ItemIdPath, UserIdPath, err, request_id, served_model
@@ -23,7 +26,93 @@ from app.db.impressions import Served
 
 router = APIRouter()
 
+URL_TOO_LONG = {
+    400: {
+        "description": "Request line over 64 KiB (e.g. very long `exclude`/`only` lists): refused by the "
+        "HTTP server itself, with a plain-text body, before the application sees it.",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 K = Annotated[int, Query(ge=1, le=1000, description="How many items to return (1–1000).", examples=[10])]
+MAX_FILTER_IDS = 1000  # item ids in `exclude` or in `only`, after splitting on commas
+
+MAX_FILTER_VALUES = (
+    50  # repetitions of `exclude` or `only`; 50 x 512 characters keeps both under the URL limit
+)
+FilterValue = Annotated[str, StringConstraints(max_length=512)]
+_LIMITS = (
+    "At most 1000 ids in all (422 `too_many_ids` beyond), in up to 50 repetitions of up to 512 characters "
+    "each; unknown ids are ignored. Keep the whole URL under 64 KiB (the server refuses longer request "
+    "lines with a plain-text 400)."
+)
+ExcludeQuery = Annotated[
+    list[FilterValue] | None,
+    Query(
+        max_length=MAX_FILTER_VALUES,
+        description="Item ids never to return. Repeat the parameter or separate ids with commas "
+        "(`exclude=i1,i2&exclude=i3`). " + _LIMITS,
+        examples=[["i1,i2"]],
+    ),
+]
+OnlyQuery = Annotated[
+    list[FilterValue] | None,
+    Query(
+        max_length=MAX_FILTER_VALUES,
+        description="Restrict candidates to these item ids (repeatable or comma-separated). Fewer than k "
+        "valid ids: all of them are returned. " + _LIMITS,
+        examples=[["i3,i4,i5"]],
+    ),
+]
+CategoryQuery = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=256,
+        description="Only items whose attributes have this string in `categories` (a list) or as "
+        "`category` (see PUT /v1/items/{item_id}). Combined with `only` and `exclude` by intersection.",
+        examples=["drama"],
+    ),
+]
+
+
+def _split_ids(name: str, values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    ids = [part for v in values for part in v.split(",") if part]
+    if len(ids) > MAX_FILTER_IDS:
+        raise ApiError(
+            422,
+            "too_many_ids",
+            f"{len(ids)} item ids in {name!r}; the limit is {MAX_FILTER_IDS}",
+            [{"loc": ["query", name], "msg": f"at most {MAX_FILTER_IDS} ids", "type": "too_many_ids"}],
+        )
+    return ids
+
+
+@dataclass(frozen=True)
+class Filters:
+    """A request's own filters, as item rows of the served model."""
+
+    exclude: list[int]
+    only: np.ndarray | None  # None: no restriction
+
+    @property
+    def active(self) -> bool:
+        return bool(self.exclude) or self.only is not None
+
+
+def _filters(
+    model: ServedModel, exclude: list[str] | None, only: list[str] | None, category: str | None
+) -> Filters:
+    excluded = model.rows_of(_split_ids("exclude", exclude) or [])
+    only_ids = _split_ids("only", only)
+    allowed: np.ndarray | None = None
+    if only_ids is not None:
+        allowed = np.unique(np.asarray(model.rows_of(only_ids), dtype=np.int64))
+    if category is not None:
+        rows = model.category_rows(category)
+        allowed = rows if allowed is None else np.intersect1d(allowed, rows)
+    return Filters(excluded, allowed)
 
 
 def _items(model: ServedModel, ranked: Ranked) -> list[dict]:
@@ -39,7 +128,7 @@ def _items(model: ServedModel, ranked: Ranked) -> list[dict]:
     tags=["recommendations"],
     summary="Top-k items for a user",
     response_model=Recommendations,
-    responses={**VALIDATION, **NO_MODEL},
+    responses={**VALIDATION, **NO_MODEL, **URL_TOO_LONG},
 )
 def recommendations(
     request: Request,
@@ -52,13 +141,27 @@ def recommendations(
             "those recorded since the model was trained."
         ),
     ] = True,
+    exclude: ExcludeQuery = None,
+    only: OnlyQuery = None,
+    category: CategoryQuery = None,
+    explain: Annotated[
+        bool,
+        Query(
+            description="Add `because` to each item: the (at most 3) items of the user's history most "
+            "similar to it in the served embeddings, i.e. why it was recommended. Costs one database read."
+        ),
+    ] = False,
 ) -> Response:
     """Users in the model get a FAISS search with their embedding (`source=model`). Users unknown to the
     model are folded in from their recorded events (`fold_in`), or get the most popular items (`popular`).
-    Hidden items never appear. The served list is logged to `impressions` in the background."""
+    Hidden items never appear, nor do the user's explicit negatives. `exclude`, `only` and `category` are
+    applied inside the search: k items come back whenever k valid items exist.
+    The served list is logged to `impressions` in the background."""
     model = served_model(request)
     state = request.app.state
+    filters = _filters(model, exclude, only, category)
     row = model.user_row(user_id)
+    history: list[int] = []
     if row is not None:
         exclude: list[int]
         if exclude_seen:
@@ -68,24 +171,47 @@ def recommendations(
                     recent = recent_events(
                         conn, user_id, model.watermark, state.settings.negative_types
                     ).item_ids
-            exclude = model.rows_of(recent)
-            exclude.extend(model.seen_rows(row).tolist())
+            rows = model.rows_of(recent)
+            rows.extend(model.seen_rows(row).tolist())
         else:
-            exclude = model.negative_rows(row).tolist()
-        ranked, source = model.search(model.user_vector(row), k, exclude), "model"
+            rows = model.negative_rows(row).tolist()
+        rows.extend(filters.exclude)
+        vector = model.user_vector(row)
+        if filters.active:
+            ranked = model.search_filtered(vector, k, rows, filters.only)
+        else:
+            ranked = model.search(vector, k, rows)
+        source = "model"
+        if explain:
+            with state.engine.connect() as conn:
+                since = recent_events(conn, user_id, model.watermark, state.settings.negative_types)
+            history = model.rows_of(since.positive_item_ids)
+            history.extend(model.positive_rows(row).tolist())
     else:
         with state.engine.connect() as conn:  # a user the model does not know: their whole history counts
             events = recent_events(conn, user_id, 0, state.settings.negative_types)
-        exclude = model.rows_of(events.item_ids) if exclude_seen else []
-        vector = model.fold_in(model.rows_of(events.positive_item_ids))
+        rows = model.rows_of(events.item_ids) if exclude_seen else []
+        rows.extend(filters.exclude)
+        history = model.rows_of(events.positive_item_ids)
+        vector = model.fold_in(history)
         if vector is not None:
-            ranked, source = model.search(vector, k, exclude), "fold_in"
+            if filters.active:
+                ranked = model.search_filtered(vector, k, rows, filters.only)
+            else:
+                ranked = model.search(vector, k, rows)
+            source = "fold_in"
         else:
-            ranked, source = model.popular(k, exclude), "popular"
+            ranked, source = model.popular(k, rows, filters.only), "popular"
         metrics.FALLBACKS.labels(source).inc()
     metrics.RECOMMENDATIONS.labels(source).inc()
     rid = request_id(request)
     items = _items(model, ranked)
+    if explain:
+        hist = (
+            np.unique(np.asarray(history, dtype=np.int64)) if source != "popular" else np.zeros(0, np.int64)
+        )
+        for item, because in zip(items, model.explain(ranked.rows, hist), strict=True):
+            item["because"] = [{"item_id": model.item_ids[r], "contribution": c} for r, c in because]
     if items and not request.app.state.impressions.submit(
         Served(rid, user_id, [i["item_id"] for i in items], model.version)
     ):
@@ -106,15 +232,29 @@ def recommendations(
     tags=["recommendations"],
     summary="Items most similar to an item",
     response_model=SimilarItems,
-    responses={404: err("The item is not in the served model."), **VALIDATION, **NO_MODEL},
+    responses={404: err("The item is not in the served model."), **VALIDATION, **NO_MODEL, **URL_TOO_LONG},
 )
-def similar(request: Request, item_id: ItemIdPath, k: K = 10) -> Response:
-    """Nearest items by dot product of item embeddings; hidden items and the query item are left out."""
+def similar(
+    request: Request,
+    item_id: ItemIdPath,
+    k: K = 10,
+    exclude: ExcludeQuery = None,
+    only: OnlyQuery = None,
+    category: CategoryQuery = None,
+) -> Response:
+    """Nearest items by dot product of item embeddings; hidden items and the query item are left out.
+    `exclude`, `only` and `category` are applied inside the search (k items whenever k valid ones exist)."""
     model = served_model(request)
     row = model.item_row(item_id)
     if row is None:
         raise ApiError(404, "unknown_item", f"item {item_id!r} is not in model {model.version}")
-    items = _items(model, model.similar(row, k))
+    filters = _filters(model, exclude, only, category)
+    if filters.active:
+        vector = np.asarray(model.ckpt.item_embeddings[row], dtype=np.float32)
+        ranked = model.search_filtered(vector, k, [row, *filters.exclude], filters.only)
+    else:
+        ranked = model.similar(row, k)
+    items = _items(model, ranked)
     return JSON(
         {
             "item_id": item_id,

@@ -39,6 +39,15 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo = Field(description="What went wrong.")
 
 
+class Because(BaseModel):
+    item_id: str = Field(description="An item the user interacted with.", examples=["i7"])
+    contribution: float = Field(
+        description="Dot product of this history item's embedding with the recommended item's embedding "
+        "in the served model (its share of the score, for a fold-in user up to the 1/n of the mean).",
+        examples=[0.83],
+    )
+
+
 class ScoredItem(BaseModel):
     item_id: str = Field(description="External item id.", examples=["i42"])
     score: float = Field(
@@ -47,6 +56,13 @@ class ScoredItem(BaseModel):
         examples=[3.21],
     )
     rank: int = Field(description="1-based position in the list.", ge=1, examples=[1])
+    because: list[Because] | None = Field(
+        None,
+        description="Only with `explain=true` on recommendations: up to 3 items from the user's history "
+        "(checkpoint positives plus positive events recorded since) with the largest positive item-item "
+        "dot product with this item, largest first. Empty for the `popular` source.",
+        examples=[[{"item_id": "i7", "contribution": 0.83}]],
+    )
 
 
 class Recommendations(BaseModel):
@@ -180,3 +196,82 @@ class ReloadResponse(BaseModel):
     model_version: str = Field(description="The version served after the reload.")
     changed: bool = Field(description="True when the reload swapped in a different version.")
     load_seconds: float | None = Field(None, description="Time the new checkpoint took to load.")
+
+
+MAX_ATTRIBUTES_BYTES = 16 * 1024  # serialized JSON (UTF-8) of one attributes object
+
+
+class ItemIn(BaseModel):
+    """Create or update an item. Omitted fields keep their stored value."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"attributes": {"title": "Heat", "categories": ["crime", "drama"]}, "hidden": False}]
+        },
+    )
+
+    attributes: dict[str, Any] | None = Field(
+        None,
+        description="Free JSON object, replaced as a whole; at most 16 KiB serialized as UTF-8 JSON (413 "
+        "`attributes_too_large` beyond). `categories` (list of strings) and `category` (string) are what "
+        "`category=` filters on. NaN/Infinity are rejected.",
+    )
+    hidden: bool | None = Field(
+        None,
+        description="Hidden items are never recommended, returned as similar, popular or latest. Takes "
+        "effect at once on the worker that answers, within RECSYS_RELOAD_POLL_SECONDS on the others.",
+    )
+
+
+class UserIn(BaseModel):
+    """Create or update a user. An omitted `attributes` keeps the stored value."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"attributes": {"country": "FR", "plan": "pro"}}]}
+    )
+
+    attributes: dict[str, Any] | None = Field(
+        None,
+        description="Free JSON object, replaced as a whole; at most 16 KiB serialized as UTF-8 JSON (413 "
+        "`attributes_too_large` beyond). NaN/Infinity are rejected.",
+    )
+
+
+class ItemOut(BaseModel):
+    item_id: str = Field(description="External item id.", examples=["i42"])
+    attributes: dict[str, Any] = Field(description="Stored attributes (`{}` when none).")
+    hidden: bool = Field(description="True when the item is never served.")
+    created_at: str | None = Field(None, description="When the item was first recorded (ISO 8601).")
+
+
+class UserOut(BaseModel):
+    user_id: str = Field(description="External user id.", examples=["u1"])
+    attributes: dict[str, Any] = Field(description="Stored attributes (`{}` when none).")
+    created_at: str | None = Field(None, description="When the user was first recorded (ISO 8601).")
+
+
+class CountedItem(BaseModel):
+    item_id: str = Field(description="External item id.", examples=["i42"])
+    count: int = Field(description="Positive events on the item in the window.", ge=1, examples=[17])
+    rank: int = Field(description="1-based position in the list.", ge=1, examples=[1])
+
+
+class PopularItems(BaseModel):
+    window_seconds: int = Field(description="The window, in seconds.", examples=[604800])
+    since: float = Field(description="Events with `timestamp >=` this (epoch seconds) were counted.")
+    computed_at: float = Field(description="When the list was computed (epoch seconds); cached for 10 s.")
+    request_id: str = Field(description="Same as the X-Request-ID response header.")
+    items: list[CountedItem] = Field(description="Most positive events first; at most k; no hidden item.")
+
+
+class DatedItem(BaseModel):
+    item_id: str = Field(description="External item id.", examples=["i42"])
+    created_at: str | None = Field(description="When the item was first recorded (ISO 8601).")
+    rank: int = Field(description="1-based position in the list.", ge=1, examples=[1])
+
+
+class LatestItems(BaseModel):
+    computed_at: float = Field(description="When the list was computed (epoch seconds); cached for 10 s.")
+    request_id: str = Field(description="Same as the X-Request-ID response header.")
+    items: list[DatedItem] = Field(description="Newest first; at most k; no hidden item.")
