@@ -87,11 +87,19 @@ def _load(events: Path | None, fmt: str | None) -> tuple[Any, int | None]:
         raise _fail(str(exc)) from None
 
 
+def _negative_types() -> frozenset[str] | None:
+    """The service's configured explicit-negative event types (RECSYS_NEGATIVE_TYPES), if it has them."""
+    from app.settings import get_settings
+
+    return getattr(get_settings(), "negative_types", None)
+
+
 def _run(frame: Any, cfg: Any, refit: bool, init_state: Any = None, watermark: int | None = None) -> Any:
     from trainer.pipeline import run
 
     try:
-        return run(frame, cfg, refit=refit, init_state=init_state, watermark=watermark)
+        return run(frame, cfg, refit=refit, init_state=init_state, watermark=watermark,
+                   negative_types=_negative_types())
     except ValueError as exc:
         raise _fail(str(exc)) from None
 
@@ -275,7 +283,8 @@ def compare(
         _check_choice("--strategies", name, STRATEGY_CHOICES)
     frame, _ = _load(events, fmt)
     try:
-        data = build_dataset(frame)
+        types = _negative_types()
+        data = build_dataset(frame, **({} if types is None else {"negative_types": types}))
     except ValueError as exc:
         raise _fail(str(exc)) from None
     rows, histories, results = [], {}, {}

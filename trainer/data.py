@@ -138,8 +138,10 @@ def _holdout(u: np.ndarray, i: np.ndarray, t: np.ndarray, n_items: int) -> tuple
     return kept_idx, held_idx[in_train[i[held_idx]]]
 
 
-def build_dataset(events: pd.DataFrame, *, validation: bool = True, watermark: int | None = None) -> Dataset:
-    """Code ids, drop repeats, split test (and validation) by the protocol, collect explicit negatives."""
+def build_dataset(events: pd.DataFrame, *, validation: bool = True, watermark: int | None = None,
+                  negative_types: frozenset[str] | set[str] = NEGATIVE_TYPES) -> Dataset:
+    """Code ids, drop repeats, split test (and validation) by the protocol, collect explicit negatives
+    (events whose type is in ``negative_types``: never positives, they feed the feedback sampler)."""
     for col in ("user_id", "item_id", "timestamp", "type"):
         if col not in events.columns:
             raise ValueError(f"events lack the column {col!r}")
@@ -148,7 +150,7 @@ def build_dataset(events: pd.DataFrame, *, validation: bool = True, watermark: i
     user_codes, user_ids = pd.factorize(events["user_id"].astype(str), sort=True)
     item_codes, item_ids = pd.factorize(events["item_id"].astype(str), sort=True)
     ts = events["timestamp"].to_numpy(dtype=np.float64)
-    negative = events["type"].astype(str).str.lower().isin(NEGATIVE_TYPES).to_numpy()
+    negative = events["type"].astype(str).str.lower().isin(set(negative_types)).to_numpy()
     n_users, n_items = len(user_ids), len(item_ids)
 
     pos = np.flatnonzero(~negative)

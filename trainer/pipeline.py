@@ -53,9 +53,11 @@ def merged_train(data: Dataset) -> Dataset:
 
 
 def run(events: pd.DataFrame | Dataset, cfg: TrainConfig, *, refit: bool = True,
-        init_state: dict[str, Any] | None = None, watermark: int | None = None) -> RunResult:
+        init_state: dict[str, Any] | None = None, watermark: int | None = None,
+        negative_types: frozenset[str] | None = None) -> RunResult:
     t0 = time.perf_counter()
-    data = events if isinstance(events, Dataset) else build_dataset(events, watermark=watermark)
+    kw = {} if negative_types is None else {"negative_types": negative_types}
+    data = events if isinstance(events, Dataset) else build_dataset(events, watermark=watermark, **kw)
     selection = fit(data, cfg, init_state=init_state)
     final = selection
     full = merged_train(data)
