@@ -138,7 +138,8 @@ def recommendations(
         bool,
         Query(
             description="Leave out items the user interacted with: those in the checkpoint and "
-            "those recorded since the model was trained."
+            "those recorded since the model was trained. With `false`, the user's explicit negatives "
+            "(RECSYS_NEGATIVE_TYPES, checkpoint and newer events) are still left out (one database read)."
         ),
     ] = True,
     exclude: ExcludeQuery = None,
@@ -173,8 +174,11 @@ def recommendations(
                     ).item_ids
             rows = model.rows_of(recent)
             rows.extend(model.seen_rows(row).tolist())
-        else:
-            rows = model.negative_rows(row).tolist()
+        else:  # explicit negatives stay out: the checkpoint's, and those recorded since it was trained
+            with state.engine.connect() as conn:
+                since = recent_events(conn, user_id, model.watermark, state.settings.negative_types)
+            rows = model.rows_of(since.negative_item_ids)
+            rows.extend(model.negative_rows(row).tolist())
         rows.extend(filters.exclude)
         vector = model.user_vector(row)
         if filters.active:
@@ -190,7 +194,7 @@ def recommendations(
     else:
         with state.engine.connect() as conn:  # a user the model does not know: their whole history counts
             events = recent_events(conn, user_id, 0, state.settings.negative_types)
-        rows = model.rows_of(events.item_ids) if exclude_seen else []
+        rows = model.rows_of(events.item_ids if exclude_seen else events.negative_item_ids)
         rows.extend(filters.exclude)
         history = model.rows_of(events.positive_item_ids)
         vector = model.fold_in(history)

@@ -7,7 +7,7 @@ so exclusion of freshly seen items and fold-in for cold users stay cheap on both
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, bindparam, select
 
@@ -23,6 +23,7 @@ class RecentEvents:
     known: bool  # the user has events newer than the watermark
     item_ids: list[str]  # every item the user touched
     positive_item_ids: list[str]  # items with a non-negative event type (fold-in input)
+    negative_item_ids: list[str] = field(default_factory=list)  # items with a RECSYS_NEGATIVE_TYPES event
 
 
 _RECENT = (
@@ -43,7 +44,8 @@ def recent_events(
     rows = conn.execute(_RECENT, {"user_id": user_id, "since_id": since_id}).all()
     items = [r[0] for r in rows]
     positive = [r[0] for r in rows if r[1] not in negative_types]
-    return RecentEvents(bool(rows), items, positive)
+    negative = [r[0] for r in rows if r[1] in negative_types]
+    return RecentEvents(bool(rows), items, positive, negative)
 
 
 def negative_feedback(

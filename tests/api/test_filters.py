@@ -222,3 +222,17 @@ def test_filtered_search_through_faiss_matches_brute_force(big_checkpoint: Path)
         tiny = rng.choice(len(emb), 5, replace=False)
         got = model.search_filtered(model.user_vector(0), 50, [], tiny)
         assert sorted(got.rows) == sorted(r for r in tiny if not model.hidden[r])
+
+
+def test_disliked_items_stay_out_with_exclude_seen_false(server: Server) -> None:
+    """A dislike recorded after the model was trained is never recommended, even with exclude_seen=false."""
+    cold = "cold-" + uuid.uuid4().hex[:8]
+    with server.client() as c:
+        for user in ("u16", cold):
+            params = {"k": 5, "exclude_seen": "false"}
+            first = _ids(c.get(f"/v1/users/{user}/recommendations", params=params).json())[0]
+            event = {"event_id": uuid.uuid4().hex, "user_id": user, "item_id": first, "type": "dislike"}
+            assert c.post("/v1/events", json=event).json()["accepted"] == 1
+            for extra in ({}, {"exclude": "i0"}):
+                after = _ids(c.get(f"/v1/users/{user}/recommendations", params={**params, **extra}).json())
+                assert len(after) == 5 and first not in after
