@@ -75,8 +75,8 @@ def draw_negatives(ckpt: Checkpoint, user_id: str, strategy: str, n: int, *,
                    skip: int = 5, alpha: float = 0.75) -> dict[str, Any]:
     """Draw ``n`` negatives for ``user_id`` (external id) with ``strategy`` and describe each one.
 
-    Strategy "feedback" draws from ``feedback_items`` only (the caller's explicit negatives for the
-    user); with none it returns no negatives rather than failing.
+    Strategy "feedback" draws from ``feedback_items`` (the caller's explicit negatives for the user;
+    when None, those stored in the checkpoint); with none it returns no negatives rather than failing.
 
     ``easy_share`` is the share of (valid) negatives whose score is more than EASY_MARGIN logits below
     the mean score of the user's known positives: such negatives carry almost no softmax loss.
@@ -88,6 +88,9 @@ def draw_negatives(ckpt: Checkpoint, user_id: str, strategy: str, n: int, *,
     if not 1 <= n <= 10_000:
         raise ValueError(f"n must be between 1 and 10000, got {n}")
     user = ckpt.user_row[user_id]
+    stored = getattr(ckpt, "feedback", None)  # explicit negatives saved with the checkpoint, if any
+    if feedback_items is None and stored is not None and stored.nnz:
+        feedback_items = [ckpt.item_ids[i] for i in stored.indices[stored.indptr[user]:stored.indptr[user + 1]]]
     rng = np.random.default_rng(seed)
     draws = _draws(ckpt, user, strategy, n, rng, feedback_items=feedback_items, pool=pool, skip=skip, alpha=alpha)
 

@@ -84,4 +84,5 @@ def save(result: RunResult, root: str | Path, *, version: str | None = None,
         seen=data.seen_csr(), config=config, metrics=result.metrics(), diagnostics=result.diagnostics(),
         watermark=data.watermark, index=build_index(items, "flat" if len(items) <= 200_000 else "auto"),
         extra_files={"model.pt": model_state_bytes(result.final, data)},
+        feedback=data.feedback,  # explicit negatives: serving keeps them out, inspection draws from them
     )

@@ -31,6 +31,7 @@ def test_round_trip(trained) -> None:  # noqa: ANN001
     assert ckpt.user_ids == result.data.user_ids and ckpt.item_ids == result.data.item_ids
     assert ckpt.seen.nnz == result.data.all_u.size  # every positive of train, validation and test
     assert ckpt.item_popularity.sum() == result.data.all_u.size
+    assert ckpt.feedback.nnz == result.data.feedback.nnz > 0  # dislike/skip events, kept for serving
     m = ckpt.manifest
     assert m["metrics"]["test"]["ndcg@10"] == result.test["ndcg@10"]
     assert m["config"]["temperature"] == 0.2 and "cosine" in m["config"]["score"]
@@ -84,6 +85,10 @@ def test_draw_negatives_report(trained) -> None:  # noqa: ANN001
     assert hard > uniform
     fb = draw_negatives(ckpt, user, "feedback", 5, feedback_items=[ckpt.item_ids[3]], seed=0)
     assert {n["item_id"] for n in fb["negatives"]} == {ckpt.item_ids[3]}
+    row = int(np.flatnonzero(np.diff(ckpt.feedback.indptr))[0])  # a user with stored explicit negatives
+    stored = {ckpt.item_ids[i] for i in ckpt.feedback[row].indices}
+    got = draw_negatives(ckpt, ckpt.user_ids[row], "feedback", 10, seed=0)["negatives"]
+    assert got and {n["item_id"] for n in got} <= stored
     with pytest.raises(KeyError, match="unknown user"):
         draw_negatives(ckpt, "nobody", "hard", 5)
     with pytest.raises(ValueError, match="unknown strategy"):
