@@ -6,6 +6,7 @@ IDSelector path (the test deployment's 400 items are always scored exactly).
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -236,3 +237,31 @@ def test_disliked_items_stay_out_with_exclude_seen_false(server: Server) -> None
             for extra in ({}, {"exclude": "i0"}):
                 after = _ids(c.get(f"/v1/users/{user}/recommendations", params={**params, **extra}).json())
                 assert len(after) == 5 and first not in after
+
+
+def test_other_workers_follow_a_put_within_a_poll(server: Server) -> None:
+    """A second server over the same database (polling every 0.3 s) sees another worker's PUT."""
+    cat = "cat-" + uuid.uuid4().hex[:8]
+    with server.client() as c:
+        target = _ids(c.get("/v1/users/u17/recommendations", params={"k": 3}).json())[0]
+    member = next(i for i in reversed(server.dep.item_ids) if i not in _seen(server, "u17") and i != target)
+    other = Server(server.dep, poll=0.3)
+    try:
+        other.wait_ready()
+        with server.client() as c:
+            c.put(f"/v1/items/{target}", json={"hidden": True, "attributes": {"category": cat}})
+            c.put(f"/v1/items/{member}", json={"attributes": {"category": cat}})
+        deadline = time.monotonic() + 10
+        with other.client() as o:
+            while time.monotonic() < deadline:
+                recs = _ids(o.get("/v1/users/u17/recommendations", params={"k": 3}).json())
+                in_cat = _ids(o.get("/v1/users/u17/recommendations", params={"category": cat}).json())
+                if target not in recs and in_cat:
+                    break
+                time.sleep(0.1)
+        assert target not in recs and in_cat == [member]
+    finally:
+        other.stop()
+        with server.client() as c:
+            c.put(f"/v1/items/{target}", json={"hidden": False, "attributes": {}})
+            c.put(f"/v1/items/{member}", json={"attributes": {}})

@@ -12,6 +12,7 @@ from sqlalchemy import select, update
 from app.db.engine import make_engine
 from app.db.events import insert_events
 from app.db.models import Impression, Item
+from trainer.checkpoint import read_checkpoint
 
 
 def _uid() -> str:
@@ -37,8 +38,14 @@ def test_recommendations_for_a_known_user_exclude_seen_items(server: Server) -> 
         assert scores == sorted(scores, reverse=True)
         assert [i["rank"] for i in body["items"]] == list(range(1, 21))
         everything = c.get("/v1/users/u1/recommendations", params={"k": 1000, "exclude_seen": False}).json()
-        assert len(everything["items"]) == len(server.dep.item_ids)  # k beyond the catalogue: all of it
-        assert seen <= {i["item_id"] for i in everything["items"]}
+    # k beyond the catalogue: all of it, except u1's explicit negatives in the checkpoint (never recommended)
+    ckpt = read_checkpoint(server.dep.checkpoints / server.dep.version)
+    feedback = getattr(ckpt, "feedback", None)
+    row = ckpt.user_row["u1"]
+    negatives = set() if feedback is None else {ckpt.item_ids[j] for j in feedback[row].indices}
+    got = {i["item_id"] for i in everything["items"]}
+    assert len(everything["items"]) == len(server.dep.item_ids) - len(negatives)
+    assert not got & negatives and seen - negatives <= got
 
 
 def test_events_since_the_watermark_are_excluded(server: Server) -> None:
