@@ -255,7 +255,7 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
                         stats.n_fn_checked += int(mask[rows].sum())
             step += 1
             if bar is not None:
-                bar.set_postfix(loss=f"{float(loss):.4f}", ev_s=f"{(b + 1) * cfg.batch_size / (time.perf_counter() - t_epoch):.0f}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", ev_s=f"{(b + 1) * cfg.batch_size / (time.perf_counter() - t_epoch):.0f}")
                 bar.update(1)
         if bar is not None:
             bar.close()
