@@ -194,8 +194,14 @@ def _retrain_locked(
         raise RetrainError(f"cannot build a training set: {exc}") from exc
     ignored = ignored_impressions(engine, data)
     log(f"{ignored.nnz:,} served-but-ignored impressions join the feedback negatives")
+    config = options.config
+    mix = config.sampler.mixed
+    if config.sampler.strategy == "mixed" and "feedback" not in mix and (data.feedback.nnz or ignored.nnz):
+        # Users' own negatives are the point of a feedback loop: blend them in when there are any.
+        config = replace(config, sampler=replace(config.sampler, mixed=(*mix, "feedback")))
+        log(f"negatives: {' + '.join(config.sampler.mixed)}")
     # Selection: early stopping on validation; the model the gate judges.
-    selection = fit(data, options.config, init_state=init_state, impressions=ignored)
+    selection = fit(data, config, init_state=init_state, impressions=ignored)
     t_train = time.perf_counter()
 
     exclude = csr(data.train_u, data.train_i, data.n_users, data.n_items)
@@ -245,7 +251,7 @@ def _retrain_locked(
     )
     final = fit(
         everything,
-        replace(options.config, epochs=max(selection.best_epoch, 1)),
+        replace(config, epochs=max(selection.best_epoch, 1)),
         init_state=init_state,
         impressions=ignored,
     )
