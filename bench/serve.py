@@ -5,8 +5,8 @@
 
 Builds a 100k-user × 50k-item checkpoint (random embeddings: serving cost does not depend on their
 quality) and a SQLite (or a new, dropped-afterwards PostgreSQL) database with those users, items and ~10 events per user; starts the service
-through ``app.api.server.run`` (1 and 2 workers); a load generator in another process (async httpx,
-bounded by time and request count) measures requests/s and p50/p95/p99 for recommendations,
+through ``app.api.server.run`` (1 and 2 workers); a load generator in another process (wrk when
+installed, else an async httpx client; bounded by time and request count) measures requests/s and p50/p95/p99 for recommendations,
 similar items, single events and /healthz at concurrency 1, 16 and 64.
 Prints a Markdown table and writes bench/results/serve.json.
 """
@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -194,6 +195,66 @@ def loadgen_main(argv: list[str]) -> None:
     print(json.dumps(out))
 
 
+WRK_SCRIPT = r"""
+local endpoint, n_users, n_items, run_id
+local counter = 0
+function init(args)
+  endpoint, n_users, n_items = args[1], tonumber(args[2]), tonumber(args[3])
+  math.randomseed(os.time())
+  run_id = string.format("%d%06d", os.time(), math.random(0, 999999))
+end
+function request()
+  counter = counter + 1
+  if endpoint == "healthz" then
+    return wrk.format("GET", "/healthz")
+  elseif endpoint == "recommendations" then
+    return wrk.format("GET", "/v1/users/u" .. math.random(0, n_users - 1) .. "/recommendations?k=10")
+  elseif endpoint == "similar" then
+    return wrk.format("GET", "/v1/items/i" .. math.random(0, n_items - 1) .. "/similar?k=10")
+  end
+  local body = string.format('{"event_id":"wrk-%s-%d","user_id":"u%d","item_id":"i%d","type":"click"}',
+    run_id, counter, math.random(0, n_users - 1), math.random(0, n_items - 1))
+  return wrk.format("POST", "/v1/events", {["Content-Type"] = "application/json"}, body)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "errors": %d, "rps": %.1f, "p50_ms": %.3f, "p95_ms": %.3f, "p99_ms": %.3f}\n',
+    summary.requests, e.connect + e.read + e.write + e.status + e.timeout,
+    summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000,
+    latency:percentile(95) / 1000, latency:percentile(99) / 1000))
+end
+"""
+
+
+def wrk_load(base: str, endpoint: str, concurrency: int, seconds: float, n_users: int, n_items: int) -> dict:
+    """wrk (C, one thread): a load generator light enough not to starve a 2-core server."""
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(WRK_SCRIPT)
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{max(1, round(seconds))}s",
+                "-s",
+                str(script),
+                base,
+                "--",
+                endpoint,
+                str(n_users),
+                str(n_items),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        script.unlink()
+    return json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
+
+
 # --- orchestration -------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -284,6 +345,12 @@ def main() -> None:
         "--postgres", help="Base PostgreSQL URL: run against a new database there instead of SQLite."
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
+    parser.add_argument(
+        "--loadgen",
+        choices=["wrk", "httpx"],
+        default="wrk" if shutil.which("wrk") else "httpx",
+        help="Load generator: wrk (Debian package `wrk`, default when installed) or the async httpx client.",
+    )
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
@@ -318,30 +385,17 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
             for conc in args.concurrency:
                 for endpoint in ENDPOINTS:
                     cpu0 = group_cpu_seconds(proc.pid)
-                    out = subprocess.run(
-                        [
-                            sys.executable,
-                            __file__,
-                            "--loadgen",
-                            base,
-                            endpoint,
-                            str(conc),
-                            str(args.seconds),
-                            str(args.max_requests),
-                            str(args.users),
-                            str(args.items),
-                        ],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                        cwd=ROOT,
-                    )
+                    if args.loadgen == "wrk":
+                        load = wrk_load(base, endpoint, conc, args.seconds, args.users, args.items)
+                    else:
+                        load = httpx_load(args, base, endpoint, conc)
                     row = {
                         "workers": workers,
                         "concurrency": conc,
                         "endpoint": endpoint,
                         "ready_s": round(ready, 2),
-                        **json.loads(out.stdout),
+                        "loadgen": args.loadgen,
+                        **load,
                     }
                     cpu = group_cpu_seconds(proc.pid) - cpu0
                     row["server_cpu_ms_per_req"] = round(1000 * cpu / max(row["requests"], 1), 3)
@@ -351,6 +405,29 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
             stop_server(proc)
 
     return results
+
+
+def httpx_load(args: argparse.Namespace, base: str, endpoint: str, conc: int) -> dict:
+    """The async httpx generator in its own process (when wrk is not installed)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--loadgen",
+            base,
+            endpoint,
+            str(conc),
+            str(args.seconds),
+            str(args.max_requests),
+            str(args.users),
+            str(args.items),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return json.loads(out.stdout)
 
 
 def report(args: argparse.Namespace, results: list[dict]) -> None:
@@ -383,6 +460,7 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
         "cpus": os.cpu_count(),
         "log_level": args.log_level,
         "database": "postgresql" if args.postgres else "sqlite",
+        "loadgen": args.loadgen,
     }
     args.out.write_text(json.dumps({"setup": meta, "results": results}, indent=2))
 
