@@ -34,6 +34,7 @@ URL_TOO_LONG = {
     }
 }
 K = Annotated[int, Query(ge=1, le=1000, description="How many items to return (1–1000).", examples=[10])]
+EXPLAIN_HISTORY = 2000  # history items compared by `explain` (newest events first, then checkpoint ones)
 MAX_FILTER_IDS = 1000  # item ids in `exclude` or in `only`, after splitting on commas
 
 MAX_FILTER_VALUES = (
@@ -149,7 +150,9 @@ def recommendations(
         bool,
         Query(
             description="Add `because` to each item: the (at most 3) items of the user's history most "
-            "similar to it in the served embeddings, i.e. why it was recommended. Costs one database read."
+            "similar to it in the served embeddings, i.e. why it was recommended. History: positive events "
+            "since the model's watermark, then the checkpoint's positives, 2000 items at most. Costs one "
+            "database read."
         ),
     ] = False,
 ) -> Response:
@@ -212,7 +215,9 @@ def recommendations(
     items = _items(model, ranked)
     if explain:
         hist = (
-            np.unique(np.asarray(history, dtype=np.int64)) if source != "popular" else np.zeros(0, np.int64)
+            np.unique(np.asarray(history[:EXPLAIN_HISTORY], dtype=np.int64))
+            if source != "popular"
+            else np.zeros(0, np.int64)
         )
         for item, because in zip(items, model.explain(ranked.rows, hist), strict=True):
             item["because"] = [{"item_id": model.item_ids[r], "contribution": c} for r, c in because]
