@@ -6,14 +6,12 @@ empty schema (downgrade to base, then upgrade) before the synthetic log is loade
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from api_support import Deployment, Server, deploy
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from pg_support import postgres_base_url, scratch_database
 
 from app.db.migrate import downgrade
 
@@ -52,14 +50,6 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'recsys.db'}"
         return
-    base = request.getfixturevalue("postgres_url")  # skips with the reason when PostgreSQL is not configured
-    name = f"recsys_api_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(base).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    request.getfixturevalue("postgres_url")  # skips with the reason when PostgreSQL is not configured
+    with scratch_database(postgres_base_url(), "recsys_api") as url:
+        yield url
