@@ -8,6 +8,12 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# A suggested starting point for RECSYS_EVENT_WEIGHTS (not the default: unset means unweighted training,
+# identical to a run without this feature; see docs/operations.md).
+RECOMMENDED_EVENT_WEIGHTS: dict[str, float] = {
+    "purchase": 3.0, "add_to_cart": 2.0, "like": 2.0, "share": 2.0, "rating": 1.0, "click": 1.0, "view": 0.3,
+}
+
 
 class Settings(BaseSettings):
     """Every field can be set as ``RECSYS_<NAME>`` (for example ``RECSYS_DATA_DIR=/srv/recsys``)."""
@@ -39,6 +45,15 @@ class Settings(BaseSettings):
         frozenset({"dislike", "skip", "hide"}),
         description="Event types that are explicit negative feedback: never positives, fed to the feedback "
         'sampler. JSON list in the environment, e.g. RECSYS_NEGATIVE_TYPES=\'["dislike","skip"]\'.',
+    )
+
+    event_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Training weight of a positive (user, item) pair by its event type: the pair weighs the "
+        "largest weight among its positive events; types not listed weigh 1; negative types are never "
+        "positives whatever their weight. JSON object in the environment, e.g. "
+        'RECSYS_EVENT_WEIGHTS=\'{"purchase": 3, "add_to_cart": 2, "like": 2, "share": 2, "rating": 1, '
+        '"click": 1, "view": 0.3}\' (RECOMMENDED_EVENT_WEIGHTS). Default {}: unweighted.',
     )
 
     @property

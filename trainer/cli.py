@@ -7,6 +7,7 @@ the command bodies so that ``recsys --help`` and ``recsys serve`` stay fast and 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,6 +35,9 @@ TempOpt = Annotated[float, typer.Option("--temperature", min=1e-3, help="Softmax
 LogqOpt = Annotated[bool, typer.Option("--logq/--no-logq", help="Apply the logQ correction.")]
 RefitOpt = Annotated[bool, typer.Option("--refit/--no-refit", help="Retrain on train+validation for the chosen epochs.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+EventWeightsOpt = Annotated[bool, typer.Option(
+    "--event-weights/--no-event-weights",
+    help="Weight positives by event type (RECSYS_EVENT_WEIGHTS); --no-event-weights trains unweighted.")]
 AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Popularity exponent (popularity).")]
 PoolOpt = Annotated[int, typer.Option("--pool", min=2, help="Hard: top items searched per user.")]
 SkipOpt = Annotated[int, typer.Option("--skip", min=0, help="Hard: top non-positive ranks skipped.")]
@@ -94,6 +98,15 @@ def _negative_types() -> frozenset[str] | None:
     return getattr(get_settings(), "negative_types", None)
 
 
+def _event_weights(enabled: bool) -> dict[str, float] | None:
+    """The configured per-event-type weights (RECSYS_EVENT_WEIGHTS), or None when switched off."""
+    if not enabled:
+        return None
+    from app.settings import get_settings
+
+    return dict(getattr(get_settings(), "event_weights", None) or {}) or None
+
+
 def _run(frame: Any, cfg: Any, refit: bool, init_state: Any = None, watermark: int | None = None) -> Any:
     from trainer.pipeline import run
 
@@ -127,12 +140,14 @@ def train(
     hard_warmup: WarmupOpt = 3,
     refit: RefitOpt = True,
     progress: ProgressOpt = True,
+    event_weights: EventWeightsOpt = True,
     warm_start: Annotated[Path | None, typer.Option("--warm-start", help="Checkpoint to start from.")] = None,
     version: Annotated[str | None, typer.Option("--version", help="Model version (default: time-based).")] = None,
 ) -> None:
     """Train a model and write a checkpoint directory (split, early stopping, refit, test metrics)."""
     cfg = _config(strategy, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress,
                   alpha, pool, skip, refresh_every, index_type, hard_warmup)
+    cfg = replace(cfg, event_weights=_event_weights(event_weights))
     init_state = None
     if warm_start is not None:
         from trainer.checkpoint import CheckpointError, read_checkpoint
@@ -183,12 +198,14 @@ def evaluate_cmd(
     hard_warmup: WarmupOpt = 3,
     refit: RefitOpt = True,
     progress: ProgressOpt = True,
+    event_weights: EventWeightsOpt = True,
 ) -> None:
     """Split by the protocol, train, and print the test metrics next to most-popular."""
     from trainer.report import metric_table
 
     cfg = _config(strategy, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress,
                   alpha, pool, skip, refresh_every, index_type, hard_warmup)
+    cfg = replace(cfg, event_weights=_event_weights(event_weights))
     frame, _ = _load(events, fmt)
     result = _run(frame, cfg, refit)
     typer.echo(metric_table([(f"{strategy}/{loss}", result.test, result.seconds),

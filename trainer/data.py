@@ -9,6 +9,7 @@ never hit a repeat, so keeping it in test would only add noise.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,11 @@ class Dataset:
     all_i: np.ndarray
     feedback: sparse.csr_matrix  # explicit negatives (dislike/skip/hide) per user
     watermark: int | None = None
+    # Per-pair weights (largest event-type weight among the pair's positive events), aligned with
+    # train_*/val_*/all_*; None when no weights apply (none configured, or every pair weighs 1).
+    train_w: np.ndarray | None = None
+    val_w: np.ndarray | None = None
+    all_w: np.ndarray | None = None
 
     @property
     def n_users(self) -> int:
@@ -138,10 +144,24 @@ def _holdout(u: np.ndarray, i: np.ndarray, t: np.ndarray, n_items: int) -> tuple
     return kept_idx, held_idx[in_train[i[held_idx]]]
 
 
+def event_type_weights(types: pd.Series, weights: Mapping[str, float] | None) -> np.ndarray | None:
+    """Weight of each event by its type (case-insensitive; types not listed weigh 1); None without weights."""
+    if not weights:
+        return None
+    table = {str(k).lower(): float(v) for k, v in weights.items()}
+    if any(not np.isfinite(v) or v <= 0 for v in table.values()):
+        raise ValueError(f"event weights must be positive numbers: {table}")
+    return types.astype(str).str.lower().map(table).fillna(1.0).to_numpy(dtype=np.float64)
+
+
 def build_dataset(events: pd.DataFrame, *, validation: bool = True, watermark: int | None = None,
-                  negative_types: frozenset[str] | set[str] = NEGATIVE_TYPES) -> Dataset:
+                  negative_types: frozenset[str] | set[str] = NEGATIVE_TYPES,
+                  event_weights: Mapping[str, float] | None = None) -> Dataset:
     """Code ids, drop repeats, split test (and validation) by the protocol, collect explicit negatives
-    (events whose type is in ``negative_types``: never positives, they feed the feedback sampler)."""
+    (events whose type is in ``negative_types``: never positives, they feed the feedback sampler).
+
+    With ``event_weights`` ({type: weight}), each deduplicated positive pair weighs the largest weight
+    among its positive events; negative types never become positives whatever their weight."""
     for col in ("user_id", "item_id", "timestamp", "type"):
         if col not in events.columns:
             raise ValueError(f"events lack the column {col!r}")
@@ -159,22 +179,35 @@ def build_dataset(events: pd.DataFrame, *, validation: bool = True, watermark: i
     pu, pi, pt = user_codes[pos].astype(np.int64), item_codes[pos].astype(np.int64), ts[pos]
     order = np.lexsort((pi, pt, pu))
     pu, pi, pt = pu[order], pi[order], pt[order]
-    first = ~pd.DataFrame({"u": pu, "i": pi}).duplicated().to_numpy()
+    pairs = pd.DataFrame({"u": pu, "i": pi})
+    first = ~pairs.duplicated().to_numpy()
+    w_events = event_type_weights(events["type"], event_weights)
+    pw = None
+    if w_events is not None:
+        pairs["w"] = w_events[pos][order]
+        pw = pairs.groupby(["u", "i"], sort=False)["w"].transform("max").to_numpy()[first]
+        if np.all(pw == 1.0):
+            pw = None  # all-1 weights: exactly the unweighted run
     pu, pi, pt = pu[first], pi[first], pt[first]
 
+    def take(w: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+        return None if w is None else w[idx]
+
     kept, test = _holdout(pu, pi, pt, n_items)
-    tu, ti, tt = pu[kept], pi[kept], pt[kept]
+    tu, ti, tt, tw = pu[kept], pi[kept], pt[kept], take(pw, kept)
+    val_w = None
     if validation:
         kept2, val = _holdout(tu, ti, tt, n_items)
-        val_u, val_i = tu[val], ti[val]
-        tu, ti = tu[kept2], ti[kept2]
+        val_u, val_i, val_w = tu[val], ti[val], take(tw, val)
+        tu, ti, tw = tu[kept2], ti[kept2], take(tw, kept2)
     else:
         val_u = val_i = np.zeros(0, dtype=np.int64)
+        val_w = None if pw is None else np.zeros(0)
 
     neg = np.flatnonzero(negative)
     feedback = csr(user_codes[neg].astype(np.int64), item_codes[neg].astype(np.int64), n_users, n_items)
     return Dataset(
         user_ids=[str(u) for u in user_ids], item_ids=[str(i) for i in item_ids],
         train_u=tu, train_i=ti, val_u=val_u, val_i=val_i, test_u=pu[test], test_i=pi[test],
-        all_u=pu, all_i=pi, feedback=feedback, watermark=watermark,
+        all_u=pu, all_i=pi, feedback=feedback, watermark=watermark, train_w=tw, val_w=val_w, all_w=pw,
     )

@@ -5,6 +5,9 @@ counts ``pos_logq`` (B,) and ``neg_logq`` (B, C) (zeros to switch the correction
 ``mask`` (B, C). ``neg_logq`` may be (1, C) when the negatives are shared by the batch. The logQ correction (Yi et al. 2019; TensorFlow's sampled_softmax) subtracts
 log(n·q) from every logit so that sampled negatives estimate the full-catalogue partition function
 rather than over-penalising the items the sampler favours.
+
+Every loss takes an optional ``weight`` (B,): per-row weights (event-type weights of the positives);
+the loss is then the weighted mean over rows. Without it, the plain mean (bit-identical to before).
 """
 
 from __future__ import annotations
@@ -12,18 +15,24 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+
+def _reduce(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is None:
+        return rows.mean()
+    return (rows * weight).sum() / weight.sum()
+
 LOSSES = ("softmax", "nce", "bpr")
 
 
 def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
-                    mask: torch.Tensor) -> torch.Tensor:
+                    mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the positive against the corrected negatives (mean over rows)."""
     logits = torch.cat([(pos - pos_logq)[:, None], torch.where(mask, neg - neg_logq, float("-inf"))], dim=1)
-    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    return _reduce(torch.logsumexp(logits, dim=1) - logits[:, 0], weight)
 
 
 def binary_ns(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
-              mask: torch.Tensor) -> torch.Tensor:
+              mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """word2vec's -log σ(s⁺) - mean log σ(-s⁻) on corrected logits (the NCE form of the correction).
 
     The negative term is a mean rather than word2vec's sum so that hundreds of shared negatives do
@@ -31,11 +40,11 @@ def binary_ns(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_
     """
     pos_term = F.softplus(-(pos - pos_logq))
     neg_terms = F.softplus(neg - neg_logq) * mask
-    return (pos_term + neg_terms.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return _reduce(pos_term + neg_terms.sum(1) / mask.sum(1).clamp(min=1), weight)
 
 
 def bpr(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
-        mask: torch.Tensor) -> torch.Tensor:
+        mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """-log σ(s⁺ - s⁻), each negative weighted by self-normalised importance weights 1/(n·q).
 
     With the correction on, the weights turn the sampler's distribution back into uniform, so the
@@ -43,7 +52,7 @@ def bpr(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: 
     """
     logw = torch.where(mask, -neg_logq.expand_as(neg), float("-inf"))
     w = torch.softmax(logw, dim=1).nan_to_num(0.0)
-    return (w * F.softplus(neg - pos[:, None])).sum(1).mean()
+    return _reduce((w * F.softplus(neg - pos[:, None])).sum(1), weight)
 
 
 def get_loss(name: str):  # noqa: ANN201 - a callable with the signature above

@@ -48,16 +48,19 @@ class RunResult:
 def merged_train(data: Dataset) -> Dataset:
     """Train+validation as the training set, no validation: what the final model learns from."""
     empty = np.zeros(0, dtype=np.int64)
+    train_w = None if data.train_w is None else np.concatenate([data.train_w, data.val_w])
     return replace(data, train_u=np.concatenate([data.train_u, data.val_u]),
-                   train_i=np.concatenate([data.train_i, data.val_i]), val_u=empty, val_i=empty)
+                   train_i=np.concatenate([data.train_i, data.val_i]), val_u=empty, val_i=empty,
+                   train_w=train_w, val_w=None if train_w is None else np.zeros(0))
 
 
 def run(events: pd.DataFrame | Dataset, cfg: TrainConfig, *, refit: bool = True,
         init_state: dict[str, Any] | None = None, watermark: int | None = None,
         negative_types: frozenset[str] | None = None) -> RunResult:
     t0 = time.perf_counter()
-    kw = {} if negative_types is None else {"negative_types": negative_types}
-    data = events if isinstance(events, Dataset) else build_dataset(events, watermark=watermark, **kw)
+    kw: dict[str, Any] = {} if negative_types is None else {"negative_types": negative_types}
+    data = (events if isinstance(events, Dataset)
+            else build_dataset(events, watermark=watermark, event_weights=cfg.event_weights, **kw))
     selection = fit(data, cfg, init_state=init_state)
     final = selection
     full = merged_train(data)

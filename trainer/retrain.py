@@ -188,13 +188,16 @@ def _retrain_locked(
             log(f"warm start from {current_ckpt.version}")
         except (CheckpointError, OSError, ValueError) as exc:
             log(f"warning: cannot warm-start from {current_ckpt.version} ({exc}); training from scratch")
+    config = options.config
+    if config.event_weights is None and settings.event_weights:
+        # Per-event-type weights (RECSYS_EVENT_WEIGHTS); recorded in the checkpoint config.
+        config = replace(config, event_weights=dict(settings.event_weights))
     try:
-        data = build_dataset(events, watermark=watermark)
+        data = build_dataset(events, watermark=watermark, event_weights=config.event_weights)
     except ValueError as exc:
         raise RetrainError(f"cannot build a training set: {exc}") from exc
     ignored = ignored_impressions(engine, data)
     log(f"{ignored.nnz:,} served-but-ignored impressions join the feedback negatives")
-    config = options.config
     mix = config.sampler.mixed
     if config.sampler.strategy == "mixed" and "feedback" not in mix and (data.feedback.nnz or ignored.nnz):
         # Users' own negatives are the point of a feedback loop: blend them in when there are any.
@@ -247,7 +250,8 @@ def _retrain_locked(
 
     # The model that ships learns from everything, the newest events included, for the chosen epochs.
     everything = replace(
-        data, train_u=data.all_u, train_i=data.all_i, val_u=data.val_u[:0], val_i=data.val_i[:0]
+        data, train_u=data.all_u, train_i=data.all_i, val_u=data.val_u[:0], val_i=data.val_i[:0],
+        train_w=data.all_w, val_w=None if data.val_w is None else data.val_w[:0],
     )
     final = fit(
         everything,
