@@ -57,7 +57,6 @@ class TrainConfig:
     # {event type: weight} applied when the dataset is built (trainer.data.build_dataset); recorded here so
     # the checkpoint manifest says what the model was trained with. None or all-1: unweighted.
     event_weights: dict[str, float] | None = None
-    weighting: str = "loss"  # how pair weights enter training: "loss" (per-row loss weight) or "sample" (draw rate)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,8 +161,6 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     if n_train == 0:
         raise ValueError("no training interactions after the split")
     steps_per_epoch = (n_train + cfg.batch_size - 1) // cfg.batch_size
-    if cfg.weighting not in ("loss", "sample"):
-        raise ValueError(f"unknown weighting {cfg.weighting!r}; choose loss or sample")
     train_w = data.train_w
     scfg = replace(cfg.sampler, hard_warmup_steps=cfg.hard_warmup_epochs * steps_per_epoch)
     popularity = data.popularity()
@@ -191,10 +188,7 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
         stats = _Stats()
         t_epoch = time.perf_counter()
         t_sampling = 0.0
-        if train_w is not None and cfg.weighting == "sample":  # pairs drawn proportionally to their weight
-            perm = rng.choice(n_train, size=n_train, p=train_w / train_w.sum())
-        else:
-            perm = rng.permutation(n_train)
+        perm = rng.permutation(n_train)
         bar = _progress(cfg, steps_per_epoch, epoch)
         model.train()
         for b in range(steps_per_epoch):
@@ -246,8 +240,9 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
                             if globals_ else torch.zeros(idx.size))
             else:
                 neg_logq, pos_logq = torch.zeros(1, 1), torch.zeros(idx.size)
-            row_w = (torch.from_numpy(train_w[idx].astype(np.float32))
-                     if train_w is not None and cfg.weighting == "loss" else None)
+            # pair weights enter as per-row loss weights: measured better than drawing pairs in proportion
+            # to their weight (a planted log, all three losses, two seeds; see docs/operations.md)
+            row_w = None if train_w is None else torch.from_numpy(train_w[idx].astype(np.float32))
             loss = loss_fn(pos, neg, pos_logq, neg_logq, mask, row_w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
