@@ -193,7 +193,12 @@ def _retrain_locked(
         # Per-event-type weights (RECSYS_EVENT_WEIGHTS); recorded in the checkpoint config.
         config = replace(config, event_weights=dict(settings.event_weights))
     try:
-        data = build_dataset(events, watermark=watermark, event_weights=config.event_weights)
+        data = build_dataset(
+            events,
+            watermark=watermark,
+            negative_types=settings.negative_types,
+            event_weights=config.event_weights,
+        )
     except ValueError as exc:
         raise RetrainError(f"cannot build a training set: {exc}") from exc
     ignored = ignored_impressions(engine, data)
@@ -250,8 +255,13 @@ def _retrain_locked(
 
     # The model that ships learns from everything, the newest events included, for the chosen epochs.
     everything = replace(
-        data, train_u=data.all_u, train_i=data.all_i, val_u=data.val_u[:0], val_i=data.val_i[:0],
-        train_w=data.all_w, val_w=None if data.val_w is None else data.val_w[:0],
+        data,
+        train_u=data.all_u,
+        train_i=data.all_i,
+        val_u=data.val_u[:0],
+        val_i=data.val_i[:0],
+        train_w=data.all_w,
+        val_w=None if data.val_w is None else data.val_w[:0],
     )
     final = fit(
         everything,
