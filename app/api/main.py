@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from app.api.holder import ModelHolder
 from app.api.middleware import RequestContext
 from app.api.recent import RecentEventsView
 from app.db.impressions import ImpressionWriter
+from app.db.lock import SqliteWriteLock
 from app.db.migrate import checked_engine
 from app.settings import Settings, get_settings
 
@@ -67,9 +67,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = checked_engine(settings.sqlalchemy_url)  # raises SchemaError on a stale schema
     pinned = os.environ.get(CHECKPOINT_ENV)
     app.state.engine = engine
-    app.state.write_lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+    app.state.write_lock = (
+        SqliteWriteLock(engine.url.database or "recsys.db")
+        if engine.dialect.name == "sqlite"
+        else contextlib.nullcontext()
+    )
     app.state.holder = ModelHolder(engine, settings.checkpoints_path, Path(pinned) if pinned else None)
-    app.state.impressions = ImpressionWriter(engine)
+    app.state.impressions = ImpressionWriter(engine, write_lock=app.state.write_lock)
     app.state.impressions.start()
     app.state.recent = RecentEventsView(engine)
     app.state.holder.on_swap.append(lambda model: app.state.recent.follow(model.watermark))

@@ -7,12 +7,15 @@ one background thread writes batches and drains the queue on a clean shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 
@@ -101,8 +104,17 @@ class ImpressionWriter:
     not a ledger. ``dropped`` and ``written`` are exposed for metrics.
     """
 
-    def __init__(self, engine: Engine, *, max_queue: int = 10_000, batch: int = 500, interval: float = 0.5):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_queue: int = 10_000,
+        batch: int = 500,
+        interval: float = 0.5,
+        write_lock: AbstractContextManager[Any] | None = None,
+    ):
         self._engine = engine
+        self._write_lock = write_lock or contextlib.nullcontext()
         self._queue: queue.Queue[Served | None] = queue.Queue(maxsize=max_queue)
         self._batch = batch
         self._interval = interval
@@ -173,7 +185,7 @@ class ImpressionWriter:
         if not pending:
             return
         try:
-            with self._engine.begin() as conn:
+            with self._write_lock, self._engine.begin() as conn:
                 self.written += write_impressions(conn, pending, self._ids)
         except Exception:  # a failed batch is logged and counted; serving goes on
             self._ids = IdCache()  # ids created in the rolled-back transaction do not exist
