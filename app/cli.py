@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -284,13 +285,16 @@ def models_rollback() -> None:
 @app.command("retrain")
 def retrain_cmd(
     strategy: Annotated[
-        str, typer.Option(help="Negative sampling strategy (see `recsys train --help`).")
-    ] = "mixed",
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on validation).")] = 30,
-    lr: Annotated[float, typer.Option(min=1e-7, help="Adam learning rate.")] = 0.005,
-    dim: Annotated[int, typer.Option(min=2, max=1024, help="Embedding dimension.")] = 64,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    threads: Annotated[int, typer.Option(min=1, help="torch/FAISS threads.")] = 2,
+        str | None,
+        typer.Option(help="Negative sampling strategy (default: the trainer's, see `recsys train --help`)."),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Maximum epochs (early stopping on validation).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(min=1e-7, help="Adam learning rate.")] = None,
+    dim: Annotated[int | None, typer.Option(min=2, max=1024, help="Embedding dimension.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch/FAISS threads.")] = None,
     warm_start: Annotated[
         bool, typer.Option("--warm-start/--from-scratch", help="Start from the promoted model's embeddings.")
     ] = True,
@@ -317,20 +321,15 @@ def retrain_cmd(
     from app.db.engine import SchemaError
     from app.db.lock import LockHeld
     from trainer.retrain import RetrainError, RetrainOptions, retrain
-    from trainer.samplers import SamplerConfig
     from trainer.train import TrainConfig
 
     settings = get_settings()
     try:
-        cfg = TrainConfig(
-            dim=dim,
-            epochs=epochs,
-            lr=lr,
-            seed=seed,
-            threads=threads,
-            progress=progress,
-            sampler=SamplerConfig(strategy=strategy),
-        )
+        # Only what was given on the command line overrides the trainer's defaults.
+        given = {"dim": dim, "epochs": epochs, "lr": lr, "seed": seed, "threads": threads}
+        cfg = replace(TrainConfig(), progress=progress, **{k: v for k, v in given.items() if v is not None})
+        if strategy is not None:
+            cfg = replace(cfg, sampler=replace(cfg.sampler, strategy=strategy))
         options = RetrainOptions(
             config=cfg,
             warm_start=warm_start,
