@@ -44,7 +44,10 @@ def load_db_events(until_id: int | None = None) -> tuple[pd.DataFrame, int | Non
 
 
 def temporal_split(
-    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, fraction: float = TEST_FRACTION,
+    users: np.ndarray,
+    items: np.ndarray,
+    timestamps: np.ndarray,
+    fraction: float = TEST_FRACTION,
     min_events: int = MIN_EVENTS,
 ) -> np.ndarray:
     """Boolean mask of the held-out rows: per user the last ceil(fraction*n) by (timestamp, item)."""
@@ -56,7 +59,9 @@ def temporal_split(
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     rank = np.arange(u.size) - starts[u]
     n = counts[u]
-    n_held = np.maximum(np.ceil(n * fraction - 1e-9).astype(np.int64), 1)  # 1e-9: 0.2*15 is 3.0000000000000004
+    n_held = np.maximum(
+        np.ceil(n * fraction - 1e-9).astype(np.int64), 1
+    )  # 1e-9: 0.2*15 is 3.0000000000000004
     held = (n >= min_events) & (rank >= n - n_held)
     out = np.empty(users.size, dtype=bool)
     out[order] = held
@@ -65,9 +70,7 @@ def temporal_split(
 
 def csr(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sparse.csr_matrix:
     """Binary user x item matrix (duplicates collapse to 1)."""
-    m = sparse.csr_matrix(
-        (np.ones(users.size, dtype=np.float32), (users, items)), shape=(n_users, n_items)
-    )
+    m = sparse.csr_matrix((np.ones(users.size, dtype=np.float32), (users, items)), shape=(n_users, n_items))
     m.sum_duplicates()
     m.data[:] = 1.0
     return m
@@ -128,8 +131,11 @@ class Dataset:
 
     def describe(self) -> dict[str, int]:
         return {
-            "users": self.n_users, "items": self.n_items, "train": int(self.train_u.size),
-            "validation": int(self.val_u.size), "test": int(self.test_u.size),
+            "users": self.n_users,
+            "items": self.n_items,
+            "train": int(self.train_u.size),
+            "validation": int(self.val_u.size),
+            "test": int(self.test_u.size),
             "feedback": int(self.feedback.nnz),
         }
 
@@ -154,9 +160,32 @@ def event_type_weights(types: pd.Series, weights: Mapping[str, float] | None) ->
     return types.astype(str).str.lower().map(table).fillna(1.0).to_numpy(dtype=np.float64)
 
 
-def build_dataset(events: pd.DataFrame, *, validation: bool = True, watermark: int | None = None,
-                  negative_types: frozenset[str] | set[str] = NEGATIVE_TYPES,
-                  event_weights: Mapping[str, float] | None = None) -> Dataset:
+def _standing_negatives(
+    users: np.ndarray, items: np.ndarray, ts: np.ndarray, negative: np.ndarray, n_items: int
+) -> np.ndarray:
+    """Rows of negative events still standing: no positive event of the same pair came after them.
+
+    A user who disliked an item and later bought it has changed their mind; the dislike no longer
+    keeps the item out of their recommendations nor serves as their negative.
+    """
+    key = users.astype(np.int64) * n_items + items.astype(np.int64)
+    neg = np.flatnonzero(negative)
+    pos = np.flatnonzero(~negative)
+    if neg.size == 0 or pos.size == 0:
+        return neg
+    last_pos = pd.Series(ts[pos]).groupby(key[pos]).max()
+    later = pd.Series(key[neg]).map(last_pos).to_numpy(dtype=np.float64, na_value=-np.inf)
+    return neg[ts[neg] >= later]
+
+
+def build_dataset(
+    events: pd.DataFrame,
+    *,
+    validation: bool = True,
+    watermark: int | None = None,
+    negative_types: frozenset[str] | set[str] = NEGATIVE_TYPES,
+    event_weights: Mapping[str, float] | None = None,
+) -> Dataset:
     """Code ids, drop repeats, split test (and validation) by the protocol, collect explicit negatives
     (events whose type is in ``negative_types``: never positives, they feed the feedback sampler).
 
@@ -204,10 +233,22 @@ def build_dataset(events: pd.DataFrame, *, validation: bool = True, watermark: i
         val_u = val_i = np.zeros(0, dtype=np.int64)
         val_w = None if pw is None else np.zeros(0)
 
-    neg = np.flatnonzero(negative)
+    neg = _standing_negatives(user_codes, item_codes, ts, negative, n_items)
     feedback = csr(user_codes[neg].astype(np.int64), item_codes[neg].astype(np.int64), n_users, n_items)
     return Dataset(
-        user_ids=[str(u) for u in user_ids], item_ids=[str(i) for i in item_ids],
-        train_u=tu, train_i=ti, val_u=val_u, val_i=val_i, test_u=pu[test], test_i=pi[test],
-        all_u=pu, all_i=pi, feedback=feedback, watermark=watermark, train_w=tw, val_w=val_w, all_w=pw,
+        user_ids=[str(u) for u in user_ids],
+        item_ids=[str(i) for i in item_ids],
+        train_u=tu,
+        train_i=ti,
+        val_u=val_u,
+        val_i=val_i,
+        test_u=pu[test],
+        test_i=pi[test],
+        all_u=pu,
+        all_i=pi,
+        feedback=feedback,
+        watermark=watermark,
+        train_w=tw,
+        val_w=val_w,
+        all_w=pw,
     )
