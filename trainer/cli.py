@@ -44,6 +44,10 @@ SkipOpt = Annotated[int, typer.Option("--skip", min=0, help="Hard: top non-posit
 RefreshOpt = Annotated[int, typer.Option("--refresh-every", min=1, help="Hard: steps between index rebuilds.")]
 IndexOpt = Annotated[str, typer.Option("--index-type", help="Hard: flat, ivf, hnsw or auto (flat up to 20k items).")]
 WarmupOpt = Annotated[int, typer.Option("--hard-warmup", min=0, help="Hard: epochs on easy negatives first.")]
+NprocOpt = Annotated[int, typer.Option(
+    "--nproc", min=1, max=256,
+    help="Training processes on this machine (DistributedDataParallel under torchrun; see docs/scaling.md).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, or cuda[:N] to train on a GPU.")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -143,11 +147,26 @@ def train(
     event_weights: EventWeightsOpt = True,
     warm_start: Annotated[Path | None, typer.Option("--warm-start", help="Checkpoint to start from.")] = None,
     version: Annotated[str | None, typer.Option("--version", help="Model version (default: time-based).")] = None,
+    nproc: NprocOpt = 1,
+    device: DeviceOpt = "cpu",
 ) -> None:
-    """Train a model and write a checkpoint directory (split, early stopping, refit, test metrics)."""
+    """Train a model and write a checkpoint directory (split, early stopping, refit, test metrics).
+
+    With --nproc N the command re-runs itself as N ranks under torchrun; rank 0 writes the checkpoint.
+    """
+    import sys
+
+    from trainer import distributed as dist
+
     cfg = _config(strategy, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress,
                   alpha, pool, skip, refresh_every, index_type, hard_warmup)
-    cfg = replace(cfg, event_weights=_event_weights(event_weights))
+    cfg = replace(cfg, event_weights=_event_weights(event_weights), device=device)
+    if nproc > 1 and not dist.in_torchrun():
+        raise typer.Exit(dist.launch(nproc, dist.strip_option(sys.argv[1:], "--nproc")))
+    try:
+        dist.init(device)
+    except (RuntimeError, ValueError) as exc:
+        raise _fail(f"cannot join the training process group: {exc}") from None
     init_state = None
     if warm_start is not None:
         from trainer.checkpoint import CheckpointError, read_checkpoint
@@ -159,6 +178,9 @@ def train(
             raise _fail(str(exc)) from None
     frame, watermark = _load(events, fmt)
     result = _run(frame, cfg, refit, init_state, watermark)
+    if not dist.is_main():  # rank 0 writes the checkpoint and reports
+        dist.shutdown()
+        return
     from trainer.checkpoint import CheckpointError
     from trainer.pipeline import save
 
@@ -174,6 +196,7 @@ def train(
     typer.echo(f"checkpoint {path}")
     typer.echo(f"test NDCG@10 {t['ndcg@10']:.4f} recall@10 {t['recall@10']:.4f} "
                f"(most-popular NDCG@10 {result.baseline['ndcg@10']:.4f}); {result.seconds:.1f}s")
+    dist.shutdown()
 
 
 def evaluate_cmd(

@@ -43,13 +43,18 @@ class EmbeddingModel(nn.Module):
         v = self.item(rows)
         return nn.functional.normalize(v, dim=-1) if self.cosine else v
 
+    def forward(self, user_rows: torch.Tensor, item_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """User and item vectors of one step in one call: DistributedDataParallel syncs through forward."""
+        return self.users(user_rows), self.items(item_rows)
+
     @torch.no_grad()
     def export(self) -> tuple[np.ndarray, np.ndarray]:
         """(user, item) float32 tables whose dot products equal the training logits."""
-        u = self.users(torch.arange(self.user.num_embeddings)).numpy().astype(np.float32)
-        i = self.items(torch.arange(self.item.num_embeddings)).numpy().astype(np.float32)
-        return u, i
+        dev = self.user.weight.device
+        u = self.users(torch.arange(self.user.num_embeddings, device=dev)).cpu().numpy().astype(np.float32)
+        return u, self.item_table()
 
     @torch.no_grad()
     def item_table(self) -> np.ndarray:
-        return self.items(torch.arange(self.item.num_embeddings)).numpy().astype(np.float32)
+        rows = torch.arange(self.item.num_embeddings, device=self.item.weight.device)
+        return self.items(rows).cpu().numpy().astype(np.float32)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from trainer import distributed as dist
 from trainer.checkpoint import new_version, write_checkpoint
 from trainer.data import Dataset, build_dataset, csr
 from trainer.evaluate import dot_scores, evaluate, popularity_scores
@@ -66,6 +67,8 @@ def run(events: pd.DataFrame | Dataset, cfg: TrainConfig, *, refit: bool = True,
     full = merged_train(data)
     if refit and data.val_u.size:
         final = fit(full, replace(cfg, epochs=selection.best_epoch), init_state=init_state)
+    if not dist.is_main():  # rank 0 tests and saves; the other ranks only helped to train
+        return RunResult(data, selection, final, {}, {}, time.perf_counter() - t0)
     exclude = csr(full.train_u, full.train_i, data.n_users, data.n_items)
     candidates = full.candidates()
     users, items = final.model.export()

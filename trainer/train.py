@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/faiss load O
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from trainer import distributed as dist  # noqa: E402
 from trainer.data import Dataset  # noqa: E402
 from trainer.evaluate import dot_scores, evaluate  # noqa: E402
 from trainer.losses import get_loss  # noqa: E402
@@ -54,6 +55,7 @@ class TrainConfig:
     val_max_users: int = 5000
     diag_every: int = 10  # measure the false-negative rate on every n-th step
     progress: bool = True
+    device: str = "cpu"  # "cuda" or "cuda:N" trains on a GPU; everything else stays on the CPU
     # {event type: weight} applied when the dataset is built (trainer.data.build_dataset); recorded here so
     # the checkpoint manifest says what the model was trained with. None or all-1: unweighted.
     event_weights: dict[str, float] | None = None
@@ -147,20 +149,28 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
         impressions: Any = None) -> TrainResult:
     """Train on data.train_*, early-stop on validation NDCG@10, return the best model and the history."""
     t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
+    rank, world = dist.rank(), dist.world_size()
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same initial tables on every rank (DDP also broadcasts rank 0's)
+    threads = max(1, cfg.threads // dist.local_world_size())  # ranks on one machine share its cores
+    torch.set_num_threads(threads)
     try:
         import faiss
 
-        faiss.omp_set_num_threads(cfg.threads)
+        faiss.omp_set_num_threads(threads)
     except ImportError:  # pragma: no cover - faiss is a hard dependency of the project
         pass
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)  # batch order: the same on every rank
+    draw_rng = rng if world == 1 else np.random.default_rng((cfg.seed, rank))  # negatives: each rank its own
     loss_fn = get_loss(cfg.loss)
     n_train = data.train_u.size
     if n_train == 0:
         raise ValueError("no training interactions after the split")
+    if n_train < world:
+        raise ValueError(f"{n_train} training interactions cannot be shared by {world} processes")
     steps_per_epoch = (n_train + cfg.batch_size - 1) // cfg.batch_size
+    if world > 1 and n_train - (steps_per_epoch - 1) * cfg.batch_size < world:
+        steps_per_epoch -= 1  # a last batch smaller than the world would leave a rank without rows
     train_w = data.train_w
     scfg = replace(cfg.sampler, hard_warmup_steps=cfg.hard_warmup_epochs * steps_per_epoch)
     popularity = data.popularity()
@@ -172,6 +182,9 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
                            sparse=cfg.sparse)
     if init_state is not None:
         _warm_start(model, init_state, data)
+    model.to(device)
+    # DDP averages the (sparse) embedding gradients across ranks during backward; one rank: the model itself
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = (torch.optim.SparseAdam(list(model.parameters()), lr=cfg.lr) if cfg.sparse
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
     val_pairs = PairIndex(_pairs_csr(data.val_u, data.val_i, data.n_users, data.n_items))
@@ -189,21 +202,24 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
         t_epoch = time.perf_counter()
         t_sampling = 0.0
         perm = rng.permutation(n_train)
-        bar = _progress(cfg, steps_per_epoch, epoch)
+        bar = _progress(cfg, steps_per_epoch, epoch) if rank == 0 else None
         model.train()
         for b in range(steps_per_epoch):
             idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            if world > 1:
+                idx = np.array_split(idx, world)[rank]  # the global batch, shared between the ranks
             users_np, pos_np = data.train_u[idx], data.train_i[idx]
             users, pos_items = torch.from_numpy(users_np), torch.from_numpy(pos_np)
-            u = model.users(users)
-            p = model.items(pos_items)
-            pos = (u * p).sum(1)
 
             ts = time.perf_counter()
             sampler.on_step(step, model.item_table)
-            need_vectors = any(s.name == "hard" for s in _active(sampler, step))
-            draws = sampler.sample(users_np, pos_np, rng, u.detach().numpy() if need_vectors else None, step)
-            globals_ = [s for s in _active(sampler, step) if s.prob(pos_np[:1]) is not None]
+            active = _active(sampler, step)
+            query = None
+            if any(s.name == "hard" for s in active):  # the current user vectors search the index
+                with torch.no_grad():
+                    query = model.users(users.to(device)).cpu().numpy()
+            draws = sampler.sample(users_np, pos_np, draw_rng, query, step)
+            globals_ = [s for s in active if s.prob(pos_np[:1]) is not None]
 
             def expected(items: np.ndarray, batch: int = idx.size, globals_: list[Sampler] = globals_) -> np.ndarray:
                 return sum((batch if s.name == "in-batch" else s.n) * s.prob(items) for s in globals_)
@@ -211,38 +227,55 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
             t_sampling += time.perf_counter() - ts
             draws = [d for d in draws if d.shared] + [d for d in draws if not d.shared]  # shared columns first
             shared = [d for d in draws if d.shared]
-            sources = [(d.source, d.items.shape[-1]) for d in draws]
-            # shared negatives: one (B, C) matmul against the stacked item vectors
-            s_items = np.concatenate([d.items for d in shared])
-            s_items_t = torch.from_numpy(s_items)
-            vecs = [p if d.source == "in-batch" else model.items(torch.from_numpy(d.items)) for d in shared]
-            neg = u @ torch.cat(vecs).T
-            mask = s_items_t[None, :] != pos_items[:, None]  # accidental hits (and the in-batch diagonal)
-            if globals_:
-                s_logq = np.log(expected(s_items))
-            else:
-                s_logq = np.concatenate([np.log(d.n * d.q) for d in shared])
-            neg_logq = torch.from_numpy(s_logq.astype(np.float32))[None, :]
             per_user = [d for d in draws if not d.shared]
+            sources = [(d.source, d.items.shape[-1]) for d in draws]
+            s_items = np.concatenate([d.items for d in shared])
+            own = [d.items for d in shared if d.source != "in-batch"]  # in-batch reuses the positives' rows
+            lookup = [pos_np, *own]
             if per_user:
                 items_u = torch.from_numpy(np.concatenate([d.items for d in per_user], axis=1))
                 valid = torch.from_numpy(np.concatenate([d.valid for d in per_user], axis=1))
                 # score only rows that have per-user negatives (hard mining may cover part of the batch)
                 live = torch.nonzero(valid.any(1)).squeeze(1)
-                block = torch.zeros(idx.size, items_u.shape[1])
-                block = block.index_put((live,), torch.einsum("bd,bnd->bn", u[live], model.items(items_u[live])))
+                lookup.append(items_u[live].reshape(-1).numpy())
+            # one forward through DDP: every embedding row this step touches
+            u, iv = net(users.to(device), torch.from_numpy(np.concatenate(lookup)).to(device))
+            p, rest = iv[:idx.size], iv[idx.size:]
+            pos = (u * p).sum(1)
+            vecs = []
+            for d in shared:
+                if d.source == "in-batch":
+                    vecs.append(p)
+                else:
+                    vecs.append(rest[:d.items.size])
+                    rest = rest[d.items.size:]
+            # shared negatives: one (B, C) matmul against the stacked item vectors
+            neg = u @ torch.cat(vecs).T
+            s_items_t = torch.from_numpy(s_items).to(device)
+            mask = s_items_t[None, :] != pos_items.to(device)[:, None]  # accidental hits (the in-batch diagonal)
+            if globals_:
+                s_logq = np.log(expected(s_items))
+            else:
+                s_logq = np.concatenate([np.log(d.n * d.q) for d in shared])
+            neg_logq = torch.from_numpy(s_logq.astype(np.float32)).to(device)[None, :]
+            if per_user:
+                width = items_u.shape[1]
+                block = torch.zeros(idx.size, width, device=device)
+                live_d = live.to(device)
+                block = block.index_put((live_d,), torch.einsum("bd,bnd->bn", u[live_d],
+                                                                rest.reshape(live.numel(), width, -1)))
                 neg = torch.cat([neg, block], 1)
-                mask = torch.cat([mask, valid & (items_u != pos_items[:, None])], 1)
+                mask = torch.cat([mask, (valid & (items_u != pos_items[:, None])).to(device)], 1)
                 u_logq = np.concatenate([np.log(d.n * d.q) for d in per_user], axis=1).astype(np.float32)
-                neg_logq = torch.cat([neg_logq.expand(idx.size, -1), torch.from_numpy(u_logq)], 1)
+                neg_logq = torch.cat([neg_logq.expand(idx.size, -1), torch.from_numpy(u_logq).to(device)], 1)
             if cfg.logq:
                 pos_logq = (torch.from_numpy(np.log(expected(pos_np)).astype(np.float32))
-                            if globals_ else torch.zeros(idx.size))
+                            if globals_ else torch.zeros(idx.size)).to(device)
             else:
-                neg_logq, pos_logq = torch.zeros(1, 1), torch.zeros(idx.size)
+                neg_logq, pos_logq = torch.zeros(1, 1, device=device), torch.zeros(idx.size, device=device)
             # pair weights enter as per-row loss weights: measured better than drawing pairs in proportion
             # to their weight (a planted log, all three losses, two seeds; see docs/operations.md)
-            row_w = None if train_w is None else torch.from_numpy(train_w[idx].astype(np.float32))
+            row_w = None if train_w is None else torch.from_numpy(train_w[idx].astype(np.float32)).to(device)
             loss = loss_fn(pos, neg, pos_logq, neg_logq, mask, row_w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -253,23 +286,27 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
             if b % cfg.diag_every == 0:  # diagnostics on a fixed share of steps and rows keep them cheap
                 with torch.no_grad():
                     rows = slice(0, min(idx.size, 256))  # a slice of a shuffled batch is a fair sample
-                    stats.add(pos.detach()[rows], neg.detach()[rows], mask[rows], sources)
+                    m_rows = mask[rows].cpu()
+                    stats.add(pos.detach()[rows].cpu(), neg.detach()[rows].cpu(), m_rows, sources)
                     if has_val:
                         cols = np.concatenate(
                             [np.broadcast_to(d.items, (idx.size, d.items.shape[-1]))[rows] for d in draws], axis=1)
-                        fn = val_pairs.contains(users_np[rows, None], cols) & mask[rows].numpy()
+                        fn = val_pairs.contains(users_np[rows, None], cols) & m_rows.numpy()
                         stats.n_fn += int(fn.sum())
-                        stats.n_fn_checked += int(mask[rows].sum())
+                        stats.n_fn_checked += int(m_rows.sum())
             step += 1
             if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.4f}", ev_s=f"{(b + 1) * cfg.batch_size / (time.perf_counter() - t_epoch):.0f}")
+                done = (b + 1) * cfg.batch_size
+                bar.set_postfix(loss=f"{loss.item():.4f}", ev_s=f"{done / (time.perf_counter() - t_epoch):.0f}")
                 bar.update(1)
         if bar is not None:
             bar.close()
         train_seconds = time.perf_counter() - t_epoch
         model.eval()
-        val = _validate(model, data, train_csr, candidates, cfg) if has_val else {}
+        # rank 0 validates and tells the others, so that every rank stops at the same epoch
+        val = dist.broadcast(_validate(model, data, train_csr, candidates, cfg) if has_val and rank == 0 else {})
         diag = _diagnostics(epoch, stats, sampler, train_seconds, t_sampling, n_train, val)
+        diag["processes"] = world
         history.append(diag)
         score = val.get("ndcg@10", float(epoch))  # without validation the last epoch is the best
         if score > best[0] or epoch == 1:
@@ -280,8 +317,18 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
             if bad_epochs >= cfg.patience:
                 break
     model.load_state_dict(best[2])
-    model.eval()
+    model.to("cpu").eval()
     return TrainResult(model, cfg, history, best[1], best[3], time.perf_counter() - t_start)
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this PyTorch build sees no CUDA GPU (torch.cuda.is_available() "
+                         "is False); train on the CPU with --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: choose cpu or cuda[:N]")
+    return device
 
 
 def _pairs_csr(u: np.ndarray, i: np.ndarray, n_users: int, n_items: int) -> Any:
