@@ -81,6 +81,13 @@ class Checkpoint:
     def watermark(self) -> int | None:
         return self.manifest.get("watermark")
 
+    @property
+    def index_settings(self) -> dict[str, Any] | None:
+        """The FAISS index's settings (kind, nlist, nprobe, M, efSearch, efConstruction); None for
+        checkpoints written before the manifest recorded them."""
+        settings = self.manifest.get("index_settings")
+        return dict(settings) if isinstance(settings, dict) else None
+
     def load_index(self) -> Any:
         """Read the FAISS index stored with the embeddings."""
         import faiss
@@ -155,10 +162,13 @@ def write_checkpoint(
     index: Any = None,
     extra_files: Mapping[str, bytes] | None = None,
     extra_manifest: Mapping[str, Any] | None = None,
+    index_settings: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint to ``root/version`` atomically and return its path.
 
-    ``index`` is a FAISS index over ``item_embeddings`` (exact inner product when None).
+    ``index`` is a FAISS index over ``item_embeddings`` (exact inner product when None); its settings
+    (kind, nlist, nprobe, M, efSearch, efConstruction) go into the manifest as ``index_settings``, read
+    from the index unless given.
     ``extra_files`` maps file names to bytes (e.g. the torch state ``model.pt``).
     """
     if not VERSION_RE.match(version):
@@ -205,6 +215,13 @@ def write_checkpoint(
         if index.ntotal != n_items:
             raise CheckpointError(f"FAISS index holds {index.ntotal} vectors, expected {n_items}")
         faiss.write_index(index, str(tmp / INDEX))
+        if index_settings is None:
+            from trainer.indexes import settings_of
+
+            try:
+                index_settings = settings_of(index).to_dict()
+            except ValueError:  # an index type the chooser does not make: the class name says enough
+                index_settings = None
         for name, data in (extra_files or {}).items():
             if "/" in name or name in REQUIRED or name == MANIFEST:
                 raise CheckpointError(f"invalid extra file name {name!r}")
@@ -221,6 +238,7 @@ def write_checkpoint(
             "n_seen": int(seen.nnz),
             "n_feedback": int(feedback.nnz) if feedback is not None else 0,
             "index_type": type(index).__name__,
+            "index_settings": dict(index_settings) if index_settings is not None else None,
             "score": "dot",
             "watermark": watermark,
             "config": dict(config or {}),

@@ -19,7 +19,7 @@ from trainer import distributed as dist
 from trainer.checkpoint import new_version, write_checkpoint
 from trainer.data import Dataset, build_dataset, csr
 from trainer.evaluate import dot_scores, evaluate, popularity_scores
-from trainer.samplers import build_index
+from trainer.indexes import build_index, choose_index
 from trainer.train import TrainConfig, TrainResult, fit, model_state_bytes
 
 SCORE_NOTE = "cosine/temperature: items L2-normalised, users L2-normalised and divided by temperature"
@@ -88,7 +88,7 @@ def save(result: RunResult, root: str | Path, *, version: str | None = None,
         root, version=version or new_version(), user_embeddings=users, item_embeddings=items,
         user_ids=data.user_ids, item_ids=data.item_ids, item_popularity=data.all_popularity(),
         seen=data.seen_csr(), config=config, metrics=result.metrics(), diagnostics=result.diagnostics(),
-        watermark=data.watermark, index=build_index(items, "flat" if len(items) <= 200_000 else "auto"),
+        watermark=data.watermark, index=build_index(items, choose_index(len(items), serving=True)),
         extra_files={"model.pt": model_state_bytes(result.final, data)},
         feedback=data.feedback,  # explicit negatives: serving keeps them out, inspection draws from them
     )

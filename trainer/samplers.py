@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from trainer.indexes import build_index  # noqa: F401 - re-exported: callers import it from here
+
 
 @dataclass
 class Draw:
@@ -176,32 +178,6 @@ def _pick_per_row(eligible: np.ndarray, rng: np.random.Generator, n: int) -> tup
     k = np.floor(rng.random((eligible.shape[0], n)) * np.maximum(m, 1)[:, None]).astype(np.int64)
     cols = np.take_along_axis(order, k, axis=1)
     return cols, m
-
-
-def build_index(vectors: np.ndarray, kind: str = "flat", *, nprobe: int = 8) -> Any:
-    """A FAISS inner-product index: "flat" (exact), "ivf", "hnsw", or "auto" (flat up to 20k items)."""
-    import faiss
-
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, d = x.shape
-    if kind == "auto":
-        kind = "flat" if n <= 20_000 else "ivf"
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = 10
-        index.train(x)
-        index.nprobe = min(nprobe, nlist)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 64
-    else:
-        raise ValueError(f"unknown index type {kind!r}; choose flat, ivf, hnsw or auto")
-    index.add(x)
-    return index
 
 
 class HardSampler(Sampler):
