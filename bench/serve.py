@@ -64,10 +64,44 @@ def drop_postgres(url: str) -> None:
     admin.dispose()
 
 
-def build(data_dir: Path, n_users: int, n_items: int, dim: int, per_user: int, url: str | None = None) -> str:
-    """A promoted checkpoint plus a migrated SQLite database holding its users, items and events."""
+def factorise(matrix, dim: int, seed: int = 0):  # noqa: ANN001, ANN201
+    """Rank-``dim`` embeddings of a user × item matrix (randomised SVD, split as U√S and V√S).
+
+    A truncated SVD of the interaction matrix (PureSVD) stands in for a trained model: the embeddings
+    carry the log's structure (taste clusters, popularity), as trained ones do, without torch. Random
+    Gaussian embeddings would have none, and no approximate index can serve those well (``--embeddings
+    random`` shows it: the service then keeps exact search).
+    """
     import numpy as np
-    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    y = matrix @ rng.normal(size=(matrix.shape[1], dim + 16)).astype(np.float32)
+    for _ in range(3):  # power iterations sharpen the leading subspace
+        y, _ = np.linalg.qr(y)
+        y = matrix @ (matrix.T @ y)
+    q, _ = np.linalg.qr(y)
+    u_b, s, vt = np.linalg.svd((matrix.T @ q).T, full_matrices=False)
+    root = np.sqrt(s[:dim])
+    users = (q @ u_b[:, :dim]) * root
+    items = vt[:dim].T * root
+    return users.astype(np.float32), np.ascontiguousarray(items, dtype=np.float32)
+
+
+def build(
+    data_dir: Path,
+    n_users: int,
+    n_items: int,
+    dim: int,
+    per_user: int,
+    url: str | None = None,
+    embeddings: str = "svd",
+) -> str:
+    """A promoted checkpoint plus a migrated database holding its users, items and events.
+
+    Events come from ``recsys synth`` (taste clusters, Zipf popularity, some explicit negatives);
+    embeddings are factorised from them (``svd``) or drawn at random (``random``).
+    """
+    import numpy as np
     from scipy import sparse
 
     from app.db import registry
@@ -75,32 +109,35 @@ def build(data_dir: Path, n_users: int, n_items: int, dim: int, per_user: int, u
     from app.db.events import insert_events, max_event_id
     from app.db.migrate import upgrade
     from trainer.checkpoint import write_checkpoint
+    from trainer.synth import SynthSpec, generate
 
     rng = np.random.default_rng(0)
     users = [f"u{i}" for i in range(n_users)]
     items = [f"i{j}" for j in range(n_items)]
-    weights = 1.0 / np.arange(1, n_items + 1)
-    rows = np.repeat(np.arange(n_users), per_user)
-    cols = rng.choice(n_items, size=rows.size, p=weights / weights.sum())
+    frame = generate(SynthSpec(users=n_users, items=n_items, events=n_users * per_user, seed=0))
+    rows = frame["user_id"].str[1:].astype(np.int64).to_numpy()
+    cols = frame["item_id"].str[1:].astype(np.int64).to_numpy()
+    negative = frame["type"].isin(["dislike", "skip"]).to_numpy()
     url = url or f"sqlite:///{data_dir / 'recsys.db'}"
     upgrade(url)
     engine = make_engine(url)
-    frame = pd.DataFrame(
-        {
-            "user_id": np.array(users, dtype=object)[rows],
-            "item_id": np.array(items, dtype=object)[cols],
-            "timestamp": 1.7e9 + np.arange(rows.size, dtype=np.float64),
-            "type": "view",
-            "value": np.nan,
-            "event_id": [f"b{k}" for k in range(rows.size)],
-        }
-    )
     with engine.begin() as conn:
         insert_events(conn, frame)
         watermark = max_event_id(conn)
-    seen = sparse.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(n_users, n_items))
-    user_emb = rng.normal(0, 1 / np.sqrt(dim), (n_users, dim)).astype(np.float32)
-    item_emb = rng.normal(0, 1 / np.sqrt(dim), (n_items, dim)).astype(np.float32)
+
+    def pairs(mask):  # noqa: ANN001, ANN202
+        m = sparse.csr_matrix(
+            (np.ones(int(mask.sum()), dtype=np.float32), (rows[mask], cols[mask])), shape=(n_users, n_items)
+        )
+        m.data[:] = 1.0
+        return m
+
+    seen, feedback = pairs(~negative), pairs(negative)
+    if embeddings == "svd":
+        user_emb, item_emb = factorise(seen, dim)
+    else:
+        user_emb = rng.normal(0, 1 / np.sqrt(dim), (n_users, dim)).astype(np.float32)
+        item_emb = rng.normal(0, 1 / np.sqrt(dim), (n_items, dim)).astype(np.float32)
     path = write_checkpoint(
         data_dir / "checkpoints",
         version="bench",
@@ -108,8 +145,9 @@ def build(data_dir: Path, n_users: int, n_items: int, dim: int, per_user: int, u
         item_embeddings=item_emb,
         user_ids=users,
         item_ids=items,
-        item_popularity=np.bincount(cols, minlength=n_items),
+        item_popularity=np.bincount(cols[~negative], minlength=n_items),
         seen=seen,
+        feedback=feedback,
         watermark=watermark,
     )
     with engine.begin() as conn:
@@ -264,7 +302,7 @@ def free_port() -> int:
 
 def start_server(
     data_dir: Path, url: str, workers: int, log_level: str
-) -> tuple[subprocess.Popen, str, float]:
+) -> tuple[subprocess.Popen, str, float, dict]:
     import httpx
 
     port = free_port()
@@ -300,7 +338,38 @@ def start_server(
             if loaded and float(loaded[0].split()[-1]) >= workers:
                 break
             time.sleep(0.1)
-    return proc, base, ready
+    index = wait_for_index(base, workers)
+    index["ready_s"] = round(time.perf_counter() - t0, 2)
+    return proc, base, ready, index
+
+
+def _gauge(text: str, name: str) -> list[float]:
+    """Every sample of a gauge (one per worker in multiprocess mode)."""
+    return [
+        float(ln.split()[-1])
+        for ln in text.splitlines()
+        if ln.startswith(name + "{") or ln.startswith(name + " ")
+    ]
+
+
+def wait_for_index(base: str, workers: int, timeout: float = 180.0) -> dict:
+    """Measure the steady state: wait until every worker has decided its serving index (built or cached)."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        text = httpx.get(base + "/metrics", timeout=5).text
+        building = _gauge(text, "recsys_serving_index_building")
+        if (len(building) >= workers and not any(building)) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    approximate = _gauge(text, "recsys_serving_index_approximate")
+    recall = _gauge(text, "recsys_serving_index_recall")
+    return {
+        "approximate": bool(approximate) and all(approximate),
+        "recall_at_10": min(recall) if recall else None,
+        "still_building": any(building),
+    }
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -336,6 +405,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--events-per-user", type=int, default=10)
+    parser.add_argument(
+        "--embeddings",
+        choices=["svd", "random"],
+        default="svd",
+        help="svd: factorised from the synthetic log (structured, like trained ones); random: Gaussian.",
+    )
     parser.add_argument("--seconds", type=float, default=4.0, help="Duration of each measurement.")
     parser.add_argument("--max-requests", type=int, default=50_000, help="Cap per measurement.")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -346,6 +421,11 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     parser.add_argument(
+        "--fixture",
+        type=Path,
+        help="Keep the SQLite fixture in this directory and reuse it on later runs (built when missing).",
+    )
+    parser.add_argument(
         "--loadgen",
         choices=["wrk", "httpx"],
         default="wrk" if shutil.which("wrk") else "httpx",
@@ -353,16 +433,21 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    data_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
     t0 = time.perf_counter()
-    url = build(
-        data_dir,
-        args.users,
-        args.items,
-        args.dim,
-        args.events_per_user,
-        fresh_postgres(args.postgres) if args.postgres else None,
-    )
+    if args.fixture and not args.postgres and (args.fixture / "recsys.db").exists():
+        data_dir, url = args.fixture, f"sqlite:///{args.fixture / 'recsys.db'}"
+    else:
+        data_dir = args.fixture or Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
+        data_dir.mkdir(parents=True, exist_ok=True)
+        url = build(
+            data_dir,
+            args.users,
+            args.items,
+            args.dim,
+            args.events_per_user,
+            fresh_postgres(args.postgres) if args.postgres else None,
+            args.embeddings,
+        )
     print(
         f"fixture: {args.users} users × {args.items} items, dim {args.dim}, built in "
         f"{time.perf_counter() - t0:.1f}s under {data_dir}",
@@ -379,8 +464,12 @@ def main() -> None:
 def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
     results: list[dict] = []
     for workers in args.workers:
-        proc, base, ready = start_server(data_dir, url, workers, args.log_level)
-        print(f"workers={workers}: ready in {ready:.2f}s (process start + model load)", file=sys.stderr)
+        proc, base, ready, index = start_server(data_dir, url, workers, args.log_level)
+        print(
+            f"workers={workers}: ready in {ready:.2f}s (process start + model load); serving index "
+            f"{index} after {index['ready_s']:.2f}s",
+            file=sys.stderr,
+        )
         try:
             for conc in args.concurrency:
                 for endpoint in ENDPOINTS:
@@ -394,6 +483,7 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
                         "concurrency": conc,
                         "endpoint": endpoint,
                         "ready_s": round(ready, 2),
+                        "index": index,
                         "loadgen": args.loadgen,
                         **load,
                     }
@@ -460,6 +550,7 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
         "cpus": os.cpu_count(),
         "log_level": args.log_level,
         "database": "postgresql" if args.postgres else "sqlite",
+        "embeddings": args.embeddings,
         "loadgen": args.loadgen,
     }
     args.out.write_text(json.dumps({"setup": meta, "results": results}, indent=2))

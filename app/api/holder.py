@@ -40,8 +40,15 @@ class RefreshResult:
 
 
 class ModelHolder:
-    def __init__(self, engine: Engine, checkpoints_root: Path, pinned: Path | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        checkpoints_root: Path,
+        pinned: Path | None = None,
+        index_cache: Path | None = None,
+    ) -> None:
         self.engine = engine
+        self.index_cache = index_cache  # where built approximate indexes are shared (see app.api.ann)
         self.root = checkpoints_root
         self.pinned = pinned
         self.current: ServedModel | None = None
@@ -96,7 +103,7 @@ class ModelHolder:
             hidden = hidden_items(conn)
             categories = item_categories(conn)
         try:
-            return load_model(path, hidden, categories)
+            return load_model(path, hidden, categories, self.index_cache, on_ann_ready=self._index_ready)
         except CheckpointError as exc:
             self._refuse(path, str(exc))
             raise
@@ -113,6 +120,7 @@ class ModelHolder:
                 callback(model)
         metrics.MODEL_LOADS.labels("loaded").inc()
         metrics.set_model_version(old.version if old else None, model.version)
+        self._index_ready(model)
         log.info(
             "model loaded",
             extra={
@@ -123,6 +131,15 @@ class ModelHolder:
                 "n_items": model.n_items,
             },
         )
+
+    def _index_ready(self, model: ServedModel) -> None:
+        """Publish the served model's index state (called at swap and when a background build ends)."""
+        if self.current is model:
+            approximate = model.ann is not None or (
+                model.ann_info is not None and model.ann_info.kind != "exact"
+            )
+            recall = model.ann_info.recall_at_10 if model.ann_info else 1.0
+            metrics.set_serving_index(model.ann_pending, approximate, recall)
 
     def refresh(self, force: bool = False) -> RefreshResult:
         """Serve the resolved target if it differs from the current model (blocking; run in a thread).

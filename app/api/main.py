@@ -72,7 +72,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine.dialect.name == "sqlite"
         else contextlib.nullcontext()
     )
-    app.state.holder = ModelHolder(engine, settings.checkpoints_path, Path(pinned) if pinned else None)
+    app.state.holder = ModelHolder(
+        engine,
+        settings.checkpoints_path,
+        Path(pinned) if pinned else None,
+        index_cache=settings.data_dir / "index-cache",
+    )
     app.state.impressions = ImpressionWriter(engine, write_lock=app.state.write_lock)
     app.state.impressions.start()
     app.state.recent = RecentEventsView(engine)

@@ -35,9 +35,23 @@ MODEL_INFO = Gauge(
 )
 MODEL_LOADS = Counter("recsys_model_loads_total", "Checkpoint load attempts", ["outcome"])
 RECOMMENDATIONS = Counter("recsys_recommendations_total", "Recommendation lists served", ["source"])
+RECOMMENDATIONS_BY_SOURCE = {s: RECOMMENDATIONS.labels(s) for s in ("model", "fold_in", "popular")}
 FALLBACKS = Counter("recsys_fallbacks_total", "Lists served by a fallback (fold_in or popular)", ["source"])
 EVENTS_WRITTEN = Counter("recsys_events_written_total", "Events committed (new, not duplicates)")
 EVENTS_DUPLICATE = Counter("recsys_events_duplicate_total", "Events ignored as already recorded")
+INDEX_BUILDING = Gauge(
+    "recsys_serving_index_building",
+    "1 while this worker builds its approximate index (exact search serves meanwhile)",
+    multiprocess_mode="liveall",
+)
+INDEX_APPROXIMATE = Gauge(
+    "recsys_serving_index_approximate", "1 when unfiltered searches use an approximate index", multiprocess_mode="liveall"
+)
+INDEX_RECALL = Gauge(
+    "recsys_serving_index_recall",
+    "Recall@10 of the serving index against exact search on a sample of users (1: exact search)",
+    multiprocess_mode="liveall",
+)
 IMPRESSIONS_DROPPED = Counter("recsys_impressions_dropped_total", "Served lists not logged (queue full)")
 
 
@@ -45,6 +59,12 @@ def set_model_version(old: str | None, new: str) -> None:
     if old is not None and old != new:
         MODEL_INFO.labels(version=old).set(0)
     MODEL_INFO.labels(version=new).set(1)
+
+
+def set_serving_index(building: bool, approximate: bool, recall: float) -> None:
+    INDEX_BUILDING.set(int(building))
+    INDEX_APPROXIMATE.set(int(approximate))
+    INDEX_RECALL.set(recall)
 
 
 def render() -> tuple[bytes, str]:

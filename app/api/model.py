@@ -6,9 +6,11 @@ index search (or one masked walk down the popularity order) plus a small filter.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,14 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import sparse  # noqa: E402
 
-from trainer.checkpoint import Checkpoint, CheckpointError, read_checkpoint
+from app.api import ann  # noqa: E402
+from trainer.checkpoint import Checkpoint, CheckpointError, read_checkpoint  # noqa: E402
+
+log = logging.getLogger("recsys.model")
 
 _omp = threading.local()
 EXACT_MAX = 4096  # filtered candidate sets up to this size are scored exactly instead of through FAISS
+SMALL_FETCH = 64  # up to this many hits are filtered in plain Python (numpy's per-call cost dominates)
 
 
 def _invert(by_row: dict[int, list[str]]) -> dict[str, np.ndarray]:
@@ -55,7 +61,7 @@ class ServedModel:
     """An immutable view of one checkpoint; swapped as a whole, never mutated in place (except ``hidden``)."""
 
     ckpt: Checkpoint
-    index: Any
+    index: Any  # exact (or the checkpoint's own) index: filtered searches and the fallback
     item_ids: np.ndarray  # row → external id (object array, for fast fancy indexing)
     pop_order: np.ndarray  # item rows by popularity, most popular first
     hidden: np.ndarray  # bool per item row; replaced wholesale when the hidden set is refreshed
@@ -67,6 +73,10 @@ class ServedModel:
     categories: dict[str, np.ndarray] = field(default_factory=dict)
     _row_categories: dict[int, list[str]] = field(default_factory=dict)
     _edit: threading.Lock = field(default_factory=threading.Lock)
+    # the approximate index unfiltered searches use once built (see app.api.ann); None: exact search
+    ann: Any = None
+    ann_info: ann.AnnInfo | None = None
+    ann_pending: bool = False  # a background thread is still building ``ann``
 
     @property
     def version(self) -> str:
@@ -117,24 +127,44 @@ class ServedModel:
         return np.asarray(self.ckpt.item_embeddings[item_rows], dtype=np.float32).mean(axis=0)
 
     def search(self, vector: np.ndarray, k: int, exclude: np.ndarray | list[int]) -> Ranked:
-        """Top ``k`` items by dot product, skipping hidden and ``exclude`` rows."""
-        exclude = np.asarray(exclude, dtype=np.int64)
+        """Top ``k`` items by dot product, skipping hidden and ``exclude`` rows.
+
+        Uses the approximate index when there is one; if it returns too few hits after filtering, the
+        exact index completes the list (widening to the whole catalogue at worst).
+        """
         hidden, n_hidden = self.hidden, self.n_hidden
         fetch = min(self.n_items, k + len(exclude) + n_hidden)
+        query = vector.reshape(1, -1).astype(np.float32, copy=False)
         _single_threaded()
+        index = self.ann if self.ann is not None else self.index
         while True:
-            scores, rows = self.index.search(vector.reshape(1, -1).astype(np.float32, copy=False), fetch)
-            scores, rows = scores[0], rows[0]
-            keep = rows >= 0
-            if n_hidden:
-                keep &= ~hidden[np.clip(rows, 0, None)]
-            if exclude.size:
-                keep &= ~np.isin(rows, exclude)
-            rows, scores = rows[keep], scores[keep]
-            # An approximate index may return fewer hits than asked: widen once to the whole catalogue.
-            if len(rows) >= k or fetch >= self.n_items:
-                return Ranked(rows[:k], scores[:k])
-            fetch = self.n_items
+            scores, rows = index.search(query, fetch)
+            if fetch <= SMALL_FETCH:
+                skip = set(exclude.tolist() if isinstance(exclude, np.ndarray) else exclude)
+                out_rows: list[int] = []
+                out_scores: list[float] = []
+                for r, sc in zip(rows[0].tolist(), scores[0].tolist(), strict=True):
+                    if r < 0 or r in skip or (n_hidden and hidden[r]):
+                        continue
+                    out_rows.append(r)
+                    out_scores.append(sc)
+                    if len(out_rows) == k:
+                        break
+                kept_rows = np.array(out_rows, dtype=np.int64)
+                kept_scores = np.array(out_scores, dtype=np.float32)
+            else:
+                scores, rows = scores[0], rows[0]
+                keep = rows >= 0
+                if n_hidden:
+                    keep &= ~hidden[np.clip(rows, 0, None)]
+                if len(exclude):
+                    keep &= ~np.isin(rows, np.asarray(exclude, dtype=np.int64))
+                kept_rows, kept_scores = rows[keep], scores[keep]
+            if len(kept_rows) >= k or (fetch >= self.n_items and index is self.index):
+                return Ranked(kept_rows[:k], kept_scores[:k])
+            if index is self.index:
+                fetch = self.n_items
+            index = self.index  # an approximate index missed: the exact one finishes the job
 
     def popular(
         self, k: int, exclude: np.ndarray | list[int], only: np.ndarray | list[int] | None = None
@@ -266,8 +296,16 @@ def load_model(
     path: str | Path,
     hidden_ids: list[str] | None = None,
     item_categories: dict[str, list[str]] | None = None,
+    index_cache: Path | None = None,
+    ann_min_items: int | None = None,
+    on_ann_ready: Callable[[ServedModel], None] | None = None,
 ) -> ServedModel:
-    """Read, verify and prepare a checkpoint (blocking: call it from a thread, never the event loop)."""
+    """Read, verify and prepare a checkpoint (blocking: call it from a thread, never the event loop).
+
+    A catalogue over ``ann_min_items`` (default ``ann.ANN_MIN_ITEMS``) served by an exact index gets an
+    IVF index (see app.api.ann): read from ``index_cache`` when already built, else built in a background thread while
+    exact search serves (see ``attach_ann``), so readiness does not wait for it.
+    """
     start = time.perf_counter()
     ckpt = read_checkpoint(path, mmap=True)
     try:
@@ -294,5 +332,33 @@ def load_model(
     )
     model.set_hidden(hidden_ids or [])
     model.set_categories(item_categories or {})
+    threshold = ann.ANN_MIN_ITEMS if ann_min_items is None else ann_min_items
+    if not isinstance(index, faiss.IndexFlat):  # the checkpoint already ships an approximate index
+        model.ann_info = ann.AnnInfo(type(index).__name__, float("nan"), reason="checkpoint's own index")
+    elif model.n_items > threshold:
+        hit = ann.cached(ckpt, index_cache)
+        if hit is not None:
+            model.ann, model.ann_info = hit
+        else:
+            model.ann_pending = True
+            threading.Thread(
+                target=attach_ann, args=(model, index_cache, on_ann_ready), name="ann-build", daemon=True
+            ).start()
     model.load_seconds = time.perf_counter() - start
     return model
+
+
+def attach_ann(
+    model: ServedModel, index_cache: Path | None, on_ready: Callable[[ServedModel], None] | None = None
+) -> None:
+    """Build (or wait for another worker to build) the approximate index, then serve with it."""
+    try:
+        index, info = ann.prepare(model.ckpt, model.index, index_cache)
+        model.ann, model.ann_info = index, info  # ann first: a reader never sees info without its index
+        log.info("serving index ready", extra={"model_version": model.version, **info.as_dict()})
+    except Exception:  # exact search keeps serving
+        log.exception("building the approximate index failed")
+    finally:
+        model.ann_pending = False
+        if on_ready is not None:
+            on_ready(model)

@@ -1,25 +1,39 @@
 """Public routes: recommendations, similar items, event ingestion, health, readiness and metrics.
 
 Handlers that touch FAISS or the database are plain ``def``: FastAPI runs them in its threadpool,
-keeping the event loop free (FAISS and the DB drivers release the GIL while they work).
+keeping the event loop free (FAISS and the DB drivers release the GIL while they work). The common
+recommendation (a known user, no filters, seen items known in memory, a cheap search) is answered on the
+event loop by ``FastRecommendationsRoute`` instead: measured in bench/serve.py, the threadpool hop and
+FastAPI's per-request parameter handling cost several times the search itself.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import StringConstraints
+from starlette.types import Receive, Scope, Send
 
-from app.api import metrics
+from app.api import ann, metrics
 from app.api.deps import NO_MODEL, VALIDATION, ItemIdPath, UserIdPath, err, request_id, served_model
 from app.api.errors import ApiError
 from app.api.jsonresp import JSON
 from app.api.model import Ranked, ServedModel
-from app.api.schemas import EventIn, EventsAccepted, Health, Readiness, Recommendations, SimilarItems
+from app.api.schemas import (
+    EventIn,
+    EventsAccepted,
+    Health,
+    Readiness,
+    Recommendations,
+    SimilarItems,
+    _printable,
+)
 from app.api.userdata import recent_events
 from app.db.events import insert_event_rows
 from app.db.impressions import Served
@@ -116,6 +130,20 @@ def _filters(
     return Filters(excluded, allowed)
 
 
+def _seen_rows(model: ServedModel, row: int, recent: list[str]) -> list[int]:
+    """Items a model user must not get again: those in the checkpoint and those touched since."""
+    rows = model.rows_of(recent)
+    rows.extend(model.seen_rows(row).tolist())
+    return rows
+
+
+def _log_served(state: Any, rid: str, user_id: str, model: ServedModel, items: list[dict]) -> None:
+    if items and not state.impressions.submit(
+        Served(rid, user_id, [i["item_id"] for i in items], model.version)
+    ):
+        metrics.IMPRESSIONS_DROPPED.inc()
+
+
 def _items(model: ServedModel, ranked: Ranked) -> list[dict]:
     ids = model.item_ids[ranked.rows].tolist()
     scores = ranked.scores.tolist()
@@ -124,13 +152,101 @@ def _items(model: ServedModel, ranked: Ranked) -> list[dict]:
     ]
 
 
-@router.get(
-    "/v1/users/{user_id}/recommendations",
-    tags=["recommendations"],
-    summary="Top-k items for a user",
-    response_model=Recommendations,
-    responses={**VALIDATION, **NO_MODEL, **URL_TOO_LONG},
-)
+TRUE = frozenset((b"1", b"on", b"t", b"true", b"y", b"yes"))  # pydantic's lax booleans
+FALSE = frozenset((b"0", b"off", b"f", b"false", b"n", b"no"))
+FAST_MAX_FETCH = 256  # k + excluded items up to this: the search is cheap enough for the event loop
+SLOW_PARAMS = frozenset((b"exclude", b"only", b"category", b"explain"))
+
+
+def _fast_params(query: bytes) -> tuple[int, bool] | None:
+    """``k`` and ``exclude_seen`` when the query string is plain and valid, else None (full handler).
+
+    Anything the full handler would treat differently or reject (filters, explain, repeated or
+    percent-encoded names, values that are not plain decimal or boolean) goes to it, so validation errors
+    keep their usual shape. Unknown parameters are ignored, as FastAPI does.
+    """
+    k, exclude_seen, seen_k, seen_ex = 10, True, False, False
+    if not query:
+        return k, exclude_seen
+    for part in query.split(b"&"):
+        if not part:
+            continue
+        name, _, value = part.partition(b"=")
+        if name == b"k":
+            if seen_k or not value.isdigit() or len(value) > 4 or not 1 <= int(value) <= 1000:
+                return None
+            k, seen_k = int(value), True
+        elif name == b"exclude_seen":
+            lowered = value.lower()
+            if seen_ex or (lowered not in TRUE and lowered not in FALSE):
+                return None
+            exclude_seen, seen_ex = lowered in TRUE, True
+        elif name in SLOW_PARAMS or b"%" in name or b"+" in name:
+            return None
+    return k, exclude_seen
+
+
+def fast_recommendations(scope: Scope) -> bytes | None:
+    """The response body for a plain recommendation, or None when the full handler must answer.
+
+    Same result as the full handler's model-user path with ``exclude_seen=true``: same exclusion, same
+    search, same impression and metrics; only the parameter parsing and the thread hop are skipped.
+    """
+    if scope["method"] != "GET":
+        return None
+    state = scope["app"].state
+    model: ServedModel | None = state.holder.current
+    if model is None or (model.ann is None and model.n_items > ann.ANN_MIN_ITEMS):
+        return None  # no model (503), or an exact search over a large catalogue: keep it off the loop
+    params = _fast_params(scope["query_string"])
+    if params is None or not params[1]:
+        return None  # exclude_seen=false reads the database
+    k = params[0]
+    user_id = scope["path_params"]["user_id"]
+    if not 1 <= len(user_id) <= 256:
+        return None
+    try:
+        _printable(user_id)
+    except ValueError:
+        return None
+    row = model.user_row(user_id)
+    if row is None:
+        return None  # cold user: fold-in or popular, from the database
+    recent = state.recent.items_for(user_id, model.watermark)
+    if recent is None:
+        return None  # the in-memory view cannot tell: the full handler asks the database
+    rows = _seen_rows(model, row, recent)
+    if k + len(rows) + model.n_hidden > FAST_MAX_FETCH:
+        return None
+    ranked = model.search(model.user_vector(row), k, rows)
+    metrics.RECOMMENDATIONS_BY_SOURCE["model"].inc()
+    rid = str(scope.get("state", {}).get("request_id", ""))
+    items = _items(model, ranked)
+    _log_served(state, rid, user_id, model, items)
+    return orjson.dumps(
+        {
+            "user_id": user_id,
+            "model_version": model.version,
+            "request_id": rid,
+            "source": "model",
+            "items": items,
+        }
+    )
+
+
+class FastRecommendationsRoute(APIRoute):
+    """The declared route (documented, validated) with ``fast_recommendations`` answering first."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = fast_recommendations(scope)
+        if body is None:
+            await super().handle(scope, receive, send)
+            return
+        headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 def recommendations(
     request: Request,
     user_id: UserIdPath,
@@ -175,8 +291,7 @@ def recommendations(
                     recent = recent_events(
                         conn, user_id, model.watermark, state.settings.negative_types
                     ).item_ids
-            rows = model.rows_of(recent)
-            rows.extend(model.seen_rows(row).tolist())
+            rows = _seen_rows(model, row, recent)
         else:  # explicit negatives stay out: the checkpoint's, and those recorded since it was trained
             with state.engine.connect() as conn:
                 since = recent_events(conn, user_id, model.watermark, state.settings.negative_types)
@@ -210,7 +325,7 @@ def recommendations(
         else:
             ranked, source = model.popular(k, rows, filters.only), "popular"
         metrics.FALLBACKS.labels(source).inc()
-    metrics.RECOMMENDATIONS.labels(source).inc()
+    metrics.RECOMMENDATIONS_BY_SOURCE[source].inc()
     rid = request_id(request)
     items = _items(model, ranked)
     if explain:
@@ -221,10 +336,7 @@ def recommendations(
         )
         for item, because in zip(items, model.explain(ranked.rows, hist), strict=True):
             item["because"] = [{"item_id": model.item_ids[r], "contribution": c} for r, c in because]
-    if items and not request.app.state.impressions.submit(
-        Served(rid, user_id, [i["item_id"] for i in items], model.version)
-    ):
-        metrics.IMPRESSIONS_DROPPED.inc()
+    _log_served(state, rid, user_id, model, items)
     return JSON(
         {
             "user_id": user_id,
@@ -234,6 +346,18 @@ def recommendations(
             "items": items,
         }
     )
+
+
+router.add_api_route(
+    "/v1/users/{user_id}/recommendations",
+    recommendations,
+    methods=["GET"],
+    route_class_override=FastRecommendationsRoute,
+    tags=["recommendations"],
+    summary="Top-k items for a user",
+    response_model=Recommendations,
+    responses={**VALIDATION, **NO_MODEL, **URL_TOO_LONG},
+)
 
 
 @router.get(
