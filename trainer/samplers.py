@@ -214,6 +214,16 @@ class HardSampler(Sampler):
         self.search_seconds = 0.0
         self.staleness_sum = 0
         self.samples = 0
+        self.gpu: Any = None  # (resources, device) once use_gpu found a GPU build of FAISS
+
+    def use_gpu(self, device: int = 0) -> bool:
+        """Search on GPU ``device`` when this FAISS build has GPU support; False (CPU search) otherwise."""
+        import faiss
+
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() <= device:
+            return False
+        self.gpu = (faiss.StandardGpuResources(), device)
+        return True
 
     def refresh(self, item_vectors: np.ndarray, step: int = 0) -> None:
         """Rebuild the index over current item vectors. An IVF index keeps its coarse quantiser and only
@@ -229,6 +239,10 @@ class HardSampler(Sampler):
             self.index.add(x)
         else:
             self.index = build_index(x, self.index_type)
+            if self.gpu is not None:
+                import faiss
+
+                self.index = faiss.index_cpu_to_gpu(self.gpu[0], self.gpu[1], self.index)
         self.built_at = step
         self.refreshes += 1
         self.refresh_seconds += time.perf_counter() - t

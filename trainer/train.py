@@ -178,6 +178,9 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     sampler = make_sampler(scfg, popularity=popularity, known=train_csr, feedback=data.feedback,
                            impressions=impressions)
     hard = _hard_samplers(sampler)
+    if device.type == "cuda":
+        for h in hard:  # FAISS GPU search when the GPU build is installed; CPU search otherwise
+            h.use_gpu(device.index or 0)
     model = EmbeddingModel(data.n_users, data.n_items, cfg.dim, cosine=cfg.cosine, temperature=cfg.temperature,
                            sparse=cfg.sparse)
     if init_state is not None:
