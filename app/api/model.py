@@ -77,6 +77,14 @@ class ServedModel:
     ann: Any = None
     ann_info: ann.AnnInfo | None = None
     ann_pending: bool = False  # a background thread is still building ``ann``
+    # plain ndarray views of the (memory-mapped) embeddings: np.memmap's per-slice bookkeeping costs
+    # more than the rest of a row lookup
+    _user_emb: np.ndarray = field(init=False, repr=False)
+    _item_emb: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._user_emb = np.asarray(self.ckpt.user_embeddings, dtype=np.float32)
+        self._item_emb = np.asarray(self.ckpt.item_embeddings, dtype=np.float32)
 
     @property
     def version(self) -> str:
@@ -117,8 +125,17 @@ class ServedModel:
             return np.zeros(0, dtype=np.int32)
         return feedback.indices[feedback.indptr[user_row] : feedback.indptr[user_row + 1]]
 
+    @property
+    def cheap_search(self) -> bool:
+        """An unfiltered search costs tens of microseconds: approximate index, or a small catalogue."""
+        return (
+            self.ann is not None
+            or self.n_items <= ann.ANN_MIN_ITEMS
+            or not isinstance(self.index, faiss.IndexFlat)
+        )
+
     def user_vector(self, user_row: int) -> np.ndarray:
-        return np.asarray(self.ckpt.user_embeddings[user_row], dtype=np.float32)
+        return self._user_emb[user_row]
 
     def fold_in(self, item_rows: list[int]) -> np.ndarray | None:
         """A cold user's vector: the mean embedding of the items they interacted with."""
@@ -278,7 +295,7 @@ class ServedModel:
         return out
 
     def similar(self, item_row: int, k: int) -> Ranked:
-        vector = np.asarray(self.ckpt.item_embeddings[item_row], dtype=np.float32)
+        vector = self._item_emb[item_row]
         return self.search(vector, k, [item_row])
 
     def set_hidden(self, hidden_ids: list[str]) -> None:

@@ -1,9 +1,11 @@
 """Each worker's in-memory view of events newer than the served model's watermark.
 
 Excluding what a user saw since training would cost one database query per recommendation; instead a
-background thread tails the events table every ``interval`` seconds (re-reading a window of recent ids,
-so a PostgreSQL transaction that commits out of id order is not missed) and this worker's own POSTs are
-added on commit. Staleness: an event written through another worker or process is excluded within about
+background thread tails the events table every ``interval`` seconds and this worker's own POSTs are
+added on commit. A PostgreSQL transaction can commit after one with a higher id: the ids skipped over
+are remembered as gaps and looked up again on every tick until they appear or ``GAP_SECONDS`` pass (a
+rolled-back insert never appears). Re-reading a fixed window of recent ids instead cost each worker
+~20k rows a second, and the event loop its GIL, whether anything had been written or not. Staleness: an event written through another worker or process is excluded within about
 ``interval`` seconds. When the view cannot answer (too many events since the watermark, a model with an
 older watermark, the first load still running) the caller falls back to the database query.
 """
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 
 from sqlalchemy import Engine, bindparam, select
 
@@ -20,17 +23,17 @@ from app.db.models import Event, Item, User
 
 log = logging.getLogger("recsys.recent")
 
-LOOKBACK_IDS = 5000  # ids re-read on every tick: covers transactions that commit out of id order
+GAP_SECONDS = 60.0  # a skipped id still missing after this long was a rolled-back insert
+MAX_GAPS = 5000  # skipped ids remembered at most (the newest win)
 TAIL_BATCH = 100_000
 
-_TAIL = (
+_ROWS = (
     select(Event.id, User.external_id, Item.external_id)
     .join(User, User.id == Event.user_id)
     .join(Item, Item.id == Event.item_id)
-    .where(Event.id > bindparam("after"))
-    .order_by(Event.id)
-    .limit(TAIL_BATCH)
 )
+_TAIL = _ROWS.where(Event.id > bindparam("after")).order_by(Event.id).limit(TAIL_BATCH)
+_GAPS = _ROWS.where(Event.id.in_(bindparam("ids", expanding=True)))
 
 
 class RecentEventsView:
@@ -41,6 +44,7 @@ class RecentEventsView:
         self._users: dict[str, dict[str, None]] = {}
         self._count = 0
         self._last_id = 0
+        self._gaps: dict[int, float] = {}  # id skipped by the tail → when it was first missed
         self.watermark: int | None = None  # None: not built yet
         self.overflow = False
         self._target: int | None = None
@@ -82,7 +86,8 @@ class RecentEventsView:
                 if target is not None and target != self.watermark:
                     self._rebuild(target)
                 elif self.watermark is not None and not self.overflow:
-                    self._tail(max(self.watermark, self._last_id - LOOKBACK_IDS))
+                    self._tail(self._last_id)
+                    self._fill_gaps()
             except Exception:  # a database hiccup must not end the thread
                 log.exception("could not read recent events")
             self._stop.wait(self.interval)
@@ -90,26 +95,56 @@ class RecentEventsView:
     def _rebuild(self, watermark: int) -> None:
         self.watermark = None  # readers fall back to the database meanwhile
         self._users, self._count, self._last_id, self.overflow = {}, 0, watermark, False
+        self._gaps = {}
         self._tail(watermark)
         self.watermark = watermark
+
+    def _add(self, rows: Sequence[tuple[int, str, str]]) -> None:
+        users = self._users
+        for _, user, item in rows:
+            bucket = users.setdefault(user, {})
+            if item not in bucket:
+                bucket[item] = None
+                self._count += 1
+
+    def _note_gaps(self, after: int, ids: Iterable[int]) -> None:
+        """Remember ids the tail jumped over (ascending ``ids``): they may still commit."""
+        now, prev = time.monotonic(), after
+        for event_id in ids:
+            if event_id > prev + 1:
+                for missing in range(max(prev + 1, event_id - MAX_GAPS), event_id):
+                    self._gaps.setdefault(missing, now)
+            prev = max(prev, event_id)
+        while len(self._gaps) > MAX_GAPS:
+            del self._gaps[next(iter(self._gaps))]
+
+    def _fill_gaps(self) -> None:
+        if not self._gaps:
+            return
+        with self.engine.connect() as conn:
+            rows = conn.execute(_GAPS, {"ids": list(self._gaps)}).all()
+        self._add(rows)
+        for event_id, _, _ in rows:
+            self._gaps.pop(event_id, None)
+        cutoff = time.monotonic() - GAP_SECONDS
+        self._gaps = {i: t for i, t in self._gaps.items() if t > cutoff}
+        self._check_size()
+
+    def _check_size(self) -> bool:
+        if self._count > self.max_events:
+            self.overflow = True
+            self._users, self._gaps = {}, {}
+            log.warning("too many events since the model's watermark; recommendations query the database")
+        return self.overflow
 
     def _tail(self, after: int) -> None:
         while True:
             with self.engine.connect() as conn:
                 rows = conn.execute(_TAIL, {"after": after}).all()
-            users = self._users
-            for event_id, user, item in rows:
-                bucket = users.setdefault(user, {})
-                if item not in bucket:
-                    bucket[item] = None
-                    self._count += 1
-                if event_id > self._last_id:
-                    self._last_id = event_id
-            if self._count > self.max_events:
-                self.overflow = True
-                self._users = {}
-                log.warning("too many events since the model's watermark; recommendations query the database")
-                return
-            if len(rows) < TAIL_BATCH:
+            self._add(rows)
+            self._note_gaps(after, (r[0] for r in rows))
+            if rows:
+                self._last_id = max(self._last_id, rows[-1][0])
+            if self._check_size() or len(rows) < TAIL_BATCH:
                 return
             after = rows[-1][0]

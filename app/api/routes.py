@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from pydantic import StringConstraints
 from starlette.types import Receive, Scope, Send
 
-from app.api import ann, metrics
+from app.api import metrics
 from app.api.deps import NO_MODEL, VALIDATION, ItemIdPath, UserIdPath, err, request_id, served_model
 from app.api.errors import ApiError
 from app.api.jsonresp import JSON
@@ -196,7 +196,7 @@ def fast_recommendations(scope: Scope) -> bytes | None:
         return None
     state = scope["app"].state
     model: ServedModel | None = state.holder.current
-    if model is None or (model.ann is None and model.n_items > ann.ANN_MIN_ITEMS):
+    if model is None or not model.cheap_search:
         return None  # no model (503), or an exact search over a large catalogue: keep it off the loop
     params = _fast_params(scope["query_string"])
     if params is None or not params[1]:
