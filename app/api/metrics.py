@@ -45,7 +45,9 @@ INDEX_BUILDING = Gauge(
     multiprocess_mode="liveall",
 )
 INDEX_APPROXIMATE = Gauge(
-    "recsys_serving_index_approximate", "1 when unfiltered searches use an approximate index", multiprocess_mode="liveall"
+    "recsys_serving_index_approximate",
+    "1 when unfiltered searches use an approximate index",
+    multiprocess_mode="liveall",
 )
 INDEX_RECALL = Gauge(
     "recsys_serving_index_recall",
