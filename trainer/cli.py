@@ -111,12 +111,13 @@ def _event_weights(enabled: bool) -> dict[str, float] | None:
     return dict(getattr(get_settings(), "event_weights", None) or {}) or None
 
 
-def _run(frame: Any, cfg: Any, refit: bool, init_state: Any = None, watermark: int | None = None) -> Any:
+def _run(frame: Any, cfg: Any, refit: bool, init_state: Any = None, watermark: int | None = None,
+         final_fit: bool = False) -> Any:
     from trainer.pipeline import run
 
     try:
         return run(frame, cfg, refit=refit, init_state=init_state, watermark=watermark,
-                   negative_types=_negative_types())
+                   negative_types=_negative_types(), final_fit=final_fit)
     except ValueError as exc:
         raise _fail(str(exc)) from None
 
@@ -147,6 +148,9 @@ def train(
     event_weights: EventWeightsOpt = True,
     warm_start: Annotated[Path | None, typer.Option("--warm-start", help="Checkpoint to start from.")] = None,
     version: Annotated[str | None, typer.Option("--version", help="Model version (default: time-based).")] = None,
+    final_fit: Annotated[bool, typer.Option(
+        "--final-fit/--no-final-fit",
+        help="After testing, fit every event (the held-out newest ones too) and ship that model.")] = False,
     nproc: NprocOpt = 1,
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -177,7 +181,7 @@ def train(
         except CheckpointError as exc:
             raise _fail(str(exc)) from None
     frame, watermark = _load(events, fmt)
-    result = _run(frame, cfg, refit, init_state, watermark)
+    result = _run(frame, cfg, refit, init_state, watermark, final_fit)
     if not dist.is_main():  # rank 0 writes the checkpoint and reports
         dist.shutdown()
         return
@@ -193,7 +197,7 @@ def train(
     except CheckpointError as exc:
         raise _fail(str(exc)) from None
     t = result.test
-    typer.echo(f"checkpoint {path}")
+    typer.echo(f"checkpoint {path}" + (" (fit on every event after testing)" if final_fit else ""))
     typer.echo(f"test NDCG@10 {t['ndcg@10']:.4f} recall@10 {t['recall@10']:.4f} "
                f"(most-popular NDCG@10 {result.baseline['ndcg@10']:.4f}); {result.seconds:.1f}s")
     dist.shutdown()

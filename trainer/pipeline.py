@@ -33,6 +33,7 @@ class RunResult:
     test: dict[str, float]
     baseline: dict[str, float]
     seconds: float
+    final_phase: str = "refit"  # "all": the shipped model was fit on every event after testing
 
     def metrics(self) -> dict[str, Any]:
         return {"test": self.test, "most_popular": self.baseline, "best_epoch": self.selection.best_epoch,
@@ -43,7 +44,7 @@ class RunResult:
         sel = [{"phase": "selection", **h} for h in self.selection.history]
         if self.final is self.selection:
             return sel
-        return sel + [{"phase": "refit", **h} for h in self.final.history]
+        return sel + [{"phase": self.final_phase, **h} for h in self.final.history]
 
 
 def merged_train(data: Dataset) -> Dataset:
@@ -55,9 +56,18 @@ def merged_train(data: Dataset) -> Dataset:
                    train_w=train_w, val_w=None if train_w is None else np.zeros(0))
 
 
+def everything(data: Dataset) -> Dataset:
+    """Every positive, test slice included, as training data: what a model that serves learns from."""
+    empty = np.zeros(0, dtype=np.int64)
+    return replace(data, train_u=data.all_u, train_i=data.all_i, val_u=empty, val_i=empty, train_w=data.all_w,
+                   val_w=None if data.all_w is None else np.zeros(0))
+
+
 def run(events: pd.DataFrame | Dataset, cfg: TrainConfig, *, refit: bool = True,
         init_state: dict[str, Any] | None = None, watermark: int | None = None,
-        negative_types: frozenset[str] | None = None) -> RunResult:
+        negative_types: frozenset[str] | None = None, final_fit: bool = False) -> RunResult:
+    """Split, fit, refit and test; ``final_fit`` then fits every event (the newest included) for the
+    chosen epochs and ships that model, keeping the held-out metrics of the tested one."""
     t0 = time.perf_counter()
     kw: dict[str, Any] = {} if negative_types is None else {"negative_types": negative_types}
     data = (events if isinstance(events, Dataset)
@@ -67,13 +77,19 @@ def run(events: pd.DataFrame | Dataset, cfg: TrainConfig, *, refit: bool = True,
     full = merged_train(data)
     if refit and data.val_u.size:
         final = fit(full, replace(cfg, epochs=selection.best_epoch), init_state=init_state)
-    if not dist.is_main():  # rank 0 tests and saves; the other ranks only helped to train
+    last = replace(cfg, epochs=max(selection.best_epoch, 1))
+    if not dist.is_main():  # rank 0 tests and saves; the other ranks only help to train
+        if final_fit:
+            final = fit(everything(data), last, init_state=init_state)
         return RunResult(data, selection, final, {}, {}, time.perf_counter() - t0)
     exclude = csr(full.train_u, full.train_i, data.n_users, data.n_items)
     candidates = full.candidates()
     users, items = final.model.export()
     test = evaluate(dot_scores(users, items), exclude, data.test_u, data.test_i, candidates)
     baseline = evaluate(popularity_scores(full.popularity()), exclude, data.test_u, data.test_i, candidates)
+    if final_fit:
+        shipped = fit(everything(data), last, init_state=init_state)
+        return RunResult(data, selection, shipped, test, baseline, time.perf_counter() - t0, final_phase="all")
     return RunResult(data, selection, final, test, baseline, time.perf_counter() - t0)
 
 
@@ -83,7 +99,8 @@ def save(result: RunResult, root: str | Path, *, version: str | None = None,
     data = result.data
     users, items = result.final.model.export()
     config = {**result.final.config.to_dict(), "score": SCORE_NOTE if result.final.config.cosine else "dot",
-              "refit": result.final is not result.selection, **(extra_config or {})}
+              "refit": result.final is not result.selection, "final_fit": result.final_phase == "all",
+              **(extra_config or {})}
     return write_checkpoint(
         root, version=version or new_version(), user_embeddings=users, item_embeddings=items,
         user_ids=data.user_ids, item_ids=data.item_ids, item_popularity=data.all_popularity(),

@@ -36,7 +36,7 @@ from trainer.checkpoint import (
 )
 from trainer.data import Dataset, build_dataset, csr
 from trainer.evaluate import ScoreFn, dot_scores, evaluate, popularity_scores
-from trainer.pipeline import RunResult, save
+from trainer.pipeline import RunResult, everything, save
 from trainer.train import TrainConfig, fit, load_model_state
 
 STALE_TMP_SECONDS = 3600.0
@@ -254,22 +254,13 @@ def _retrain_locked(
     t_gate = time.perf_counter()
 
     # The model that ships learns from everything, the newest events included, for the chosen epochs.
-    everything = replace(
-        data,
-        train_u=data.all_u,
-        train_i=data.all_i,
-        val_u=data.val_u[:0],
-        val_i=data.val_i[:0],
-        train_w=data.all_w,
-        val_w=None if data.val_w is None else data.val_w[:0],
-    )
     final = fit(
-        everything,
+        everything(data),
         replace(config, epochs=max(selection.best_epoch, 1)),
         init_state=init_state,
         impressions=ignored,
     )
-    result = RunResult(data, selection, final, test, baseline, time.perf_counter() - t_read)
+    result = RunResult(data, selection, final, test, baseline, time.perf_counter() - t_read, final_phase="all")
     t_final = time.perf_counter()
 
     version = new_version()

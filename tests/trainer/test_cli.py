@@ -36,6 +36,21 @@ def test_train_writes_a_checkpoint(checkpoint: Path) -> None:
     assert manifest["config"]["sampler"]["strategy"] == "mixed" and manifest["n_users"] == 300
 
 
+def test_final_fit_ships_a_model_of_every_event(app: typer.Typer, small_file: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["train", "--events", str(small_file), "--out", str(tmp_path), "--version", "all",
+                                 "--final-fit", *FAST])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "all" / "manifest.json").read_text())
+    assert manifest["config"]["final_fit"] is True
+    phases = [d["phase"] for d in manifest["diagnostics"]]
+    assert phases.count("all") == manifest["metrics"]["best_epoch"] and "refit" not in phases
+    data = manifest["metrics"]["data"]  # the final fit trained on train + validation + test positives
+    last = manifest["diagnostics"][-1]
+    trained = last["events_per_s"] * last["train_seconds"]
+    assert data["test"] > 0 and abs(trained - (data["train"] + data["validation"] + data["test"])) < 0.02 * trained
+    assert manifest["metrics"]["test"]["ndcg@10"] > 0  # held-out metrics of the tested model are kept
+
+
 def test_recommend_all_and_some_users(app: typer.Typer, checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "recs.csv"
     r = CliRunner().invoke(app, ["recommend", "--checkpoint", str(checkpoint), "--all", "--k", "5", "--out", str(out)])
