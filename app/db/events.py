@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, Engine, Table, func, select
+from sqlalchemy import Connection, Engine, Table, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.db.models import Event, Impression, Item, User
+from app.db.models import Event, Item, User
 
 CHUNK = 5000
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "type", "value", "event_id")
@@ -198,19 +198,28 @@ _EMPTY_DTYPES = {
 }
 
 
+# (user_id, item_id) per served item: each impressions row holds its list as a JSON array of item ids.
+_SERVED_PAIRS = {
+    "sqlite": "SELECT imp.user_id, j.value AS item_id FROM impressions AS imp, json_each(imp.item_ids) AS j",
+    "postgresql": (
+        "SELECT imp.user_id, CAST(j.value AS BIGINT) AS item_id FROM impressions AS imp "
+        "CROSS JOIN LATERAL json_array_elements_text(CAST(imp.item_ids AS json)) AS j(value)"
+    ),
+}
+
+
 def read_ignored_impressions(engine: Engine) -> pd.DataFrame:
     """Distinct (user_id, item_id) pairs that were served but never got an event from that user.
 
-    The most realistic negatives there are: the user saw the item and passed it over.
+    The most realistic negatives there are: the user saw the item and passed it over. The served lists
+    are expanded in SQL and deduplicated before the events are probed, so each pair is looked up once;
+    items deleted since they were served drop out in the join.
     """
-    seen = select(Event.id).where(Event.user_id == Impression.user_id, Event.item_id == Impression.item_id)
-    stmt = (
-        select(User.external_id.label("user_id"), Item.external_id.label("item_id"))
-        .select_from(Impression)
-        .join(User, User.id == Impression.user_id)
-        .join(Item, Item.id == Impression.item_id)
-        .where(~seen.exists())
-        .distinct()
+    stmt = text(
+        f"WITH served AS (SELECT DISTINCT user_id, item_id FROM ({_SERVED_PAIRS[engine.dialect.name]}) AS p) "
+        "SELECT u.external_id AS user_id, i.external_id AS item_id FROM served AS s "
+        "JOIN users AS u ON u.id = s.user_id JOIN items AS i ON i.id = s.item_id "
+        "WHERE NOT EXISTS (SELECT 1 FROM events AS e WHERE e.user_id = s.user_id AND e.item_id = s.item_id)"
     )
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()

@@ -2,7 +2,8 @@
 
 Served-but-not-clicked items are the most realistic negatives the trainer gets, but a
 recommendation must not wait for a database write. Requests enqueue their served list;
-one background thread writes batches and drains the queue on a clean shutdown.
+one background thread writes batches and drains the queue on a clean shutdown. Each list is
+one row (item ids in rank order), which keeps the writer's share of server CPU small.
 """
 
 from __future__ import annotations
@@ -71,11 +72,26 @@ class IdCache:
         self._fill(conn, Item, self.items, items)
 
 
-def write_impressions(conn: Connection, batch: Sequence[Served], ids: IdCache | None = None) -> int:
-    """Insert the impressions of ``batch`` in the caller's transaction; unknown users/items are created.
+def encode_item_ids(ids: Sequence[int]) -> str:
+    """Internal item ids in rank order as the compact JSON array stored in ``impressions.item_ids``.
 
-    The rows go straight to the driver's executemany: SQLAlchemy's per-row work would cost more than
-    the recommendations being logged.
+    JSON rather than a bare list so both backends can expand it in SQL (``json_each`` on SQLite,
+    ``json_array_elements_text`` on PostgreSQL).
+    """
+    return "[" + ",".join(map(str, ids)) + "]"
+
+
+def decode_item_ids(text: str) -> list[int]:
+    """The inverse of ``encode_item_ids``: internal item ids, rank 1 first."""
+    inner = text.strip()[1:-1].strip()
+    return [int(x) for x in inner.split(",")] if inner else []
+
+
+def write_impressions(conn: Connection, batch: Sequence[Served], ids: IdCache | None = None) -> int:
+    """Insert one row per served list of ``batch`` in the caller's transaction; returns the rows written.
+
+    Unknown users/items are created. The rows go straight to the driver's executemany: SQLAlchemy's
+    per-row work would cost more than the recommendations being logged.
     """
     batch = [s for s in batch if s.item_ids]
     if not batch:
@@ -84,14 +100,13 @@ def write_impressions(conn: Connection, batch: Sequence[Served], ids: IdCache | 
     ids.resolve(conn, {s.user_id for s in batch}, {i for s in batch for i in s.item_ids})
     users, items = ids.users, ids.items
     rows = [
-        (s.request_id, users[s.user_id], items[item], s.model_version, rank)
+        (s.request_id, users[s.user_id], s.model_version, encode_item_ids([items[i] for i in s.item_ids]))
         for s in batch
-        for rank, item in enumerate(s.item_ids, start=1)
     ]
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     sql = (
-        "INSERT INTO impressions (request_id, user_id, item_id, model_version, rank) "
-        f"VALUES ({', '.join([mark] * 5)})"
+        "INSERT INTO impressions (request_id, user_id, model_version, item_ids) "
+        f"VALUES ({', '.join([mark] * 4)})"
     )
     conn.exec_driver_sql(sql, rows)
     return len(rows)
@@ -101,7 +116,7 @@ class ImpressionWriter:
     """A bounded queue and one writer thread; when the database falls behind, lists are dropped and counted.
 
     Dropping beats unbounded memory or slowing down recommendations: impressions are training signal,
-    not a ledger. ``dropped`` and ``written`` are exposed for metrics.
+    not a ledger. ``dropped`` and ``written`` (lists) are exposed for metrics.
     """
 
     def __init__(

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     false,
     func,
 )
@@ -82,22 +83,25 @@ class Event(Base):
 
 
 class Impression(Base):
-    """One served item: what the service showed to whom, under which model, at which rank."""
+    """One served list: what the service showed to whom, under which model and request.
+
+    ``item_ids`` holds the internal item ids in rank order as a compact JSON array (``[12,7,31]``; rank 1
+    first): one row and one index entry per list instead of one per item made the writer several times
+    cheaper. There is no foreign key on the items; readers join ``items`` and so skip deleted ones.
+    Only the request-id index is kept (time-ordered ids, so it is appended to); the trainer's reader
+    scans the whole table anyway.
+    """
 
     __tablename__ = "impressions"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     request_id: Mapped[str] = mapped_column(String(64))
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
     model_version: Mapped[str | None] = mapped_column(String(128))
-    rank: Mapped[int] = mapped_column(Integer)
+    item_ids: Mapped[str] = mapped_column(Text)
     served_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
-    __table_args__ = (
-        Index("ix_impressions_user_id_served_at", "user_id", "served_at"),
-        Index("ix_impressions_request_id", "request_id"),
-    )
+    __table_args__ = (Index("ix_impressions_request_id", "request_id"),)
 
 
 class ModelVersion(Base):

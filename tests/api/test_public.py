@@ -11,7 +11,8 @@ from sqlalchemy import select, update
 
 from app.db.engine import make_engine
 from app.db.events import insert_events
-from app.db.models import Impression, Item
+from app.db.impressions import decode_item_ids
+from app.db.models import Impression, Item, User
 from trainer.checkpoint import read_checkpoint
 
 
@@ -146,15 +147,17 @@ def test_served_lists_are_logged_as_impressions(server: Server) -> None:
     try:
         deadline = time.monotonic() + 10
         rows: list = []
-        while time.monotonic() < deadline and len(rows) < 4:
+        while time.monotonic() < deadline and not rows:
             with engine.connect() as conn:
                 rows = conn.execute(
-                    select(Impression.rank, Impression.model_version).where(
-                        Impression.request_id == body["request_id"]
-                    )
+                    select(Impression.item_ids, Impression.model_version, User.external_id)
+                    .join(User, User.id == Impression.user_id)
+                    .where(Impression.request_id == body["request_id"])
                 ).all()
+                names = dict(conn.execute(select(Item.id, Item.external_id)).all())
             time.sleep(0.1)
-        assert sorted(rows) == [(r, "v1") for r in range(1, 5)]
+        assert [(v, u) for _, v, u in rows] == [("v1", "u3")]  # one row per served list, items in rank order
+        assert [names[i] for i in decode_item_ids(rows[0].item_ids)] == [i["item_id"] for i in body["items"]]
     finally:
         engine.dispose()
 
