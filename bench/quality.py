@@ -28,7 +28,9 @@ from trainer.samplers import SamplerConfig  # noqa: E402
 from trainer.train import TrainConfig, fit  # noqa: E402
 
 DATASETS = {"ml-100k": "ml-100k/u.data", "ml-latest-small": "ml-latest-small/ratings.csv"}
-STRATEGIES = ("uniform", "popularity", "in-batch", "hard", "mixed")
+STRATEGIES = ("uniform", "popularity", "in-batch", "hard", "mixed", "mixed+hard")
+# strategy name -> sampler settings; "mixed+hard" adds FAISS hard negatives to the default mix
+SAMPLERS = {"mixed+hard": {"strategy": "mixed", "mixed": ("in-batch", "uniform", "hard")}}
 
 
 def quality(args: argparse.Namespace) -> dict:
@@ -48,7 +50,7 @@ def quality(args: argparse.Namespace) -> dict:
                 runs = []
                 for seed in seeds:
                     cfg = TrainConfig(seed=seed, logq=logq, progress=False, threads=args.threads,
-                                      sampler=SamplerConfig(strategy=strategy))
+                                      sampler=SamplerConfig(**SAMPLERS.get(strategy, {"strategy": strategy})))
                     r = run(data, cfg)
                     baseline = r.baseline
                     runs.append({"ndcg@10": r.test["ndcg@10"], "recall@10": r.test["recall@10"],
@@ -110,9 +112,11 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON output (default bench/results/quality.json or scale.json)")
     p.add_argument("--scale", action="store_true", help="time one hard-negative epoch on a 5M-event log")
     p.add_argument("--index", default="auto", help="FAISS index for --scale: flat, ivf, hnsw, auto")
-    p.add_argument("--refresh-every", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=4096, help="--scale: positives per batch")
-    p.add_argument("--hard-rows", type=int, default=1024, help="--scale: rows per batch given hard negatives")
+    p.add_argument("--refresh-every", type=int, default=SamplerConfig.refresh_every)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help="--scale: positives per batch (default: the trainer's)")
+    p.add_argument("--hard-rows", type=int, default=SamplerConfig.hard_rows,
+                   help="--scale: rows per batch given hard negatives (default: the trainer's)")
     args = p.parse_args()
     res = scale(args) if args.scale else quality(args)
     out = Path(args.out or ROOT / "bench" / "results" / ("scale.json" if args.scale else "quality.json"))
