@@ -37,7 +37,7 @@ CHUNK = 20_000
 def _rows(conn: sa.Connection, columns: str, by_request: bool) -> Iterator[sa.Row]:
     """The staging table's rows in (request_id, id) or id order, read in keyset pages."""
     order = "request_id, id" if by_request else "id"
-    after = "request_id > :r OR (request_id = :r AND id > :i)" if by_request else "id > :i"
+    after = "(request_id, id) > (:r, :i)" if by_request else "id > :i"  # row values: an index range
     last: dict = {}
     while True:
         where = f"WHERE {after} " if last else ""
