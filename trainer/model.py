@@ -24,7 +24,7 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         if temperature <= 0:
             raise ValueError("temperature must be positive")
-        # sparse gradients: a step touches a few thousand rows, not the whole table (SparseAdam)
+        # sparse gradients: a step touches a few thousand rows, not the whole table (lazy Adam, trainer/optim.py)
         self.user = nn.Embedding(n_users, dim, sparse=sparse)
         self.item = nn.Embedding(n_items, dim, sparse=sparse)
         nn.init.normal_(self.user.weight, std=init_std)

@@ -25,6 +25,7 @@ from trainer.data import Dataset  # noqa: E402
 from trainer.evaluate import dot_scores, evaluate  # noqa: E402
 from trainer.losses import get_loss  # noqa: E402
 from trainer.model import EmbeddingModel  # noqa: E402
+from trainer.optim import RowAdam  # noqa: E402
 from trainer.samplers import (  # noqa: E402
     HardSampler,
     MixedSampler,
@@ -50,7 +51,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     patience: int = 3
-    sparse: bool = True  # sparse embedding gradients + SparseAdam (lazy Adam): cost per step ∝ rows touched
+    sparse: bool = True  # sparse embedding gradients + lazy Adam (trainer/optim.py): cost ∝ rows touched
     hard_warmup_epochs: int = 3
     val_max_users: int = 5000
     diag_every: int = 10  # measure the false-negative rate on every n-th step
@@ -188,7 +189,7 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     model.to(device)
     # DDP averages the (sparse) embedding gradients across ranks during backward; one rank: the model itself
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = (torch.optim.SparseAdam(list(model.parameters()), lr=cfg.lr) if cfg.sparse
+    opt = (RowAdam(list(model.parameters()), lr=cfg.lr) if cfg.sparse
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
     val_pairs = PairIndex(_pairs_csr(data.val_u, data.val_i, data.n_users, data.n_items))
     candidates = data.candidates()

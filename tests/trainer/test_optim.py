@@ -1,0 +1,49 @@
+"""RowAdam must be SparseAdam, only faster: same updates on the same sparse gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.optim import RowAdam
+
+
+def _train(opt_cls: type[torch.optim.Optimizer]) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    users, items = nn.Embedding(300, 8, sparse=True), nn.Embedding(200, 8, sparse=True)
+    opt = opt_cls([*users.parameters(), *items.parameters()], lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        u = torch.randint(0, 300, (64,), generator=g)
+        i = torch.randint(0, 200, (150,), generator=g)  # repeated rows: gradients to be summed
+        loss = (users(u) @ items(i).T).sigmoid().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return users.weight.detach(), items.weight.detach()
+
+
+def test_row_adam_matches_sparse_adam() -> None:
+    for ours, theirs in zip(_train(RowAdam), _train(torch.optim.SparseAdam), strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+        assert not torch.equal(ours, torch.zeros_like(ours))
+
+
+def test_untouched_rows_do_not_move() -> None:
+    emb = nn.Embedding(10, 4, sparse=True)
+    before = emb.weight.detach().clone()
+    opt = RowAdam(emb.parameters(), lr=0.1)
+    emb(torch.tensor([2, 2, 7])).sum().backward()
+    opt.step()
+    moved = (emb.weight.detach() != before).any(1)
+    assert moved.tolist() == [i in (2, 7) for i in range(10)]
+
+
+def test_dense_gradients_and_bad_settings_are_refused() -> None:
+    lin = nn.Linear(2, 2)
+    lin(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        RowAdam(lin.parameters()).step()
+    with pytest.raises(ValueError):
+        RowAdam(lin.parameters(), lr=0)
