@@ -15,10 +15,12 @@ Two parts, both on synthetic data (nothing to download):
   a sweep over nprobe / efSearch.
 
 Results go to stdout as Markdown tables and to bench/results/scale.json (a part that is run replaces
-that part in the file and keeps the other). Progress goes to stderr. Full run on the 2-core reference
-machine: ``--part index`` about 12 min; ``--part train --nproc 1`` about 5 min at 1M and 5M events with
-50k items, much longer with 500k items or 20M events (the test evaluation over every user dominates:
-expect more than an hour for 20M x 500k); ``--quick`` about 1 min.
+that part in the file and keeps the other); ``--print FILE`` re-prints the tables of a result file.
+Progress goes to stderr. Run times measured on the 2-core reference machine while other jobs shared it:
+``--part index`` 20-25 min (the 1M-item builds: IVF 2-4 min, HNSW 7-10 min); ``--part train --events 1M
+5M --items 50k --nproc 1 2`` 20-30 min. 20M events and 500k items were not run to the end here; expect
+hours (the test evaluation over every user and, at 500k items, the HNSW serving index dominate), so
+the default full run (all sizes, 1 and 2 processes) is an overnight job. ``--quick``: about 4 min.
 
     .venv/bin/python bench/scale.py --quick
     nice .venv/bin/python bench/scale.py --part index
