@@ -25,6 +25,10 @@ MINING_EXACT_MAX = 20_000
 SERVING_EXACT_MAX = 100_000
 MINING_APPROXIMATE = "ivf"  # rebuilt every refresh: IVF re-adds fresh vectors to a trained quantiser
 SERVING_APPROXIMATE = "hnsw"  # built once per checkpoint; see choose_index
+# Mining needs hard negatives, not exactly the top 100. On the item vectors of a model trained one epoch
+# on the 5M-event synthetic log (50k items, nlist 894), batches of 256 users, k=100, one thread:
+# nprobe 8 returned 0.907 of the exact top 100 in 5.2 ms, nprobe 30 (√nlist) 0.962 in 9.0 ms, exact 80 ms.
+MINING_NPROBE = 8
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ def choose_index(n_items: int, kind: str = "auto", *, serving: bool = False,
     if kind == "flat":
         return IndexSettings("flat")
     if kind == "ivf":
-        return ivf_settings(n_items)
+        return ivf_settings(n_items, nprobe=None if serving else MINING_NPROBE)
     if kind == "hnsw":
         return hnsw_settings(n_items)
     raise ValueError(f"unknown index type {kind!r}; choose flat, ivf, hnsw or auto")
