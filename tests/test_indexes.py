@@ -15,7 +15,7 @@ from trainer.checkpoint import read_checkpoint, write_checkpoint
 from trainer.indexes import IndexSettings, build_index, choose_index, settings_of
 
 # 20k clustered items, the chooser's own settings for that size: measured recall@10 1.000 for both kinds,
-# recall@100 0.999 (IVF, nprobe 23 of 512) and 0.997 (HNSW, efSearch 128); below these bounds the settings
+# recall@100 0.991 (IVF, mining's nprobe 8 of 512) and 0.997 (HNSW, efSearch 128); below these bounds the settings
 # (or FAISS) changed for the worse.
 MIN_RECALL_AT_10 = 0.98
 MIN_RECALL_AT_100 = 0.95
