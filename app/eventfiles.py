@@ -197,11 +197,12 @@ def write_event_file(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write events as CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``), chosen by the suffix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = [c for c in EVENT_COLUMNS if c in frame.columns]
+    out = frame[[c for c in EVENT_COLUMNS if c in frame.columns]]
+    out.attrs = {}  # the file holds events only (pyarrow cannot store e.g. a synthetic log's cluster arrays)
     if path.name.endswith(".parquet"):
-        frame[columns].to_parquet(path, index=False)
+        out.to_parquet(path, index=False)
     elif path.name.endswith((".csv", ".csv.gz")):
-        frame[columns].to_csv(path, index=False)
+        out.to_csv(path, index=False)
     else:
         raise EventFileError(f"{path}: unknown output format; use .csv, .csv.gz or .parquet")
     return path

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from app.cli import app
@@ -60,10 +61,12 @@ def test_planted_clusters_dominate_each_users_positives() -> None:
     assert (~positive).mean() > 0.01
 
 
-def test_synth_cli_writes_file(tmp_path: Path) -> None:
-    out = tmp_path / "events.csv"
+@pytest.mark.parametrize("name", ["events.csv", "events.parquet"])
+def test_synth_cli_writes_file(tmp_path: Path, name: str) -> None:
+    out = tmp_path / name
     result = CliRunner().invoke(
         app, ["synth", "--users", "50", "--items", "40", "--events", "900", "--seed", "3", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
-    assert len(pd.read_csv(out)) == 900
+    frame = pd.read_parquet(out) if name.endswith(".parquet") else pd.read_csv(out)
+    assert len(frame) == 900 and {"user_id", "item_id", "timestamp"} <= set(frame.columns)
