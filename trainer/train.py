@@ -173,7 +173,9 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     if world > 1 and n_train - (steps_per_epoch - 1) * cfg.batch_size < world:
         steps_per_epoch -= 1  # a last batch smaller than the world would leave a rank without rows
     train_w = data.train_w
-    scfg = replace(cfg.sampler, hard_warmup_steps=cfg.hard_warmup_epochs * steps_per_epoch)
+    hard_rows = cfg.sampler.hard_rows  # per global batch: each rank mines its share of the rows
+    scfg = replace(cfg.sampler, hard_warmup_steps=cfg.hard_warmup_epochs * steps_per_epoch,
+                   hard_rows=None if hard_rows is None else max(1, -(-hard_rows // world)))
     popularity = data.popularity()
     train_csr = data.train_csr()
     sampler = make_sampler(scfg, popularity=popularity, known=train_csr, feedback=data.feedback,
