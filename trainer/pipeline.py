@@ -47,20 +47,23 @@ class RunResult:
         return sel + [{"phase": self.final_phase, **h} for h in self.final.history]
 
 
+def _training_set(data: Dataset, u: np.ndarray, i: np.ndarray, w: np.ndarray | None) -> Dataset:
+    """``data`` with (u, i, w) as its training pairs and no validation."""
+    empty = np.zeros(0, dtype=np.int64)
+    return replace(data, train_u=u, train_i=i, val_u=empty, val_i=empty, train_w=w,
+                   val_w=None if w is None else np.zeros(0))
+
+
 def merged_train(data: Dataset) -> Dataset:
     """Train+validation as the training set, no validation: what the final model learns from."""
-    empty = np.zeros(0, dtype=np.int64)
-    train_w = None if data.train_w is None else np.concatenate([data.train_w, data.val_w])
-    return replace(data, train_u=np.concatenate([data.train_u, data.val_u]),
-                   train_i=np.concatenate([data.train_i, data.val_i]), val_u=empty, val_i=empty,
-                   train_w=train_w, val_w=None if train_w is None else np.zeros(0))
+    w = None if data.train_w is None else np.concatenate([data.train_w, data.val_w])
+    return _training_set(data, np.concatenate([data.train_u, data.val_u]),
+                         np.concatenate([data.train_i, data.val_i]), w)
 
 
 def everything(data: Dataset) -> Dataset:
     """Every positive, test slice included, as training data: what a model that serves learns from."""
-    empty = np.zeros(0, dtype=np.int64)
-    return replace(data, train_u=data.all_u, train_i=data.all_i, val_u=empty, val_i=empty, train_w=data.all_w,
-                   val_w=None if data.all_w is None else np.zeros(0))
+    return _training_set(data, data.all_u, data.all_i, data.all_w)
 
 
 def run(events: pd.DataFrame | Dataset, cfg: TrainConfig, *, refit: bool = True,
@@ -77,20 +80,18 @@ def run(events: pd.DataFrame | Dataset, cfg: TrainConfig, *, refit: bool = True,
     full = merged_train(data)
     if refit and data.val_u.size:
         final = fit(full, replace(cfg, epochs=selection.best_epoch), init_state=init_state)
-    last = replace(cfg, epochs=max(selection.best_epoch, 1))
-    if not dist.is_main():  # rank 0 tests and saves; the other ranks only help to train
-        if final_fit:
-            final = fit(everything(data), last, init_state=init_state)
-        return RunResult(data, selection, final, {}, {}, time.perf_counter() - t0)
-    exclude = csr(full.train_u, full.train_i, data.n_users, data.n_items)
-    candidates = full.candidates()
-    users, items = final.model.export()
-    test = evaluate(dot_scores(users, items), exclude, data.test_u, data.test_i, candidates)
-    baseline = evaluate(popularity_scores(full.popularity()), exclude, data.test_u, data.test_i, candidates)
+    test: dict[str, float] = {}
+    baseline: dict[str, float] = {}
+    if dist.is_main():  # rank 0 tests and saves; other ranks only help to train
+        exclude = csr(full.train_u, full.train_i, data.n_users, data.n_items)
+        candidates = full.candidates()
+        users, items = final.model.export()
+        test = evaluate(dot_scores(users, items), exclude, data.test_u, data.test_i, candidates)
+        baseline = evaluate(popularity_scores(full.popularity()), exclude, data.test_u, data.test_i, candidates)
     if final_fit:
-        shipped = fit(everything(data), last, init_state=init_state)
-        return RunResult(data, selection, shipped, test, baseline, time.perf_counter() - t0, final_phase="all")
-    return RunResult(data, selection, final, test, baseline, time.perf_counter() - t0)
+        final = fit(everything(data), replace(cfg, epochs=max(selection.best_epoch, 1)), init_state=init_state)
+    return RunResult(data, selection, final, test, baseline, time.perf_counter() - t0,
+                     final_phase="all" if final_fit else "refit")
 
 
 def save(result: RunResult, root: str | Path, *, version: str | None = None,

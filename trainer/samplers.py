@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from trainer.indexes import build_index  # noqa: F401 - re-exported: callers import it from here
+from trainer.indexes import build_index
 
 
 @dataclass
