@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     reload_poll_seconds: float = Field(
         10.0, description="How often the service looks for a newly promoted model."
     )
+    top_lists: int = Field(
+        100,
+        ge=0,
+        le=10_000,
+        description="Items precomputed per model user after each model load (cached in DATA_DIR/index-cache): "
+        "recommendations with k up to this come from the list instead of a search. 0 turns it off.",
+    )
     max_batch_events: int = Field(1000, description="Largest batch accepted by POST /v1/events.")
     log_level: str = "info"
     keep_checkpoints: int = Field(

@@ -353,7 +353,7 @@ def _gauge(text: str, name: str) -> list[float]:
 
 
 def wait_for_index(base: str, workers: int, timeout: float = 180.0) -> dict:
-    """Measure the steady state: wait until every worker has decided its serving index (built or cached)."""
+    """Measure the steady state: wait until every worker has its serving index and top lists (built or cached)."""
     import httpx
 
     start = time.time()
@@ -367,7 +367,9 @@ def wait_for_index(base: str, workers: int, timeout: float = 180.0) -> dict:
         time.sleep(0.2)
     approximate = _gauge(text, "recsys_serving_index_approximate")
     recall = _gauge(text, "recsys_serving_index_recall")
+    top = _gauge(text, "recsys_serving_top_lists")
     return {
+        "top_lists": bool(top) and all(top),
         "approximate": bool(approximate) and all(approximate),
         "recall_at_10": min(recall) if recall else None,
         "still_building": any(building),

@@ -46,9 +46,11 @@ class ModelHolder:
         checkpoints_root: Path,
         pinned: Path | None = None,
         index_cache: Path | None = None,
+        top_n: int = 100,
     ) -> None:
         self.engine = engine
         self.index_cache = index_cache  # where built approximate indexes are shared (see app.api.ann)
+        self.top_n = top_n  # items precomputed per model user (see app.api.toplists)
         self.root = checkpoints_root
         self.pinned = pinned
         self.current: ServedModel | None = None
@@ -103,7 +105,9 @@ class ModelHolder:
             hidden = hidden_items(conn)
             categories = item_categories(conn)
         try:
-            return load_model(path, hidden, categories, self.index_cache, on_ann_ready=self._index_ready)
+            return load_model(
+                path, hidden, categories, self.index_cache, on_ann_ready=self._index_ready, top_n=self.top_n
+            )
         except CheckpointError as exc:
             self._refuse(path, str(exc))
             raise
@@ -139,7 +143,7 @@ class ModelHolder:
                 model.ann_info is not None and model.ann_info.kind != "exact"
             )
             recall = model.ann_info.recall_at_10 if model.ann_info else 1.0
-            metrics.set_serving_index(model.ann_pending, approximate, recall)
+            metrics.set_serving_index(model.ann_pending or model.top_pending, approximate, recall, model.top is not None)
 
     def refresh(self, force: bool = False) -> RefreshResult:
         """Serve the resolved target if it differs from the current model (blocking; run in a thread).

@@ -78,6 +78,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.checkpoints_path,
         Path(pinned) if pinned else None,
         index_cache=settings.data_dir / "index-cache",
+        top_n=settings.top_lists,
     )
     # Small, frequent batches: the writer holds the GIL while it builds a batch's rows, and 500 lists at
     # once stalled the event loop enough to triple p99 of recommendations (bench/serve.py, 2 workers, c=16).

@@ -41,7 +41,7 @@ EVENTS_WRITTEN = Counter("recsys_events_written_total", "Events committed (new, 
 EVENTS_DUPLICATE = Counter("recsys_events_duplicate_total", "Events ignored as already recorded")
 INDEX_BUILDING = Gauge(
     "recsys_serving_index_building",
-    "1 while this worker builds its approximate index (exact search serves meanwhile)",
+    "1 while this worker builds its approximate index or its top lists (plain search serves meanwhile)",
     multiprocess_mode="liveall",
 )
 INDEX_APPROXIMATE = Gauge(
@@ -54,6 +54,11 @@ INDEX_RECALL = Gauge(
     "Recall@10 of the serving index against exact search on a sample of users (1: exact search)",
     multiprocess_mode="liveall",
 )
+TOP_LISTS = Gauge(
+    "recsys_serving_top_lists",
+    "1 when model users' recommendations come from lists precomputed at load (0 while they are built)",
+    multiprocess_mode="liveall",
+)
 IMPRESSIONS_DROPPED = Counter("recsys_impressions_dropped_total", "Served lists not logged (queue full)")
 
 
@@ -63,8 +68,9 @@ def set_model_version(old: str | None, new: str) -> None:
     MODEL_INFO.labels(version=new).set(1)
 
 
-def set_serving_index(building: bool, approximate: bool, recall: float) -> None:
+def set_serving_index(building: bool, approximate: bool, recall: float, top_lists: bool) -> None:
     INDEX_BUILDING.set(int(building))
+    TOP_LISTS.set(int(top_lists))
     INDEX_APPROXIMATE.set(int(approximate))
     INDEX_RECALL.set(recall)
 

@@ -23,7 +23,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import sparse  # noqa: E402
 
-from app.api import ann  # noqa: E402
+from app.api import ann, toplists  # noqa: E402
 from trainer.checkpoint import Checkpoint, CheckpointError, read_checkpoint  # noqa: E402
 
 log = logging.getLogger("recsys.model")
@@ -77,6 +77,9 @@ class ServedModel:
     ann: Any = None
     ann_info: ann.AnnInfo | None = None
     ann_pending: bool = False  # a background thread is still building ``ann``
+    # every model user's precomputed best items (see app.api.toplists); None until built, or when off
+    top: toplists.TopLists | None = None
+    top_pending: bool = False  # a background thread is still building ``top``
     # plain ndarray views of the (memory-mapped) embeddings: np.memmap's per-slice bookkeeping costs
     # more than the rest of a row lookup
     _user_emb: np.ndarray = field(init=False, repr=False)
@@ -133,6 +136,47 @@ class ServedModel:
             or self.n_items <= ann.ANN_MIN_ITEMS
             or not isinstance(self.index, faiss.IndexFlat)
         )
+
+    def recommend(self, user_row: int, k: int, recent_rows: list[int]) -> Ranked:
+        """A model user's top ``k``: the precomputed list when it holds k valid items, else a search.
+
+        ``recent_rows``: items the user touched since the model was trained (the checkpoint's own seen
+        items and explicit negatives are left out either way).
+        """
+        found = self.from_top_list(user_row, k, recent_rows)
+        if found is not None:
+            return found
+        exclude = list(recent_rows)
+        exclude.extend(self.seen_rows(user_row).tolist())
+        return self.search(self._user_emb[user_row], k, exclude)
+
+    def from_top_list(self, user_row: int, k: int, recent_rows: list[int]) -> Ranked | None:
+        """The first ``k`` items of the user's precomputed list that are neither hidden nor in
+        ``recent_rows``; None when there is no list or it runs out first (the caller searches)."""
+        top = self.top
+        if top is None or k > top.n:
+            return None
+        hidden, n_hidden = self.hidden, self.n_hidden
+        skip = set(recent_rows)
+        kept: list[int] = []
+        at: list[int] = []
+        for i, r in enumerate(top.rows[user_row].tolist()):
+            if r < 0:
+                return None  # the index found fewer hits than the list holds
+            if r in skip or (n_hidden and hidden[r]):
+                continue
+            kept.append(r)
+            at.append(i)
+            if len(kept) == k:
+                return Ranked(np.array(kept, dtype=np.int64), top.scores[user_row, at])
+        return None
+
+    def search_index(self) -> tuple[Any, dict[str, Any]]:
+        """The index unfiltered searches use, and the settings that make its answers what they are."""
+        info = self.ann_info
+        if self.ann is not None and info is not None:
+            return self.ann, {"index": info.kind, "nlist": info.nlist, "nprobe": info.nprobe}
+        return self.index, {"index": type(self.index).__name__, "ntotal": int(self.index.ntotal)}
 
     def user_vector(self, user_row: int) -> np.ndarray:
         return self._user_emb[user_row]
@@ -316,12 +360,14 @@ def load_model(
     index_cache: Path | None = None,
     ann_min_items: int | None = None,
     on_ann_ready: Callable[[ServedModel], None] | None = None,
+    top_n: int = toplists.DEFAULT_N,
 ) -> ServedModel:
     """Read, verify and prepare a checkpoint (blocking: call it from a thread, never the event loop).
 
     A catalogue over ``ann_min_items`` (default ``ann.ANN_MIN_ITEMS``) served by an exact index gets an
-    IVF index (see app.api.ann): read from ``index_cache`` when already built, else built in a background thread while
-    exact search serves (see ``attach_ann``), so readiness does not wait for it.
+    IVF index (see app.api.ann), and every user a precomputed list of their ``top_n`` items (see
+    app.api.toplists; 0: none). Both are read from ``index_cache`` when already built, else built in one
+    background thread while plain search serves, so readiness does not wait for them.
     """
     start = time.perf_counter()
     ckpt = read_checkpoint(path, mmap=True)
@@ -350,6 +396,7 @@ def load_model(
     model.set_hidden(hidden_ids or [])
     model.set_categories(item_categories or {})
     threshold = ann.ANN_MIN_ITEMS if ann_min_items is None else ann_min_items
+    wants_ann = False
     if not isinstance(index, faiss.IndexFlat):  # the checkpoint already ships an approximate index
         model.ann_info = ann.AnnInfo(type(index).__name__, float("nan"), reason="checkpoint's own index")
     elif model.n_items > threshold:
@@ -357,25 +404,56 @@ def load_model(
         if hit is not None:
             model.ann, model.ann_info = hit
         else:
-            model.ann_pending = True
-            threading.Thread(
-                target=attach_ann, args=(model, index_cache, on_ann_ready), name="ann-build", daemon=True
-            ).start()
+            wants_ann = True
+    wants_top = top_n > 0 and len(ckpt.user_ids) > 0
+    if wants_top and not wants_ann:
+        model.top = toplists.cached(ckpt, top_n, model.search_index()[1], index_cache)
+        wants_top = model.top is None
+    if wants_ann or wants_top:
+        model.ann_pending, model.top_pending = wants_ann, wants_top
+        threading.Thread(
+            target=_prepare_in_background,
+            args=(model, index_cache, top_n, on_ann_ready),
+            name="serving-prep",
+            daemon=True,
+        ).start()
     model.load_seconds = time.perf_counter() - start
     return model
 
 
-def attach_ann(
-    model: ServedModel, index_cache: Path | None, on_ready: Callable[[ServedModel], None] | None = None
+def _prepare_in_background(
+    model: ServedModel, index_cache: Path | None, top_n: int, on_ready: Callable[[ServedModel], None] | None
 ) -> None:
-    """Build (or wait for another worker to build) the approximate index, then serve with it."""
-    try:
-        index, info = ann.prepare(model.ckpt, model.index, index_cache)
-        model.ann, model.ann_info = index, info  # ann first: a reader never sees info without its index
-        log.info("serving index ready", extra={"model_version": model.version, **info.as_dict()})
-    except Exception:  # exact search keeps serving
-        log.exception("building the approximate index failed")
-    finally:
-        model.ann_pending = False
-        if on_ready is not None:
-            on_ready(model)
+    """Build (or wait for another worker to build) the approximate index, then the top lists with it."""
+    if model.ann_pending:
+        try:
+            index, info = ann.prepare(model.ckpt, model.index, index_cache)
+            model.ann, model.ann_info = index, info  # ann first: a reader never sees info without its index
+            log.info("serving index ready", extra={"model_version": model.version, **info.as_dict()})
+        except Exception:  # exact search keeps serving
+            log.exception("building the approximate index failed")
+        finally:
+            model.ann_pending = False
+            if on_ready is not None:
+                on_ready(model)
+        model.top_pending = top_n > 0 and len(model.ckpt.user_ids) > 0
+    if model.top_pending:
+        try:
+            index, settings = model.search_index()
+            top = toplists.prepare(model.ckpt, model.excluded, index, top_n, settings, index_cache)
+            model.top = top
+            log.info(
+                "top lists ready",
+                extra={
+                    "model_version": model.version,
+                    "users": len(top.rows),
+                    "per_user": top.n,
+                    "build_seconds": round(top.build_seconds, 3),
+                },
+            )
+        except Exception:  # searching per request keeps serving
+            log.exception("building the top lists failed")
+        finally:
+            model.top_pending = False
+            if on_ready is not None:
+                on_ready(model)

@@ -4,7 +4,8 @@ Handlers that touch FAISS or the database are plain ``def``: FastAPI runs them i
 keeping the event loop free (FAISS and the DB drivers release the GIL while they work). The common
 recommendation (a known user, no filters, seen items known in memory, a cheap search) is answered on the
 event loop by ``FastRecommendationsRoute`` instead: measured in bench/serve.py, the threadpool hop and
-FastAPI's per-request parameter handling cost several times the search itself.
+FastAPI's per-request parameter handling cost several times the work itself, which is a walk down the
+user's precomputed list (app.api.toplists) or, before it is built, one cheap search.
 """
 
 from __future__ import annotations
@@ -130,13 +131,6 @@ def _filters(
     return Filters(excluded, allowed)
 
 
-def _seen_rows(model: ServedModel, row: int, recent: list[str]) -> list[int]:
-    """Items a model user must not get again: those in the checkpoint and those touched since."""
-    rows = model.rows_of(recent)
-    rows.extend(model.seen_rows(row).tolist())
-    return rows
-
-
 def _log_served(state: Any, rid: str, user_id: str, model: ServedModel, items: list[dict]) -> None:
     if items and not state.impressions.submit(
         Served(rid, user_id, [i["item_id"] for i in items], model.version)
@@ -196,8 +190,8 @@ def fast_recommendations(scope: Scope) -> bytes | None:
         return None
     state = scope["app"].state
     model: ServedModel | None = state.holder.current
-    if model is None or not model.cheap_search:
-        return None  # no model (503), or an exact search over a large catalogue: keep it off the loop
+    if model is None:
+        return None  # 503 from the full handler
     params = _fast_params(scope["query_string"])
     if params is None or not params[1]:
         return None  # exclude_seen=false reads the database
@@ -215,10 +209,15 @@ def fast_recommendations(scope: Scope) -> bytes | None:
     recent = state.recent.items_for(user_id, model.watermark)
     if recent is None:
         return None  # the in-memory view cannot tell: the full handler asks the database
-    rows = _seen_rows(model, row, recent)
-    if k + len(rows) + model.n_hidden > FAST_MAX_FETCH:
-        return None
-    ranked = model.search(model.user_vector(row), k, rows)
+    recent_rows = model.rows_of(recent) if recent else []
+    ranked = model.from_top_list(row, k, recent_rows)
+    if ranked is None:  # no precomputed list (yet), or it ran out: search, when that is cheap
+        if not model.cheap_search:
+            return None  # an exact search over a large catalogue: keep it off the loop
+        recent_rows.extend(model.seen_rows(row).tolist())
+        if k + len(recent_rows) + model.n_hidden > FAST_MAX_FETCH:
+            return None
+        ranked = model.search(model.user_vector(row), k, recent_rows)
     metrics.RECOMMENDATIONS_BY_SOURCE["model"].inc()
     rid = str(scope.get("state", {}).get("request_id", ""))
     items = _items(model, ranked)
@@ -291,7 +290,11 @@ def recommendations(
                     recent = recent_events(
                         conn, user_id, model.watermark, state.settings.negative_types
                     ).item_ids
-            rows = _seen_rows(model, row, recent)
+            rows = model.rows_of(recent)
+            if not filters.active:  # the precomputed list, or a search
+                ranked = model.recommend(row, k, rows)
+            else:
+                rows.extend(model.seen_rows(row).tolist())
         else:  # explicit negatives stay out: the checkpoint's, and those recorded since it was trained
             with state.engine.connect() as conn:
                 since = recent_events(conn, user_id, model.watermark, state.settings.negative_types)
@@ -301,7 +304,7 @@ def recommendations(
         vector = model.user_vector(row)
         if filters.active:
             ranked = model.search_filtered(vector, k, rows, filters.only)
-        else:
+        elif not exclude_seen:
             ranked = model.search(vector, k, rows)
         source = "model"
         if explain:

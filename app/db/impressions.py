@@ -8,17 +8,16 @@ one row (item ids in rank order), which keeps the writer's share of server CPU s
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
-import queue
 import threading
-import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine
 
 from app.db.events import upsert_items, upsert_users
 from app.db.models import Item, User
@@ -56,10 +55,15 @@ class IdCache:
         missing = [w for w in wanted if w not in cache]
         if not missing:
             return
-        col = model.__table__.c.external_id
+        # plain driver SQL: compiling an expanding IN per batch cost more than running it
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
         for start in range(0, len(missing), 5000):
             part = missing[start : start + 5000]
-            cache.update(conn.execute(select(col, model.__table__.c.id).where(col.in_(part))).all())
+            sql = (
+                f"SELECT external_id, id FROM {model.__tablename__} "
+                f"WHERE external_id IN ({', '.join([mark] * len(part))})"
+            )
+            cache.update(conn.exec_driver_sql(sql, tuple(part)).all())
         still = [w for w in missing if w not in cache]
         if still:
             cache.update((upsert_users if model is User else upsert_items)(conn, still))
@@ -113,10 +117,15 @@ def write_impressions(conn: Connection, batch: Sequence[Served], ids: IdCache | 
 
 
 class ImpressionWriter:
-    """A bounded queue and one writer thread; when the database falls behind, lists are dropped and counted.
+    """A bounded buffer and one writer thread; when the database falls behind, lists are dropped and counted.
 
     Dropping beats unbounded memory or slowing down recommendations: impressions are training signal,
     not a ledger. ``dropped`` and ``written`` (lists) are exposed for metrics.
+
+    ``submit`` is one ``deque.append`` (atomic under the GIL, no lock, no wake-up); the thread wakes every
+    ``interval`` seconds and writes what has gathered in transactions of up to ``batch`` lists. A queue
+    whose ``get`` woke the thread for every list cost the request path a thread switch per recommendation
+    (bench/serve.py, py-spy).
     """
 
     def __init__(
@@ -130,9 +139,11 @@ class ImpressionWriter:
     ):
         self._engine = engine
         self._write_lock = write_lock or contextlib.nullcontext()
-        self._queue: queue.Queue[Served | None] = queue.Queue(maxsize=max_queue)
+        self._pending: collections.deque[Served] = collections.deque()
+        self._max_queue = max_queue
         self._batch = batch
         self._interval = interval
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.dropped = 0
         self.written = 0
@@ -140,61 +151,40 @@ class ImpressionWriter:
         self._ids = IdCache()
 
     def start(self) -> None:
+        self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="impression-writer", daemon=True)
         self._thread.start()
 
     def submit(self, served: Served) -> bool:
-        try:
-            self._queue.put_nowait(served)
-            return True
-        except queue.Full:
+        if len(self._pending) >= self._max_queue:
             self.dropped += 1
             return False
+        self._pending.append(served)
+        return True
 
     def close(self, timeout: float = 30.0) -> None:
-        """Write everything queued so far, then stop the thread."""
+        """Write everything submitted so far, then stop the thread."""
         if self._thread is None:
             return
-        self._queue.put(None)
+        self._stop.set()
         self._thread.join(timeout)
         self._thread = None
 
     def _run(self) -> None:
-        """Block for the first list, then gather for up to ``interval`` seconds (or a full batch) and write.
+        """Every ``interval`` seconds (and once more on close) write what has gathered.
 
         Gathering matters: writing each list as it arrives would be one transaction (and one fsync) per
-        recommendation.
+        recommendation. Small transactions matter too: the writer holds the GIL while it builds a batch.
         """
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                stop = True
-                pending: list[Served] = []
-            else:
-                pending = [first]
-                deadline = time.monotonic() + self._interval
-                while len(pending) < self._batch:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        more = self._queue.get(timeout=remaining)
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        stop = True
-                        break
-                    pending.append(more)
-            if stop:  # drain whatever is left before stopping
-                while True:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is not None:
-                        pending.append(more)
-            self._flush(pending)
+        while True:
+            stopping = self._stop.wait(self._interval)
+            while self._pending:
+                batch: list[Served] = []
+                while self._pending and len(batch) < self._batch:
+                    batch.append(self._pending.popleft())
+                self._flush(batch)
+            if stopping:
+                return
 
     def _flush(self, pending: list[Served]) -> None:
         if not pending:

@@ -89,6 +89,40 @@ def cluster_checkpoint(
     )
 
 
+def embedding_checkpoint(
+    root: Path,
+    *,
+    clustered: bool,
+    n_users: int = 600,
+    n_items: int = 3000,
+    dim: int = 16,
+    seen: sparse.csr_matrix | None = None,
+) -> Path:
+    """Clustered embeddings (what a trained model looks like) or structureless Gaussian ones."""
+    rng = np.random.default_rng(0)
+    if clustered:
+        centres = rng.normal(0, 1, (40, dim)).astype(np.float32)
+        items = centres[rng.integers(0, 40, n_items)] + rng.normal(0, 0.3, (n_items, dim))
+        users = centres[rng.integers(0, 40, n_users)] + rng.normal(0, 0.3, (n_users, dim))
+    else:
+        items = rng.normal(0, 1, (n_items, dim))
+        users = rng.normal(0, 1, (n_users, dim))
+    if seen is None:
+        seen = sparse.random(n_users, n_items, density=0.002, format="csr", random_state=0, dtype=np.float32)
+        seen.data[:] = 1.0
+    return write_checkpoint(
+        root,
+        version="v1",
+        user_embeddings=users.astype(np.float32),
+        item_embeddings=items.astype(np.float32),
+        user_ids=[f"u{i}" for i in range(n_users)],
+        item_ids=[f"i{j}" for j in range(n_items)],
+        item_popularity=np.asarray(seen.sum(axis=0)).ravel().astype(np.int64),
+        seen=seen,
+        watermark=0,
+    )
+
+
 @dataclass
 class Deployment:
     """A migrated database filled with the synthetic log, plus a promoted checkpoint."""

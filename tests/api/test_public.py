@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
+import numpy as np
 import pandas as pd
 from api_support import Server
 from sqlalchemy import select, update
@@ -12,7 +14,7 @@ from sqlalchemy import select, update
 from app.db.engine import make_engine
 from app.db.events import insert_events
 from app.db.impressions import decode_item_ids
-from app.db.models import Impression, Item, User
+from app.db.models import Event, Impression, Item, User
 from trainer.checkpoint import read_checkpoint
 
 
@@ -47,6 +49,47 @@ def test_recommendations_for_a_known_user_exclude_seen_items(server: Server) -> 
     got = {i["item_id"] for i in everything["items"]}
     assert len(everything["items"]) == len(server.dep.item_ids) - len(negatives)
     assert not got & negatives and seen - negatives <= got
+
+
+def _touched(server: Server, user: str) -> set[str]:
+    """Items the user has any event for in the database (before or after the model's watermark)."""
+    engine = make_engine(server.dep.url)
+    try:
+        with engine.connect() as conn:
+            query = (
+                select(Item.external_id)
+                .join(Event, Event.item_id == Item.id)
+                .join(User, User.id == Event.user_id)
+                .where(User.external_id == user)
+            )
+            return set(conn.execute(query).scalars())
+    finally:
+        engine.dispose()
+
+
+def test_served_lists_are_the_models_exact_top_k(server: Server) -> None:
+    """Once the top lists are built, what is served is the checkpoint's own ranking, computed here with
+    numpy: dot products, checkpoint seen items and explicit negatives and the user's events left out."""
+    with server.client() as c:
+        deadline = time.monotonic() + 30
+        while not re.search(r"^recsys_serving_top_lists(\{[^}]*\})? 1\.0$", c.get("/metrics").text, re.M):
+            assert time.monotonic() < deadline, "top lists never became ready"
+            time.sleep(0.1)
+        ckpt = read_checkpoint(server.dep.checkpoints / server.dep.version)
+        users = np.asarray(ckpt.user_embeddings)
+        items = np.asarray(ckpt.item_embeddings)
+        feedback = getattr(ckpt, "feedback", None)
+        for user in ("u5", "u17", "u42", "u99", "u250"):
+            row = ckpt.user_row[user]
+            banned = {int(j) for j in ckpt.seen[row].indices}
+            if feedback is not None:
+                banned |= {int(j) for j in feedback[row].indices}
+            banned |= {ckpt.item_row[i] for i in _touched(server, user)}
+            scores = items @ users[row]
+            order = [j for j in np.argsort(-scores, kind="stable") if j not in banned][:10]
+            body = c.get(f"/v1/users/{user}/recommendations", params={"k": 10}).json()
+            assert [i["item_id"] for i in body["items"]] == [ckpt.item_ids[j] for j in order]
+            assert np.allclose([i["score"] for i in body["items"]], scores[order], atol=1e-5)
 
 
 def test_events_since_the_watermark_are_excluded(server: Server) -> None:

@@ -7,51 +7,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import sparse
+from api_support import embedding_checkpoint
 
 from app.api import ann
 from app.api.model import load_model
 from app.api.routes import _fast_params
-from trainer.checkpoint import write_checkpoint
-
-
-def _checkpoint(
-    root: Path, *, clustered: bool, n_users: int = 600, n_items: int = 3000, dim: int = 16
-) -> Path:
-    """Clustered embeddings (what a trained model looks like) or structureless Gaussian ones."""
-    rng = np.random.default_rng(0)
-    if clustered:
-        centres = rng.normal(0, 1, (40, dim)).astype(np.float32)
-        items = centres[rng.integers(0, 40, n_items)] + rng.normal(0, 0.3, (n_items, dim))
-        users = centres[rng.integers(0, 40, n_users)] + rng.normal(0, 0.3, (n_users, dim))
-    else:
-        items = rng.normal(0, 1, (n_items, dim))
-        users = rng.normal(0, 1, (n_users, dim))
-    seen = sparse.random(n_users, n_items, density=0.002, format="csr", random_state=0, dtype=np.float32)
-    seen.data[:] = 1.0
-    return write_checkpoint(
-        root,
-        version="v1",
-        user_embeddings=users.astype(np.float32),
-        item_embeddings=items.astype(np.float32),
-        user_ids=[f"u{i}" for i in range(n_users)],
-        item_ids=[f"i{j}" for j in range(n_items)],
-        item_popularity=np.asarray(seen.sum(axis=0)).ravel().astype(np.int64),
-        seen=seen,
-        watermark=0,
-    )
 
 
 def _settled(model):  # noqa: ANN001, ANN202
     deadline = time.monotonic() + 120
-    while model.ann_pending and time.monotonic() < deadline:
+    while (model.ann_pending or model.top_pending) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not model.ann_pending
+    assert not model.ann_pending and not model.top_pending
     return model
 
 
 def test_large_catalogue_gets_a_calibrated_cached_ivf_index(tmp_path: Path) -> None:
-    path = _checkpoint(tmp_path / "checkpoints", clustered=True)
+    path = embedding_checkpoint(tmp_path / "checkpoints", clustered=True)
     cache = tmp_path / "index-cache"
     model = load_model(path, index_cache=cache, ann_min_items=1000)
     assert model.ann is None  # exact search serves while the index builds in the background
@@ -77,7 +49,7 @@ def test_large_catalogue_gets_a_calibrated_cached_ivf_index(tmp_path: Path) -> N
 
 
 def test_structureless_embeddings_keep_exact_search(tmp_path: Path) -> None:
-    path = _checkpoint(
+    path = embedding_checkpoint(
         tmp_path / "checkpoints", clustered=False, dim=64
     )  # 64 Gaussian dims: no neighbourhoods
     model = _settled(load_model(path, index_cache=tmp_path / "cache", ann_min_items=1000))
@@ -85,9 +57,9 @@ def test_structureless_embeddings_keep_exact_search(tmp_path: Path) -> None:
 
 
 def test_small_catalogue_is_searched_exactly(tmp_path: Path) -> None:
-    path = _checkpoint(tmp_path / "checkpoints", clustered=True)
-    model = load_model(path, index_cache=tmp_path / "cache")
-    assert model.ann is None and not model.ann_pending and not (tmp_path / "cache").exists()
+    path = embedding_checkpoint(tmp_path / "checkpoints", clustered=True)
+    model = _settled(load_model(path, index_cache=tmp_path / "cache"))
+    assert model.ann is None and model.ann_info is None and not list((tmp_path / "cache").glob("*.faiss"))
 
 
 class _Missing:
@@ -98,7 +70,7 @@ class _Missing:
 
 
 def test_search_completes_a_short_approximate_answer_exactly(tmp_path: Path) -> None:
-    path = _checkpoint(tmp_path / "checkpoints", clustered=True)
+    path = embedding_checkpoint(tmp_path / "checkpoints", clustered=True)
     model = load_model(path)
     vector = model.user_vector(3)
     want = model.search(vector, 10, [1, 2, 3])
