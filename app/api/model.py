@@ -77,9 +77,11 @@ class ServedModel:
     ann: Any = None
     ann_info: ann.AnnInfo | None = None
     ann_pending: bool = False  # a background thread is still building ``ann``
-    # every model user's precomputed best items (see app.api.toplists); None until built, or when off
+    # every model user's precomputed best items and every item's most similar ones (app.api.toplists);
+    # None until built, or when off
     top: toplists.TopLists | None = None
-    top_pending: bool = False  # a background thread is still building ``top``
+    top_similar: toplists.TopLists | None = None
+    top_pending: bool = False  # a background thread is still building the lists
     # plain ndarray views of the (memory-mapped) embeddings: np.memmap's per-slice bookkeeping costs
     # more than the rest of a row lookup
     _user_emb: np.ndarray = field(init=False, repr=False)
@@ -153,14 +155,19 @@ class ServedModel:
     def from_top_list(self, user_row: int, k: int, recent_rows: list[int]) -> Ranked | None:
         """The first ``k`` items of the user's precomputed list that are neither hidden nor in
         ``recent_rows``; None when there is no list or it runs out first (the caller searches)."""
-        top = self.top
+        return self._walk(self.top, user_row, k, set(recent_rows))
+
+    def similar_from_list(self, item_row: int, k: int) -> Ranked | None:
+        """The first ``k`` visible items of the item's precomputed similar list, or None (search)."""
+        return self._walk(self.top_similar, item_row, k, set())
+
+    def _walk(self, top: toplists.TopLists | None, row: int, k: int, skip: set[int]) -> Ranked | None:
         if top is None or k > top.n:
             return None
         hidden, n_hidden = self.hidden, self.n_hidden
-        skip = set(recent_rows)
         kept: list[int] = []
         at: list[int] = []
-        for i, r in enumerate(top.rows[user_row].tolist()):
+        for i, r in enumerate(top.rows[row].tolist()):
             if r < 0:
                 return None  # the index found fewer hits than the list holds
             if r in skip or (n_hidden and hidden[r]):
@@ -168,7 +175,7 @@ class ServedModel:
             kept.append(r)
             at.append(i)
             if len(kept) == k:
-                return Ranked(np.array(kept, dtype=np.int64), top.scores[user_row, at])
+                return Ranked(np.array(kept, dtype=np.int64), top.scores[row, at])
         return None
 
     def search_index(self) -> tuple[Any, dict[str, Any]]:
@@ -339,8 +346,10 @@ class ServedModel:
         return out
 
     def similar(self, item_row: int, k: int) -> Ranked:
-        vector = self._item_emb[item_row]
-        return self.search(vector, k, [item_row])
+        found = self.similar_from_list(item_row, k)
+        if found is not None:
+            return found
+        return self.search(self._item_emb[item_row], k, [item_row])
 
     def set_hidden(self, hidden_ids: list[str]) -> None:
         """Replace the hidden mask; a reader that sees a stale count widens its search (see ``search``)."""
@@ -405,10 +414,12 @@ def load_model(
             model.ann, model.ann_info = hit
         else:
             wants_ann = True
-    wants_top = top_n > 0 and len(ckpt.user_ids) > 0
+    wants_top = top_n > 0
     if wants_top and not wants_ann:
-        model.top = toplists.cached(ckpt, top_n, model.search_index()[1], index_cache)
-        wants_top = model.top is None
+        settings = model.search_index()[1]
+        model.top = toplists.cached(ckpt, "users", top_n, settings, index_cache)
+        model.top_similar = toplists.cached(ckpt, "items", top_n, settings, index_cache)
+        wants_top = model.top is None or model.top_similar is None
     if wants_ann or wants_top:
         model.ann_pending, model.top_pending = wants_ann, wants_top
         threading.Thread(
@@ -436,21 +447,27 @@ def _prepare_in_background(
             model.ann_pending = False
             if on_ready is not None:
                 on_ready(model)
-        model.top_pending = top_n > 0 and len(model.ckpt.user_ids) > 0
+        model.top_pending = top_n > 0
     if model.top_pending:
         try:
             index, settings = model.search_index()
-            top = toplists.prepare(model.ckpt, model.excluded, index, top_n, settings, index_cache)
-            model.top = top
-            log.info(
-                "top lists ready",
-                extra={
-                    "model_version": model.version,
-                    "users": len(top.rows),
-                    "per_user": top.n,
-                    "build_seconds": round(top.build_seconds, 3),
-                },
-            )
+            itself = sparse.identity(model.n_items, dtype=np.float32, format="csr")  # not similar to itself
+            for kind, excluded in (("users", model.excluded), ("items", itself)):
+                top = toplists.prepare(model.ckpt, kind, excluded, index, top_n, settings, index_cache)
+                if kind == "users":
+                    model.top = top
+                else:
+                    model.top_similar = top
+                log.info(
+                    "top lists ready",
+                    extra={
+                        "model_version": model.version,
+                        "kind": kind,
+                        "rows": len(top.rows),
+                        "per_row": top.n,
+                        "build_seconds": round(top.build_seconds, 3),
+                    },
+                )
         except Exception:  # searching per request keeps serving
             log.exception("building the top lists failed")
         finally:

@@ -11,6 +11,7 @@ user's precomputed list (app.api.toplists) or, before it is built, one cheap sea
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -196,12 +197,8 @@ def fast_recommendations(scope: Scope) -> bytes | None:
     if params is None or not params[1]:
         return None  # exclude_seen=false reads the database
     k = params[0]
-    user_id = scope["path_params"]["user_id"]
-    if not 1 <= len(user_id) <= 256:
-        return None
-    try:
-        _printable(user_id)
-    except ValueError:
+    user_id = _plain_id(scope, "user_id")
+    if user_id is None:
         return None
     row = model.user_row(user_id)
     if row is None:
@@ -233,17 +230,66 @@ def fast_recommendations(scope: Scope) -> bytes | None:
     )
 
 
-class FastRecommendationsRoute(APIRoute):
-    """The declared route (documented, validated) with ``fast_recommendations`` answering first."""
+def _plain_id(scope: Scope, name: str) -> str | None:
+    """The path parameter when the declared route would accept it (1–256 printable characters)."""
+    value = scope["path_params"][name]
+    if not 1 <= len(value) <= 256:
+        return None
+    try:
+        _printable(value)
+    except ValueError:
+        return None
+    return value
+
+
+def fast_similar(scope: Scope) -> bytes | None:
+    """The response body for plain similar items answered from the item's precomputed list, or None.
+
+    Same result as the full handler without filters; anything else (filters, an unknown item, no list yet,
+    a list that runs out) goes to it.
+    """
+    if scope["method"] != "GET":
+        return None
+    model: ServedModel | None = scope["app"].state.holder.current
+    params = _fast_params(scope["query_string"])
+    item_id = _plain_id(scope, "item_id")
+    if model is None or params is None or item_id is None:
+        return None
+    row = model.item_row(item_id)
+    if row is None:
+        return None  # 404 from the full handler
+    ranked = model.similar_from_list(row, params[0])
+    if ranked is None:
+        return None
+    rid = str(scope.get("state", {}).get("request_id", ""))
+    items = _items(model, ranked)
+    return orjson.dumps(
+        {"item_id": item_id, "model_version": model.version, "request_id": rid, "items": items}
+    )
+
+
+class FastRoute(APIRoute):
+    """The declared route (documented, validated) with a fast answer tried first on the event loop; the
+    subclass's ``fast`` returns the response body, or None to let the declared handler answer."""
+
+    fast: Callable[[Scope], bytes | None]
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = fast_recommendations(scope)
+        body = self.fast(scope)
         if body is None:
             await super().handle(scope, receive, send)
             return
         headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class FastRecommendationsRoute(FastRoute):
+    fast = staticmethod(fast_recommendations)
+
+
+class FastSimilarRoute(FastRoute):
+    fast = staticmethod(fast_similar)
 
 
 def recommendations(
@@ -363,13 +409,6 @@ router.add_api_route(
 )
 
 
-@router.get(
-    "/v1/items/{item_id}/similar",
-    tags=["recommendations"],
-    summary="Items most similar to an item",
-    response_model=SimilarItems,
-    responses={404: err("The item is not in the served model."), **VALIDATION, **NO_MODEL, **URL_TOO_LONG},
-)
 def similar(
     request: Request,
     item_id: ItemIdPath,
@@ -399,6 +438,18 @@ def similar(
             "items": items,
         }
     )
+
+
+router.add_api_route(
+    "/v1/items/{item_id}/similar",
+    similar,
+    methods=["GET"],
+    route_class_override=FastSimilarRoute,
+    tags=["recommendations"],
+    summary="Items most similar to an item",
+    response_model=SimilarItems,
+    responses={404: err("The item is not in the served model."), **VALIDATION, **NO_MODEL, **URL_TOO_LONG},
+)
 
 
 @router.post(

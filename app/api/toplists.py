@@ -1,4 +1,4 @@
-"""Every model user's top-N items, searched once per checkpoint and cached on disk.
+"""Every model user's top-N items (and every item's most similar ones), searched once per checkpoint.
 
 A model is fixed between swaps, and so is each user's ranking: searching FAISS on every request repeats
 the same work. After load, a background thread searches all users at once (batched, with the index the
@@ -6,7 +6,8 @@ request path would use, the checkpoint's seen items and explicit negatives alrea
 the best ``n`` rows and scores per user. A recommendation for a model user is then a walk down that list,
 skipping items touched since training and hidden items; when fewer than ``k`` survive (or k > n) the
 request searches as before. Measured in bench/serve.py: the search was the largest part of a
-recommendation's server CPU.
+recommendation's server CPU. Similar items get the same treatment: each item's list leaves out the item
+itself, and hidden items are skipped per request.
 
 The table is cached under ``RECSYS_DATA_DIR/index-cache`` by a key of the checkpoint's file checksums and
 the serving index's settings, and memory-mapped, so all workers share one copy in the page cache and a
@@ -53,17 +54,18 @@ class TopLists:
         return int(self.rows.shape[1])
 
 
-def cache_key(ckpt: Any, n: int, index_settings: dict[str, Any]) -> str:
-    """Same checkpoint files, same index settings and length → the same table."""
+def cache_key(ckpt: Any, n: int, index_settings: dict[str, Any], kind: str) -> str:
+    """Same checkpoint files, same index settings, kind (users or items) and length → the same table."""
     files = ckpt.manifest.get("files", {})
-    digest = json.dumps([files, index_settings, n, FORMAT], sort_keys=True, default=str)
+    digest = json.dumps([files, index_settings, n, kind, FORMAT], sort_keys=True, default=str)
     return hashlib.sha256(digest.encode()).hexdigest()[:24]
 
 
-def build(user_emb: np.ndarray, excluded: sparse.csr_matrix, index: Any, n: int) -> TopLists:
-    """Search every user with ``index`` and keep their best ``n`` rows not in ``excluded`` (user × item).
+def build(queries: np.ndarray, excluded: sparse.csr_matrix, index: Any, n: int) -> TopLists:
+    """Search every query (a user's or an item's vector) with ``index`` and keep its best ``n`` rows not in
+    its row of ``excluded`` (query × item).
 
-    Users are searched in order of how many items they exclude, so each batch fetches only as many
+    Queries are searched in order of how many items they exclude, so each batch fetches only as many
     extra hits as its own heaviest user needs.
     """
     start = time.perf_counter()
@@ -83,7 +85,7 @@ def build(user_emb: np.ndarray, excluded: sparse.csr_matrix, index: Any, n: int)
             size = max(1, MAX_RESULTS // fetch)
         users = order[pos : pos + size]
         pos += len(users)
-        query = np.ascontiguousarray(user_emb[users], dtype=np.float32)
+        query = np.ascontiguousarray(queries[users], dtype=np.float32)
         scores, rows = index.search(query, fetch)
         valid = rows >= 0
         # drop each user's own exclusions: (user, item) pairs as one int64 key, matched by sorting
@@ -127,44 +129,52 @@ def _write(base: Path, top: TopLists) -> None:
         os.replace(tmp, path)
 
 
-def cached(ckpt: Any, n: int, index_settings: dict[str, Any], cache_dir: Path | None) -> TopLists | None:
-    """The finished table from the cache, or None (cheap: safe on the load path)."""
+def cached(
+    ckpt: Any, kind: str, n: int, index_settings: dict[str, Any], cache_dir: Path | None
+) -> TopLists | None:
+    """The finished table of ``kind`` ("users" or "items") from the cache, or None (cheap: safe on the load
+    path)."""
     if cache_dir is None:
         return None
-    return _read(cache_dir / cache_key(ckpt, n, index_settings), len(ckpt.user_ids), n)
+    n_rows = len(ckpt.user_ids if kind == "users" else ckpt.item_ids)
+    return _read(cache_dir / cache_key(ckpt, n, index_settings, kind), n_rows, n)
 
 
 def prepare(
     ckpt: Any,
+    kind: str,
     excluded: sparse.csr_matrix,
     index: Any,
     n: int,
     index_settings: dict[str, Any],
     cache_dir: Path | None,
 ) -> TopLists:
-    """Read the cached table or build it; one builder per cache entry at a time (other workers wait)."""
+    """Read the cached table or build it; one builder per cache entry at a time (other workers wait).
+
+    ``kind`` "users": queries are the user embeddings; "items": the item embeddings (similar items)."""
     faiss.omp_set_num_threads(1)  # a background job: leave the other core to requests
-    user_emb = np.asarray(ckpt.user_embeddings, dtype=np.float32)
+    queries = np.asarray(ckpt.user_embeddings if kind == "users" else ckpt.item_embeddings, dtype=np.float32)
+    n_rows = len(queries)
     if cache_dir is None:
-        return build(user_emb, excluded, index, n)
-    base = cache_dir / cache_key(ckpt, n, index_settings)
+        return build(queries, excluded, index, n)
+    base = cache_dir / cache_key(ckpt, n, index_settings, kind)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         lock = base.with_suffix(".top.lock").open("a")
     except OSError as exc:  # a read-only data directory: build for this process only
         log.warning("top-list cache unavailable", extra={"path": str(cache_dir), "reason": str(exc)})
-        return build(user_emb, excluded, index, n)
+        return build(queries, excluded, index, n)
     with lock, contextlib.ExitStack() as stack:
         fcntl.flock(lock, fcntl.LOCK_EX)
         stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
-        hit = _read(base, len(ckpt.user_ids), n)
+        hit = _read(base, n_rows, n)
         if hit is not None:
             return hit
-        top = build(user_emb, excluded, index, n)
+        top = build(queries, excluded, index, n)
         try:
             _write(base, top)
         except OSError as exc:
             log.warning("could not cache the top lists", extra={"reason": str(exc)})
             return top
-        mapped = _read(base, len(ckpt.user_ids), n)  # the mapped copy: shared with other workers
+        mapped = _read(base, n_rows, n)  # the mapped copy: shared with other workers
         return top if mapped is None else dataclasses.replace(mapped, build_seconds=top.build_seconds)

@@ -51,17 +51,17 @@ def test_recommendations_for_a_known_user_exclude_seen_items(server: Server) -> 
     assert not got & negatives and seen - negatives <= got
 
 
-def _touched(server: Server, user: str) -> set[str]:
-    """Items the user has any event for in the database (before or after the model's watermark)."""
+def _item_ids(server: Server, user: str | None) -> set[str]:
+    """Items the user has any event for (before or after the model's watermark); None: hidden items."""
     engine = make_engine(server.dep.url)
+    query = select(Item.external_id)
+    if user is None:
+        query = query.where(Item.hidden.is_(True))
+    else:
+        query = query.join(Event, Event.item_id == Item.id).join(User, User.id == Event.user_id)
+        query = query.where(User.external_id == user)
     try:
         with engine.connect() as conn:
-            query = (
-                select(Item.external_id)
-                .join(Event, Event.item_id == Item.id)
-                .join(User, User.id == Event.user_id)
-                .where(User.external_id == user)
-            )
             return set(conn.execute(query).scalars())
     finally:
         engine.dispose()
@@ -69,7 +69,8 @@ def _touched(server: Server, user: str) -> set[str]:
 
 def test_served_lists_are_the_models_exact_top_k(server: Server) -> None:
     """Once the top lists are built, what is served is the checkpoint's own ranking, computed here with
-    numpy: dot products, checkpoint seen items and explicit negatives and the user's events left out."""
+    numpy: dot products, hidden items, checkpoint seen items, explicit negatives and the user's events left
+    out; for similar items, the item itself and hidden items."""
     with server.client() as c:
         deadline = time.monotonic() + 30
         while not re.search(r"^recsys_serving_top_lists(\{[^}]*\})? 1\.0$", c.get("/metrics").text, re.M):
@@ -79,15 +80,23 @@ def test_served_lists_are_the_models_exact_top_k(server: Server) -> None:
         users = np.asarray(ckpt.user_embeddings)
         items = np.asarray(ckpt.item_embeddings)
         feedback = getattr(ckpt, "feedback", None)
+        hidden = {ckpt.item_row[i] for i in _item_ids(server, None)}
         for user in ("u5", "u17", "u42", "u99", "u250"):
             row = ckpt.user_row[user]
-            banned = {int(j) for j in ckpt.seen[row].indices}
+            banned = {int(j) for j in ckpt.seen[row].indices} | hidden
             if feedback is not None:
                 banned |= {int(j) for j in feedback[row].indices}
-            banned |= {ckpt.item_row[i] for i in _touched(server, user)}
+            banned |= {ckpt.item_row[i] for i in _item_ids(server, user)}
             scores = items @ users[row]
             order = [j for j in np.argsort(-scores, kind="stable") if j not in banned][:10]
             body = c.get(f"/v1/users/{user}/recommendations", params={"k": 10}).json()
+            assert [i["item_id"] for i in body["items"]] == [ckpt.item_ids[j] for j in order]
+            assert np.allclose([i["score"] for i in body["items"]], scores[order], atol=1e-5)
+        for item in ("i3", "i77", "i150", "i399"):
+            row = ckpt.item_row[item]
+            scores = items @ items[row]
+            order = [j for j in np.argsort(-scores, kind="stable") if j not in hidden | {row}][:10]
+            body = c.get(f"/v1/items/{item}/similar", params={"k": 10}).json()
             assert [i["item_id"] for i in body["items"]] == [ckpt.item_ids[j] for j in order]
             assert np.allclose([i["score"] for i in body["items"]], scores[order], atol=1e-5)
 

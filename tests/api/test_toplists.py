@@ -67,6 +67,18 @@ def test_top_lists_give_what_a_search_gives(
     assert model.from_top_list(HEAVY, 11, []) is None
     assert answered >= (3 * N_USERS - 3 if ann_min_items is None else 0.95 * 3 * N_USERS)
 
+    assert model.top_similar is not None and model.top_similar.rows.shape == (N_ITEMS, 50)
+    answered = 0
+    for row in range(0, N_ITEMS, 3):
+        for k in (1, 10, 50):
+            want = model.search(model._item_emb[row], k, [row])
+            got = model.similar_from_list(row, k)
+            if got is not None:
+                _same(got, want)
+                answered += 1
+            _same(model.similar(row, k), want)
+    assert answered >= (3 * N_ITEMS // 3 if ann_min_items is None else 0.95 * 3 * N_ITEMS // 3)
+
 
 def test_recent_and_hidden_items_are_skipped(checkpoint: Path) -> None:
     model = _settled(load_model(checkpoint, top_n=30))
@@ -79,6 +91,10 @@ def test_recent_and_hidden_items_are_skipped(checkpoint: Path) -> None:
     assert got is not None and not set(got.rows.tolist()) & {*recent, hidden}
     _same(got, model.search(model.user_vector(row), 10, recent + model.seen_rows(row).tolist()))
     assert got.rows.tolist() == [r for r in full.rows.tolist() if r not in {*recent, hidden}][:10]
+    item = int(model.top_similar.rows[hidden, 0])  # the hidden item's nearest neighbour
+    similar = model.similar_from_list(item, 10)
+    assert similar is not None and hidden not in similar.rows.tolist() and item not in similar.rows.tolist()
+    _same(similar, model.search(model._item_emb[item], 10, [item]))
 
 
 def test_lists_that_run_out_fall_back_to_search(checkpoint: Path) -> None:
@@ -110,9 +126,11 @@ def test_small_batches_build_the_same_table(checkpoint: Path, monkeypatch: pytes
 def test_top_lists_are_cached_and_a_broken_cache_is_rebuilt(checkpoint: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first = _settled(load_model(checkpoint, index_cache=cache, top_n=25))
-    (rows_file,) = cache.glob("*.top-rows.npy")
+    tables = {np.load(f, mmap_mode="r").shape[0]: f for f in cache.glob("*.top-rows.npy")}
+    assert sorted(tables) == [N_USERS, N_ITEMS]  # one per kind: users and similar items
+    rows_file = tables[N_USERS]
     again = load_model(checkpoint, index_cache=cache, top_n=25)  # another worker, or a restart
-    assert again.top is not None and not again.top_pending  # read at load: no background build
+    assert again.top is not None and again.top_similar is not None and not again.top_pending  # no rebuild
     assert np.array_equal(again.top.rows, first.top.rows)
     other_length = load_model(checkpoint, index_cache=cache, top_n=26)  # a different table, its own entry
     assert other_length.top is None and other_length.top_pending
