@@ -1,14 +1,15 @@
 """Serving throughput and latency of the real HTTP service on loopback, next to a trivial endpoint.
 
     .venv/bin/python bench/serve.py [--users 100000] [--items 50000] [--seconds 4] [--workers 1 2]
-                                    [--postgres postgresql://postgres@127.0.0.1:5432/test]
+                                    [--repeat 3] [--postgres postgresql://postgres@127.0.0.1:5432/test]
 
-Builds a 100k-user × 50k-item checkpoint (random embeddings: serving cost does not depend on their
-quality) and a SQLite (or a new, dropped-afterwards PostgreSQL) database with those users, items and ~10 events per user; starts the service
+Builds a 100k-user × 50k-item checkpoint (SVD of a clustered synthetic log; ``--embeddings random`` for
+structureless ones) and a SQLite (or a new, dropped-afterwards PostgreSQL) database with those users, items and ~10 events per user; starts the service
 through ``app.api.server.run`` (1 and 2 workers); a load generator in another process (wrk when
 installed, else an async httpx client; bounded by time and request count) measures requests/s and p50/p95/p99 for recommendations,
-similar items, single events and /healthz at concurrency 1, 16 and 64.
-Prints a Markdown table and writes bench/results/serve.json.
+similar items, single events and /healthz at concurrency 1, 16 and 64, ``--repeat`` times per cell in
+rounds over the endpoints (medians reported). Measurement starts once every worker has its serving index
+and top lists. Prints a Markdown table and writes bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ENDPOINTS = ("healthz", "recommendations", "similar", "events")
+MEDIAN_KEYS = ("rps", "p50_ms", "p95_ms", "p99_ms", "server_cpu_ms_per_req")
 
 
 # --- fixture -------------------------------------------------------------------------------------
@@ -425,6 +428,20 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="Measurements per cell, in rounds over the endpoints; the table shows medians. With several "
+        "workers, which worker each of wrk's connections lands on varies from run to run.",
+    )
+    parser.add_argument(
+        "--endpoints",
+        nargs="+",
+        choices=ENDPOINTS,
+        default=list(ENDPOINTS),
+        help="Endpoints to measure, in this order (keep healthz first: ratios are against it).",
+    )
+    parser.add_argument(
         "--fixture",
         type=Path,
         help="Keep the SQLite fixture in this directory and reuse it on later runs (built when missing).",
@@ -476,12 +493,24 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
         )
         try:
             for conc in args.concurrency:
-                for endpoint in ENDPOINTS:
-                    cpu0 = group_cpu_seconds(proc.pid)
-                    if args.loadgen == "wrk":
-                        load = wrk_load(base, endpoint, conc, args.seconds, args.users, args.items)
-                    else:
-                        load = httpx_load(args, base, endpoint, conc)
+                runs: dict[str, list[dict]] = {endpoint: [] for endpoint in args.endpoints}
+                for _ in range(args.repeat):  # rounds, so every endpoint sees the same machine state
+                    for endpoint in args.endpoints:
+                        cpu0 = group_cpu_seconds(proc.pid)
+                        if args.loadgen == "wrk":
+                            load = wrk_load(base, endpoint, conc, args.seconds, args.users, args.items)
+                        else:
+                            load = httpx_load(args, base, endpoint, conc)
+                        cpu = group_cpu_seconds(proc.pid) - cpu0
+                        load["server_cpu_ms_per_req"] = round(1000 * cpu / max(load["requests"], 1), 3)
+                        runs[endpoint].append(load)
+                        print(
+                            json.dumps(
+                                {"workers": workers, "concurrency": conc, "endpoint": endpoint, **load}
+                            ),
+                            file=sys.stderr,
+                        )
+                for endpoint, done in runs.items():
                     row = {
                         "workers": workers,
                         "concurrency": conc,
@@ -489,12 +518,13 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
                         "ready_s": round(ready, 2),
                         "index": index,
                         "loadgen": args.loadgen,
-                        **load,
+                        "repeats": len(done),
+                        **{key: float(statistics.median(d[key] for d in done)) for key in MEDIAN_KEYS},
+                        "requests": sum(d["requests"] for d in done),
+                        "errors": sum(d["errors"] for d in done),
+                        "runs": done,
                     }
-                    cpu = group_cpu_seconds(proc.pid) - cpu0
-                    row["server_cpu_ms_per_req"] = round(1000 * cpu / max(row["requests"], 1), 3)
                     results.append(row)
-                    print(json.dumps(row), file=sys.stderr)
         finally:
             stop_server(proc)
 

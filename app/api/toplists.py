@@ -38,6 +38,7 @@ log = logging.getLogger("recsys.toplists")
 FORMAT = 1
 DEFAULT_N = 100  # items kept per user: k up to this is answered from the list
 MAX_RESULTS = 4_000_000  # (queries × fetched hits) per FAISS call: bounds the build's memory to ~50 MB
+KEEP_CACHE_KEYS = 12  # newest cache entries kept (each checkpoint has up to 3: its IVF index and 2 tables)
 MAX_EXCLUDED = 20_000  # users with more checkpoint exclusions than this are left to the search path
 
 
@@ -176,5 +177,32 @@ def prepare(
         except OSError as exc:
             log.warning("could not cache the top lists", extra={"reason": str(exc)})
             return top
+        prune(cache_dir)
         mapped = _read(base, n_rows, n)  # the mapped copy: shared with other workers
         return top if mapped is None else dataclasses.replace(mapped, build_seconds=top.build_seconds)
+
+
+def prune(cache_dir: Path, keep: int = KEEP_CACHE_KEYS) -> list[str]:
+    """Delete all but the ``keep`` most recently written cache entries (IVF indexes and tables alike);
+    returns the keys removed.
+
+    Every retrained checkpoint adds entries (80 MB of tables for 100k users), so the directory would only
+    grow. Unlinking is safe for a worker still serving an old model: its mapped files stay readable until
+    it lets go of them; a restart that needs an entry again rebuilds it.
+    """
+    newest: dict[str, float] = {}
+    try:
+        for path in cache_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # another worker may be pruning too
+                key = path.name.split(".", 1)[0]
+                newest[key] = max(newest.get(key, 0.0), path.stat().st_mtime)
+        old = sorted(newest, key=newest.__getitem__, reverse=True)[keep:]
+        for path in cache_dir.iterdir():
+            if path.name.split(".", 1)[0] in old:
+                path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not prune the serving cache", extra={"path": str(cache_dir), "reason": str(exc)})
+        return []
+    if old:
+        log.info("pruned the serving cache", extra={"path": str(cache_dir), "removed": len(old)})
+    return old

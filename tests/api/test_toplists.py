@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -151,3 +152,19 @@ def test_top_lists_can_be_turned_off(checkpoint: Path, tmp_path: Path) -> None:
     assert model.top is None and not model.top_pending and not (tmp_path / "cache").exists()
     got = model.recommend(2, 10, [])
     _same(got, model.search(model.user_vector(2), 10, model.seen_rows(2).tolist()))
+
+
+def test_the_cache_keeps_only_the_newest_entries(tmp_path: Path) -> None:
+    """Each retrained checkpoint adds entries; the oldest go, all of their files together."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for n in range(15):
+        for suffix in (".faiss", ".json", ".top-rows.npy", ".top.lock"):
+            path = cache / f"key{n:02d}{suffix}"
+            path.write_bytes(b"x")
+            os.utime(path, (1_000_000 + n, 1_000_000 + n))
+    removed = toplists.prune(cache, keep=12)
+    assert sorted(removed) == ["key00", "key01", "key02"]
+    left = {p.name.split(".", 1)[0] for p in cache.iterdir()}
+    assert left == {f"key{n:02d}" for n in range(3, 15)} and len(list(cache.iterdir())) == 12 * 4
+    assert toplists.prune(cache, keep=12) == []
