@@ -59,6 +59,12 @@ TOP_LISTS = Gauge(
     "1 when model users' recommendations come from lists precomputed at load (0 while they are built)",
     multiprocess_mode="liveall",
 )
+RECENT_VIEW_READY = Gauge(
+    "recsys_recent_events_view_ready",
+    "1 when this worker's in-memory view of events since the model's watermark answers; 0 while it is "
+    "(re)built after a swap, or after an overflow: recommendations then read the user's events from the database",
+    multiprocess_mode="liveall",
+)
 IMPRESSIONS_DROPPED = Counter("recsys_impressions_dropped_total", "Served lists not logged (queue full)")
 
 

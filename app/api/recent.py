@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 
 from sqlalchemy import Engine, bindparam, select
 
+from app.api import metrics
 from app.db.models import Event, Item, User
 
 log = logging.getLogger("recsys.recent")
@@ -94,10 +95,12 @@ class RecentEventsView:
 
     def _rebuild(self, watermark: int) -> None:
         self.watermark = None  # readers fall back to the database meanwhile
+        metrics.RECENT_VIEW_READY.set(0)
         self._users, self._count, self._last_id, self.overflow = {}, 0, watermark, False
         self._gaps = {}
         self._tail(watermark)
         self.watermark = watermark
+        metrics.RECENT_VIEW_READY.set(0 if self.overflow else 1)
 
     def _add(self, rows: Sequence[tuple[int, str, str]]) -> None:
         users = self._users
@@ -133,6 +136,7 @@ class RecentEventsView:
     def _check_size(self) -> bool:
         if self._count > self.max_events:
             self.overflow = True
+            metrics.RECENT_VIEW_READY.set(0)
             self._users, self._gaps = {}, {}
             log.warning("too many events since the model's watermark; recommendations query the database")
         return self.overflow

@@ -223,6 +223,7 @@ def test_metrics_count_routes_and_fallbacks(server: Server) -> None:
     assert 'recsys_fallbacks_total{source="popular"}' in text
     assert "recsys_events_written_total" in text
     assert "recsys_http_request_duration_seconds_bucket" in text
+    assert re.search(r"^recsys_recent_events_view_ready(\{[^}]*\})? 1\.0$", text, re.M)
 
 
 def test_events_written_by_another_process_are_excluded_soon(server: Server) -> None:
