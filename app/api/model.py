@@ -374,8 +374,8 @@ def load_model(
     """Read, verify and prepare a checkpoint (blocking: call it from a thread, never the event loop).
 
     A catalogue over ``ann_min_items`` (default ``ann.ANN_MIN_ITEMS``) served by an exact index gets an
-    IVF index (see app.api.ann), and every user a precomputed list of their ``top_n`` items (see
-    app.api.toplists; 0: none). Both are read from ``index_cache`` when already built, else built in one
+    IVF index (see app.api.ann); every user gets a precomputed list of their ``top_n`` items and every
+    item one of its ``top_n`` most similar items (see app.api.toplists; 0: none). Both are read from ``index_cache`` when already built, else built in one
     background thread while plain search serves, so readiness does not wait for them.
     """
     start = time.perf_counter()
