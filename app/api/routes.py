@@ -328,7 +328,6 @@ def recommendations(
     row = model.user_row(user_id)
     history: list[int] = []
     if row is not None:
-        exclude: list[int]
         if exclude_seen:
             recent = state.recent.items_for(user_id, model.watermark)
             if recent is None:  # the in-memory view cannot tell: ask the database
@@ -337,21 +336,20 @@ def recommendations(
                         conn, user_id, model.watermark, state.settings.negative_types
                     ).item_ids
             rows = model.rows_of(recent)
-            if not filters.active:  # the precomputed list, or a search
-                ranked = model.recommend(row, k, rows)
-            else:
+            if filters.active:
                 rows.extend(model.seen_rows(row).tolist())
         else:  # explicit negatives stay out: the checkpoint's, and those recorded since it was trained
             with state.engine.connect() as conn:
                 since = recent_events(conn, user_id, model.watermark, state.settings.negative_types)
             rows = model.rows_of(since.negative_item_ids)
             rows.extend(model.negative_rows(row).tolist())
-        rows.extend(filters.exclude)
-        vector = model.user_vector(row)
         if filters.active:
-            ranked = model.search_filtered(vector, k, rows, filters.only)
-        elif not exclude_seen:
-            ranked = model.search(vector, k, rows)
+            rows.extend(filters.exclude)
+            ranked = model.search_filtered(model.user_vector(row), k, rows, filters.only)
+        elif exclude_seen:  # the precomputed list, or a search
+            ranked = model.recommend(row, k, rows)
+        else:
+            ranked = model.search(model.user_vector(row), k, rows)
         source = "model"
         if explain:
             with state.engine.connect() as conn:

@@ -94,9 +94,9 @@ def build(queries: np.ndarray, excluded: sparse.csr_matrix, index: Any, n: int) 
         banned = sub.row.astype(np.int64) * n_items + sub.col
         keys = np.arange(len(users), dtype=np.int64)[:, None] * n_items + np.clip(rows, 0, None)
         valid &= ~np.isin(keys, banned)
-        valid &= np.cumsum(valid, axis=1) <= n
-        r, c = np.nonzero(valid)
-        slot = (np.cumsum(valid, axis=1) - 1)[r, c]
+        rank = np.cumsum(valid, axis=1)  # 1-based place among the user's valid hits
+        r, c = np.nonzero(valid & (rank <= n))
+        slot = rank[r, c] - 1
         out_rows[users[r], slot] = rows[r, c]
         out_scores[users[r], slot] = scores[r, c]
     return TopLists(out_rows, out_scores, time.perf_counter() - start)
