@@ -320,7 +320,7 @@ def retrain_cmd(
     """
     from app.db.engine import SchemaError
     from app.db.lock import LockHeld
-    from trainer.retrain import RetrainError, RetrainOptions, retrain
+    from app.jobs.retrain import RetrainError, RetrainOptions, retrain
     from trainer.train import TrainConfig
 
     settings = get_settings()
@@ -393,8 +393,6 @@ def demo(
     step("synth", *seed_args, "--out", str(log))
     step("db", "upgrade")
     step("import", str(log))
-    if "train" not in {c.name for c in app.registered_commands}:
-        raise fail("the trainer is not part of this build yet: data is loaded, nothing to serve", code=3)
     step("train", "--out", str(settings.checkpoints_path))
     if no_serve:
         return
@@ -404,16 +402,9 @@ def demo(
     serve(host="127.0.0.1", port=port, workers=1, checkpoint=None)
 
 
-def _register_plugins() -> None:
-    """Attach the command groups that live beside their code (trainer, …)."""
-    try:
-        from trainer.cli import register
-    except ImportError:  # the trainer's commands are not installed in this build
-        return
-    register(app)
+from app.train_cli import register  # noqa: E402 - train, evaluate, recommend, negatives
 
-
-_register_plugins()
+register(app)
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer.data import build_dataset, load_event_file  # noqa: E402
+from app.eventfiles import read_event_file as load_event_file  # noqa: E402
+from trainer.data import build_dataset  # noqa: E402
 from trainer.pipeline import run  # noqa: E402
 from trainer.samplers import SamplerConfig  # noqa: E402
 from trainer.train import TrainConfig, fit  # noqa: E402

@@ -47,3 +47,20 @@ def test_every_cli_command_has_help() -> None:
         assert name in top.output
         result = runner.invoke(app, [name, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, name
+
+
+def test_trainer_never_imports_app() -> None:
+    """Dependencies point one way (DESIGN.md): the trainer is a library that knows nothing of the service."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "trainer").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
+                          if n == "app" or n.startswith("app.")]
+    assert not offenders, offenders

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,27 +19,6 @@ from scipy import sparse
 NEGATIVE_TYPES = frozenset({"dislike", "skip", "hide"})
 TEST_FRACTION = 0.2
 MIN_EVENTS = 5
-
-
-def load_event_file(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
-    """Read an event file through the service's reader (MovieLens u.data / ratings.csv, CSV, Parquet)."""
-    from app.eventfiles import read_event_file
-
-    return read_event_file(path, fmt)
-
-
-def load_db_events(until_id: int | None = None) -> tuple[pd.DataFrame, int | None]:
-    """All events from the configured database and the watermark (largest events.id) they go up to."""
-    from app.db.engine import make_engine
-    from app.db.events import read_events
-
-    engine = make_engine()
-    try:
-        frame = read_events(engine, until_id=until_id)
-    finally:
-        engine.dispose()
-    watermark = int(frame["id"].max()) if len(frame) else None
-    return frame, watermark
 
 
 def temporal_split(

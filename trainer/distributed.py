@@ -70,13 +70,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``python -m app.cli <argv>`` as ``nproc`` ranks on this machine; return the exit code.
+def launch(nproc: int, module: str, argv: list[str]) -> int:
+    """Run ``python -m <module> <argv>`` as ``nproc`` ranks on this machine; return the exit code.
 
-    ``argv`` must not contain ``--nproc`` (the children would launch again).
+    ``argv`` must not contain the option that asked for the launch (the children would launch again).
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "app.cli", *argv]
+           "-m", module, *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # the launcher's own default; stated here so it is visible
     return subprocess.call(cmd, env=env)

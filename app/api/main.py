@@ -18,7 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from app.api import admin, catalog, errors, logs, routes
+from app.api import admin, catalog, errors, events, logs, routes
 from app.api.holder import ModelHolder
 from app.api.middleware import RequestContext
 from app.api.recent import RecentEventsView
@@ -132,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(catalog.router)  # first: /v1/items/popular before /v1/items/{item_id}
     app.include_router(routes.router)
+    app.include_router(events.router)
     app.include_router(admin.router)
     app.add_middleware(RequestContext)
     return app

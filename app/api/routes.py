@@ -1,4 +1,4 @@
-"""Public routes: recommendations, similar items, event ingestion, health, readiness and metrics.
+"""Public routes: recommendations, similar items, health, readiness and metrics (events: app.api.events).
 
 Handlers that touch FAISS or the database are plain ``def``: FastAPI runs them in its threadpool,
 keeping the event loop free (FAISS and the DB drivers release the GIL while they work). The common
@@ -10,14 +10,13 @@ user's precomputed list (app.api.toplists) or, before it is built, one cheap sea
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import StringConstraints
 from starlette.types import Receive, Scope, Send
@@ -28,8 +27,6 @@ from app.api.errors import ApiError
 from app.api.jsonresp import JSON
 from app.api.model import Ranked, ServedModel
 from app.api.schemas import (
-    EventIn,
-    EventsAccepted,
     Health,
     Readiness,
     Recommendations,
@@ -37,7 +34,6 @@ from app.api.schemas import (
     _printable,
 )
 from app.api.userdata import recent_events
-from app.db.events import insert_event_rows
 from app.db.impressions import Served
 
 router = APIRouter()
@@ -448,55 +444,6 @@ router.add_api_route(
     response_model=SimilarItems,
     responses={404: err("The item is not in the served model."), **VALIDATION, **NO_MODEL, **URL_TOO_LONG},
 )
-
-
-@router.post(
-    "/v1/events",
-    tags=["events"],
-    summary="Record one event or a batch",
-    response_model=EventsAccepted,
-    responses={
-        413: err("More events than RECSYS_MAX_BATCH_EVENTS (default 1000) in one request."),
-        422: err("Malformed JSON or an invalid field (nothing is stored)."),
-    },
-)
-def post_events(
-    request: Request,
-    body: Annotated[
-        EventIn | list[EventIn],
-        Body(
-            description="One event object, or a JSON array of up to RECSYS_MAX_BATCH_EVENTS (default 1000)."
-        ),
-    ],
-) -> Response:
-    """All-or-nothing: the answer comes after the commit, so an acknowledged event survives a crash.
-    Idempotent by `event_id`: retries are counted as `duplicates`. Unknown users and items are created."""
-    events = body if isinstance(body, list) else [body]
-    limit = request.app.state.settings.max_batch_events
-    if len(events) > limit:
-        raise ApiError(413, "batch_too_large", f"{len(events)} events in one request; the limit is {limit}")
-    unique = list({e.event_id: e for e in reversed(events)}.values())[::-1]  # first occurrence wins
-    accepted = 0
-    if unique:
-        now = time.time()
-        rows = [
-            {
-                "event_id": e.event_id,
-                "user_id": e.user_id,
-                "item_id": e.item_id,
-                "type": e.type,
-                "value": e.value,
-                "timestamp": now if e.timestamp is None else e.timestamp,
-            }
-            for e in unique
-        ]
-        # SQLite has one writer: queueing on a lock here beats its busy-timeout backoff (long sleeps).
-        with request.app.state.write_lock, request.app.state.engine.begin() as conn:
-            accepted = insert_event_rows(conn, rows)
-        request.app.state.recent.add_local((e.user_id, e.item_id) for e in unique)
-    metrics.EVENTS_WRITTEN.inc(accepted)
-    metrics.EVENTS_DUPLICATE.inc(len(events) - accepted)
-    return JSON({"received": len(events), "accepted": accepted, "duplicates": len(events) - accepted})
 
 
 @router.get("/healthz", tags=["ops"], summary="Liveness", response_model=Health)

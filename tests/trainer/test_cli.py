@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from trainer.cli import register
+from app.train_cli import register
 
 FAST = ["--epochs", "2", "--batch-size", "256", "--threads", "1", "--no-progress"]
 

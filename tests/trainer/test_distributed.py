@@ -11,8 +11,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from app.train_cli import register
 from trainer.checkpoint import read_checkpoint
-from trainer.cli import register
 from trainer.distributed import strip_option
 from trainer.synth import SynthSpec, generate
 

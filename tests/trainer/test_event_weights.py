@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from app.settings import RECOMMENDED_EVENT_WEIGHTS, Settings
-from trainer.cli import register
+from app.train_cli import register
 from trainer.data import build_dataset, csr
 from trainer.evaluate import dot_scores, evaluate
 from trainer.losses import get_loss

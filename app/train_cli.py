@@ -1,4 +1,4 @@
-"""The trainer's `recsys` commands: train, evaluate, recommend, negatives compare/show.
+"""The training commands of `recsys`: train, evaluate, recommend, negatives compare/show.
 
 ``register(app)`` attaches them to the main Typer app. Torch, pandas and faiss are imported inside
 the command bodies so that ``recsys --help`` and ``recsys serve`` stay fast and torch-free.
@@ -79,19 +79,29 @@ def _config(strategy: str, loss: str, dim: int, epochs: int, seed: int, threads:
 
 def _load(events: Path | None, fmt: str | None) -> tuple[Any, int | None]:
     """Events from a file, or from the database (with its watermark) when no file is given."""
-    from trainer.data import load_db_events, load_event_file
+    from app.eventfiles import EventFileError, read_event_file
 
     if events is None:
+        from app.db.engine import SchemaError
+        from app.db.events import read_events
+        from app.db.migrate import checked_engine
+
         try:
-            frame, watermark = load_db_events()
+            engine = checked_engine()  # a schema that is behind is refused, as by every other command
+            try:
+                frame = read_events(engine)
+            finally:
+                engine.dispose()
+        except SchemaError as exc:
+            raise _fail(str(exc)) from None
         except Exception as exc:  # the database layer raises several types; report one line
             raise _fail(f"cannot read events from the database: {exc}") from None
         if frame.empty:
             raise _fail("the database holds no events; import some or pass --events FILE")
-        return frame, watermark
+        return frame, int(frame["id"].max())
     try:
-        return load_event_file(events, fmt), None
-    except (OSError, ValueError) as exc:
+        return read_event_file(events, fmt), None
+    except (OSError, ValueError, EventFileError) as exc:
         raise _fail(str(exc)) from None
 
 
@@ -166,7 +176,7 @@ def train(
                   alpha, pool, skip, refresh_every, index_type, hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights), device=device)
     if nproc > 1 and not dist.in_torchrun():
-        raise typer.Exit(dist.launch(nproc, dist.strip_option(sys.argv[1:], "--nproc")))
+        raise typer.Exit(dist.launch(nproc, "app.cli", dist.strip_option(sys.argv[1:], "--nproc")))
     try:
         dist.init(device)
     except (RuntimeError, ValueError) as exc:

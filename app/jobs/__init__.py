@@ -1,0 +1,1 @@
+"""Jobs that read the database and call the trainer (batch retraining)."""
