@@ -131,7 +131,7 @@ def enabled(request: Request) -> str:
     """The admin token; 404 (like /admin) when none is configured."""
     token = request.app.state.settings.admin_token
     if not token:
-        raise ApiError(404, "not_found", "the dashboard is disabled (RECSYS_ADMIN_TOKEN is not set)")
+        raise ApiError(404, "admin_disabled", "the dashboard is disabled (RECSYS_ADMIN_TOKEN is not set)")
     return token
 
 

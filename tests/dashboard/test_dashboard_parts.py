@@ -4,6 +4,8 @@ new checkpoints, latency percentiles from histogram buckets, and its queries on 
 from __future__ import annotations
 
 import time
+import tomllib
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -147,3 +149,12 @@ def test_queries_and_the_rollback_plan_on_each_backend(db_url: str) -> None:
             assert registry.get_version(conn, "b")["status"] == "rejected"
     finally:
         engine.dispose()
+
+
+def test_every_template_and_asset_is_shipped_in_the_wheel() -> None:
+    root = Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["app.dashboard"]
+    package = root / "app" / "dashboard"
+    shipped = {p for g in globs for p in package.glob(g)}
+    files = {p for sub in ("templates", "static") for p in (package / sub).rglob("*") if p.is_file()}
+    assert files and files <= shipped, sorted(str(p) for p in files - shipped)

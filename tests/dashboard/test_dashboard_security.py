@@ -152,7 +152,7 @@ def test_with_no_admin_token_the_dashboard_is_off(dash_deployment) -> None:  # n
             for path in ["/dashboard", "/dashboard/login", "/dashboard/static/dashboard.css", *PAGES]:
                 r = client.get(path)
                 assert r.status_code == 404, path
-                assert r.json()["error"]["code"] == "not_found"
+                assert r.json()["error"]["code"] == "admin_disabled"
             assert client.post("/dashboard/login", data={"token": "x"}).status_code == 404
             assert client.get("/admin/models").status_code == 404  # like /admin
     finally:
