@@ -36,9 +36,23 @@ def _not_found(request: Request, message: str) -> Response:
     return page(request, "message.html", {"title": "Not found", "message": message}, status=404)
 
 
-def compare(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+def field(mapping: Any, *keys: str) -> dict[str, Any]:
+    """``mapping[k1][k2]...`` as a dict, or {} wherever a key is missing or not a mapping (old checkpoints,
+    hand-registered versions)."""
+    for key in keys:
+        mapping = mapping.get(key) if isinstance(mapping, dict) else None
+    return mapping if isinstance(mapping, dict) else {}
+
+
+def with_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """A registry row with its gate, test and most-popular figures as dicts, for the templates."""
+    return {**row, "gate": field(row, "metrics", "gate"), "test": field(row, "metrics", "test"),
+            "baseline": field(row, "metrics", "most_popular")}
+
+
+def compare(metrics: Any) -> list[dict[str, Any]]:
     """Test metrics of the model against the most-popular baseline of the same run."""
-    test, pop = metrics.get("test") or {}, metrics.get("most_popular") or {}
+    test, pop = field(metrics, "test"), field(metrics, "most_popular")
     rows = []
     for name in METRICS:
         m, p = test.get(name), pop.get(name)
@@ -60,9 +74,9 @@ def _served(request: Request) -> dict[str, Any] | None:
         "watermark": manifest.get("watermark"),
         "n_users": manifest.get("n_users"),
         "n_items": manifest.get("n_items"),
-        "strategy": ((manifest.get("config") or {}).get("sampler") or {}).get("strategy"),
+        "strategy": field(manifest, "config", "sampler").get("strategy"),
         "load_seconds": model.load_seconds,
-        "compare": compare(manifest.get("metrics") or {}),
+        "compare": compare(manifest.get("metrics")),
     }
 
 
@@ -75,7 +89,7 @@ def _overview_data(request: Request) -> dict[str, Any]:
 
     data = state.dashboard.cached("overview", COUNTS_SECONDS, counts)
     with state.engine.connect() as conn:
-        runs = registry.list_versions(conn)[:10]
+        runs = [with_metrics(r) for r in registry.list_versions(conn)[:10]]
     return {**data, "runs": runs}
 
 
@@ -151,7 +165,7 @@ def _user_data(request: Request, user_id: str, strategy: str, n: int, seed: int)
     negs, negs_error = _call(service.negatives, request, user_id, strategy, n, seed)
     chart = None
     if negs is not None:
-        summary = negs.get("summary") or {}
+        summary = field(negs, "summary")
         mean_pos, margin = summary.get("mean_positive_score"), summary.get("easy_margin")
         marker = (mean_pos - margin, "easy below") if mean_pos is not None and margin is not None else None
         chart = charts.distribution_chart(

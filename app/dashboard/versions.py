@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from app.api.errors import ApiError
 from app.dashboard import diagnostics, service
-from app.dashboard.pages import compare
+from app.dashboard.pages import compare, field, with_metrics
 from app.dashboard.web import PREFIX, CheckedSession, Session, page, redirect
 from app.db import registry
 from trainer.checkpoint import VERSION_RE, CheckpointError, read_manifest
@@ -39,13 +39,8 @@ def _served_version(request: Request) -> str | None:
 
 @router.get("/models")
 async def models_page(request: Request, session: Session, done: str | None = None) -> Response:
-    rows = await run_in_threadpool(_rows, request)
     holder = request.app.state.holder
-    for row in rows:
-        row["on_disk"] = holder.registry_path(row).is_dir()
-        row["gate"] = (row["metrics"] or {}).get("gate") or {}
-        row["test"] = (row["metrics"] or {}).get("test") or {}
-        row["baseline"] = (row["metrics"] or {}).get("most_popular") or {}
+    rows = [{**with_metrics(r), "on_disk": holder.registry_path(r).is_dir()} for r in await run_in_threadpool(_rows, request)]
     plan, _ = await run_in_threadpool(_plan, request)
     return page(request, "models.html", {"rows": rows, "served": _served_version(request), "plan": plan,
                                          "refused": dict(holder.refused), "done": done})
@@ -96,14 +91,14 @@ async def rollback(request: Request, session: CheckedSession) -> Response:
 
 def _version_context(request: Request, version: str, row: dict | None, manifest: dict | None) -> dict:
     manifest = manifest or {}
-    metrics = (row or {}).get("metrics") or manifest.get("metrics") or {}
+    metrics = field(row, "metrics") or field(manifest, "metrics")
     diag = manifest.get("diagnostics") or []
     columns, epochs = diagnostics.table(diag)
     source_columns, sources = diagnostics.source_table(diag)
-    config = manifest.get("config") or {}
+    config = field(manifest, "config")
     return {
         "version": version, "row": row, "manifest": manifest, "metrics": metrics, "compare": compare(metrics),
-        "gate": metrics.get("gate") or {}, "config": config, "sampler": config.get("sampler") or {},
+        "gate": field(metrics, "gate"), "config": config, "sampler": field(config, "sampler"),
         "charts": diagnostics.charts(diag), "columns": columns, "epochs": epochs,
         "source_columns": source_columns, "sources": sources, "served": _served_version(request),
     }
@@ -127,10 +122,10 @@ async def promote_confirm(request: Request, session: Session, version: str) -> R
         return _missing(request, version)
     row, manifest, error = found
     served = request.app.state.holder.current
-    current = compare(served.ckpt.manifest.get("metrics") or {}) if served else []
+    current = compare(served.ckpt.manifest.get("metrics")) if served else []
     return page(request, "confirm.html", {
         "action": "promote", "version": version, "row": row, "manifest_error": error,
-        "candidate": compare((row or {}).get("metrics") or (manifest or {}).get("metrics") or {}),
+        "candidate": compare(field(row, "metrics") or field(manifest, "metrics")),
         "current": current, "served": _served_version(request),
     })
 

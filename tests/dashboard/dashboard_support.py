@@ -62,12 +62,14 @@ def form_token(html: str) -> str:
 
 def deployment(data_dir: Path) -> Deployment:
     """The synthetic log in SQLite, v1 trained by the trainer and promoted, v2 (the log's planted clusters,
-    with the sparse diagnostics of an older checkpoint) registered as a candidate."""
+    with the sparse diagnostics of an older checkpoint) registered as a candidate, and v0: registered by
+    hand with odd metrics, its checkpoint gone."""
     dep = deploy(f"sqlite:///{data_dir / 'recsys.db'}", data_dir, trained=True)
     path = cluster_checkpoint(dep.checkpoints, dep.frame, "v2", watermark=None, seed=1)
     engine = make_engine(dep.url)
     try:
         with engine.begin() as conn:
+            registry.register(conn, "v0", str(data_dir / "gone"), metrics={"test": 0.3, "gate": "?"})
             registry.register(conn, "v2", str(path), metrics={"test": {"ndcg@10": 0.5}})
     finally:
         engine.dispose()

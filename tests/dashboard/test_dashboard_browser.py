@@ -69,7 +69,7 @@ def test_overview_shows_the_served_model_counts_events_and_traffic(page, dash_se
     routes = page.locator("section:has(h2:text('Requests')) tbody th").all_inner_texts()
     assert "GET /v1/users/{user_id}/recommendations" in routes
     runs = page.locator("section:has(h2:text('Recent training runs')) tbody tr")
-    assert runs.count() == 2
+    assert runs.count() == 3
     screenshot(page, "overview", full_page=True)
 
 
@@ -139,14 +139,18 @@ def test_promote_and_roll_back_through_their_confirmation(page, dash_server: Das
         page.wait_for_url("**/dashboard/models/v2?done=promoted")
         models = admin.get("/admin/models").json()
         assert models["served_version"] == "v2"
-        assert {m["version"]: m["status"] for m in models["models"]} == {"v1": "candidate", "v2": "promoted"}
+        assert {m["version"]: m["status"] for m in models["models"]} == {
+            "v0": "candidate", "v1": "candidate", "v2": "promoted",
+        }
         page.click("a:text('Roll back to v1…')")
         page.wait_for_url("**/dashboard/rollback")
         page.click("button:text('Roll back to v1')")
         page.wait_for_url("**/dashboard/models/v1?done=rolled-back")
         models = admin.get("/admin/models").json()
     assert models["served_version"] == "v1"
-    assert {m["version"]: m["status"] for m in models["models"]} == {"v1": "promoted", "v2": "rejected"}
+    assert {m["version"]: m["status"] for m in models["models"]} == {
+        "v0": "candidate", "v1": "promoted", "v2": "rejected",
+    }
     with dash_server.admin() as admin:  # leave v2 a candidate again, as the other tests expect
         assert admin.post("/admin/models/v2/promote").status_code == 200
         assert admin.post("/admin/models/v1/promote").status_code == 200
@@ -190,7 +194,7 @@ def test_core_tables_and_the_strategy_form_work_without_javascript(browser, dash
     try:
         tab = context.new_page()
         tab.goto("/dashboard/models")
-        assert tab.locator("table.models tbody tr").count() == 2
+        assert tab.locator("table.models tbody tr").count() == 3
         tab.goto("/dashboard/users/u1")
         assert tab.locator("#recommendations tbody tr").count() == 10
         tab.select_option("select#strategy", "popularity")  # no script to submit it: the Draw button does

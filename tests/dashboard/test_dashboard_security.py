@@ -132,7 +132,7 @@ def test_sign_out_revokes_the_session_cookie(dash_server: DashServer, signed_in:
         assert replay.get("/dashboard").status_code == 303  # the old cookie, replayed, is refused
 
 
-def test_ids_with_html_are_escaped_and_bad_ids_are_a_clear_404(dash_server: DashServer, signed_in: httpx.Client) -> None:
+def test_odd_ids_and_versions_get_a_clear_page(dash_server: DashServer, signed_in: httpx.Client) -> None:
     evil = "<script>alert(1)</script>"
     r = signed_in.get("/dashboard/users/" + quote(evil, safe=""))
     assert r.status_code == 404
@@ -140,6 +140,11 @@ def test_ids_with_html_are_escaped_and_bad_ids_are_a_clear_404(dash_server: Dash
     search = signed_in.get("/dashboard/search", params={"q": evil})
     assert search.status_code == 200 and evil not in search.text
     assert signed_in.get("/dashboard/models/no-such-version").status_code == 404
+    gone = signed_in.get("/dashboard/models/v0")  # registered by hand, odd metrics, checkpoint deleted
+    assert gone.status_code == 200 and "The checkpoint cannot be read" in gone.text
+    listing = signed_in.get("/dashboard/models")
+    assert listing.status_code == 200 and "not on disk" in listing.text
+    assert 'href="/dashboard/models/v0/promote"' not in listing.text
     assert signed_in.get("/dashboard/models/v1/promote?x=1").status_code == 200
     assert signed_in.get("/dashboard/users/u1", params={"strategy": "bogus", "n": 5}).status_code == 200
     assert signed_in.get("/dashboard/users/u1", params={"n": 0}).status_code == 422
