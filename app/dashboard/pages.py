@@ -74,7 +74,7 @@ def _served(request: Request) -> dict[str, Any] | None:
         "watermark": manifest.get("watermark"),
         "n_users": manifest.get("n_users"),
         "n_items": manifest.get("n_items"),
-        "strategy": field(manifest, "config", "sampler").get("strategy"),
+        "sampler": field(manifest, "config", "sampler"),
         "load_seconds": model.load_seconds,
         "compare": compare(manifest.get("metrics")),
     }
