@@ -254,32 +254,17 @@ def models_promote(version: Annotated[str, typer.Argument(help="The version to s
 def models_rollback() -> None:
     """Go back to the version promoted before the current one; the current one is marked rejected."""
     from app.db import registry
-    from app.db.models import ModelVersion
 
     engine = _engine()
     with engine.connect() as conn:
-        versions = registry.list_versions(conn)
-    current = next((v for v in versions if v["status"] == "promoted"), None)
-    if current is None:
-        raise fail("no version is promoted: nothing to roll back")
-    earlier = sorted(
-        (
-            v
-            for v in versions
-            if v["promoted_at"] and v["status"] == "candidate" and v["version"] != current["version"]
-        ),
-        key=lambda v: v["promoted_at"],
-    )
-    if not earlier:
-        raise fail(f"{current['version']} is the only version ever promoted: nothing to roll back to")
-    _promote(earlier[-1]["version"])
+        try:
+            current, previous = registry.rollback_plan(conn)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+    _promote(previous)
     with engine.begin() as conn:
-        conn.execute(
-            ModelVersion.__table__.update()
-            .where(ModelVersion.version == current["version"])
-            .values(status="rejected")
-        )
-    typer.echo(f"rolled back from {current['version']} (now rejected) to {earlier[-1]['version']}")
+        registry.reject(conn, current)
+    typer.echo(f"rolled back from {current} (now rejected) to {previous}")
 
 
 @app.command("retrain")

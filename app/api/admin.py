@@ -138,7 +138,11 @@ async def promote(request: Request, version: Version) -> Response:
     """Loads the checkpoint first (a corrupt one is refused and nothing changes), then marks it promoted
     and swaps it in on this worker; other workers follow within RECSYS_RELOAD_POLL_SECONDS. A version
     present under the checkpoints directory but not yet registered is registered on the way."""
-    state = request.app.state
+    return JSON(await promote_version(request.app.state, version))
+
+
+async def promote_version(state: Any, version: str) -> dict[str, Any]:
+    """The promotion behind POST /admin/models/{version}/promote (and the dashboard's): raises ApiError."""
     holder = state.holder
 
     def _find() -> dict[str, Any] | None:
@@ -174,13 +178,11 @@ async def promote(request: Request, version: Version) -> Response:
     await run_in_threadpool(_promote)
     old = holder.current
     holder.swap(model)
-    return JSON(
-        {
-            "model_version": model.version,
-            "changed": old is None or old.version != model.version,
-            "load_seconds": round(model.load_seconds, 4),
-        }
-    )
+    return {
+        "model_version": model.version,
+        "changed": old is None or old.version != model.version,
+        "load_seconds": round(model.load_seconds, 4),
+    }
 
 
 @router.post(

@@ -22,6 +22,7 @@ from app.api import admin, catalog, errors, events, logs, routes
 from app.api.holder import ModelHolder
 from app.api.middleware import RequestContext
 from app.api.recent import RecentEventsView
+from app.dashboard import install as install_dashboard
 from app.db.impressions import ImpressionWriter
 from app.db.lock import SqliteWriteLock
 from app.db.migrate import checked_engine
@@ -134,5 +135,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(events.router)
     app.include_router(admin.router)
+    install_dashboard(app)
     app.add_middleware(RequestContext)
     return app

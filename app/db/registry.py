@@ -95,3 +95,28 @@ def current_promoted(conn: Connection) -> dict[str, Any] | None:
         select(t).where(t.c.status == "promoted").order_by(t.c.promoted_at.desc(), t.c.id.desc()).limit(1)
     ).first()
     return _as_dict(row) if row is not None else None  # type: ignore[arg-type]
+
+
+def rollback_plan(conn: Connection) -> tuple[str, str]:
+    """(current, previous): the promoted version and the candidate promoted most recently before it, which a
+    roll-back serves again. ValueError, with the reason, when there is nothing to roll back to."""
+    current = current_promoted(conn)
+    if current is None:
+        raise ValueError("no version is promoted: nothing to roll back")
+    earlier = sorted(
+        (
+            v
+            for v in list_versions(conn)
+            if v["promoted_at"] and v["status"] == "candidate" and v["version"] != current["version"]
+        ),
+        key=lambda v: v["promoted_at"],
+    )
+    if not earlier:
+        raise ValueError(f"{current['version']} is the only version ever promoted: nothing to roll back to")
+    return current["version"], earlier[-1]["version"]
+
+
+def reject(conn: Connection, version: str) -> None:
+    """Mark a version rejected (a rolled-back one): it is never served again unless promoted by hand."""
+    t = ModelVersion.__table__
+    conn.execute(update(t).where(t.c.version == version).values(status="rejected"))
