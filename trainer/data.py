@@ -1,7 +1,7 @@
 """From an event log to the arrays the trainer needs: id maps, the protocol split, seen/feedback matrices.
 
-The split is the project's evaluation protocol (DESIGN.md): per user, sort by (timestamp, item);
-the last 20% (ceil, at least 1) is test; users with fewer than 5 events stay in train; test items
+The split is the project's evaluation protocol (DESIGN.md): per user, sort by (timestamp, item id; ids
+compare as numbers when every id is an integer); the last 20% (ceil, at least 1) is test; users with fewer than 5 events stay in train; test items
 unseen in train are dropped; validation is carved from train the same way. Repeated (user, item)
 pairs keep their first occurrence only: a ranking that excludes the user's train items could
 never hit a repeat, so keeping it in test would only add noise.
@@ -44,6 +44,20 @@ def temporal_split(
     out = np.empty(users.size, dtype=bool)
     out[order] = held
     return out
+
+
+def code_ids(ids: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Integer codes of external ids, numbered in the protocol's order: as numbers when every id is an
+    integer (so item 10 sorts after item 9 when timestamps tie), else as strings."""
+    as_str = ids.astype(str)
+    if as_str.str.fullmatch(r"-?\d+").all():
+        numbers = as_str.astype(np.int64)
+        canonical = numbers.astype(str) == as_str  # "007" and "7" stay distinct ids: order them as strings
+        if canonical.all():
+            codes, uniques = pd.factorize(numbers, sort=True)
+            return codes, [str(u) for u in uniques]
+    codes, uniques = pd.factorize(as_str, sort=True)
+    return codes, [str(u) for u in uniques]
 
 
 def csr(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sparse.csr_matrix:
@@ -174,8 +188,8 @@ def build_dataset(
             raise ValueError(f"events lack the column {col!r}")
     if len(events) == 0:
         raise ValueError("no events to train on")
-    user_codes, user_ids = pd.factorize(events["user_id"].astype(str), sort=True)
-    item_codes, item_ids = pd.factorize(events["item_id"].astype(str), sort=True)
+    user_codes, user_ids = code_ids(events["user_id"])
+    item_codes, item_ids = code_ids(events["item_id"])
     ts = events["timestamp"].to_numpy(dtype=np.float64)
     negative = events["type"].astype(str).str.lower().isin(set(negative_types)).to_numpy()
     n_users, n_items = len(user_ids), len(item_ids)
@@ -214,8 +228,8 @@ def build_dataset(
     neg = _standing_negatives(user_codes, item_codes, ts, negative, n_items)
     feedback = csr(user_codes[neg].astype(np.int64), item_codes[neg].astype(np.int64), n_users, n_items)
     return Dataset(
-        user_ids=[str(u) for u in user_ids],
-        item_ids=[str(i) for i in item_ids],
+        user_ids=user_ids,
+        item_ids=item_ids,
         train_u=tu,
         train_i=ti,
         val_u=val_u,

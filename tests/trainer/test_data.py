@@ -26,6 +26,14 @@ def test_split_orders_by_timestamp_then_item() -> None:
     assert held.tolist() == [True, False, False, False, False]  # (5, 9) is last; (5, 3) comes before it
 
 
+def test_timestamp_ties_break_by_numeric_item_id_when_ids_are_integers() -> None:
+    """As strings "10" < "9"; the protocol compares integer ids as numbers, so item 10 is the newest."""
+    rows = [("1", str(i), 0.0, "view") for i in (2, 9, 10, 3, 4)] + [("2", "10", 0.0, "view")]
+    data = build_dataset(_frame(rows), validation=False)
+    assert [data.item_ids[i] for i in data.test_i] == ["10"]
+    assert data.item_ids == ["2", "3", "4", "9", "10"]
+
+
 def test_build_dataset_drops_unseen_test_items_and_keeps_negatives_apart() -> None:
     rows = [("a", f"i{k}", float(k), "view") for k in range(5)]  # a: 5 events, test = i4
     rows += [("b", f"i{k}", float(k), "view") for k in range(6)]  # b: 6 events, test = i4, i5
