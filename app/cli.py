@@ -174,7 +174,11 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (RECSYS_PORT).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (RECSYS_WORKERS).")] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Serve this checkpoint directory instead of the promoted model.")
+        Path | None,
+        typer.Option(
+            help="Serve this checkpoint instead of the promoted model: a version directory, or a directory "
+            "of versions (`recsys train --out DIR`), whose newest valid one is served."
+        ),
     ] = None,
 ) -> None:
     """Start the HTTP service (uvicorn)."""
@@ -182,6 +186,17 @@ def serve(
 
     settings = get_settings()
     _engine().dispose()  # refuse a stale schema before starting workers
+    if checkpoint is not None:  # a checkpoint that cannot be served stops here, not in a never-ready worker
+        from app.serving.checkpoints import resolve_checkpoint
+        from app.serving.model import open_checkpoint
+        from trainer.checkpoint import CheckpointError
+
+        try:
+            checkpoint = resolve_checkpoint(checkpoint)
+            open_checkpoint(checkpoint)
+        except CheckpointError as exc:
+            raise fail(f"cannot serve --checkpoint {checkpoint}: {exc}") from None
+        typer.echo(f"serving checkpoint {checkpoint}", err=True)
     run(
         host=host or settings.host,
         port=port or settings.port,
@@ -254,32 +269,23 @@ def models_promote(version: Annotated[str, typer.Argument(help="The version to s
 def models_rollback() -> None:
     """Go back to the version promoted before the current one; the current one is marked rejected."""
     from app.db import registry
-    from app.db.models import ModelVersion
+    from trainer.checkpoint import CheckpointError, read_manifest, verify_files
 
     engine = _engine()
-    with engine.connect() as conn:
-        versions = registry.list_versions(conn)
-    current = next((v for v in versions if v["status"] == "promoted"), None)
-    if current is None:
-        raise fail("no version is promoted: nothing to roll back")
-    earlier = sorted(
-        (
-            v
-            for v in versions
-            if v["promoted_at"] and v["status"] == "candidate" and v["version"] != current["version"]
-        ),
-        key=lambda v: v["promoted_at"],
+    try:
+        with engine.begin() as conn:  # one transaction: the registry changes whole or not at all
+            current, target = registry.rollback_target(conn)
+            try:
+                verify_files(Path(target["path"]), read_manifest(target["path"]))
+            except CheckpointError as exc:
+                raise fail(f"refusing to roll back to {target['version']}: {exc}") from None
+            registry.rollback(conn, to=target["version"])
+    except registry.RegistryError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(
+        f"rolled back from {current['version']} (now rejected) to {target['version']}; running services "
+        "switch at their next poll or on POST /admin/reload"
     )
-    if not earlier:
-        raise fail(f"{current['version']} is the only version ever promoted: nothing to roll back to")
-    _promote(earlier[-1]["version"])
-    with engine.begin() as conn:
-        conn.execute(
-            ModelVersion.__table__.update()
-            .where(ModelVersion.version == current["version"])
-            .values(status="rejected")
-        )
-    typer.echo(f"rolled back from {current['version']} (now rejected) to {earlier[-1]['version']}")
 
 
 @app.command("retrain")

@@ -16,6 +16,10 @@ from app.db.models import ModelVersion
 STATUSES = ("candidate", "promoted", "rejected")
 
 
+class RegistryError(Exception):
+    """A registry change that cannot be made: nothing to roll back to, or the registry changed meanwhile."""
+
+
 def _as_dict(row: ModelVersion) -> dict[str, Any]:
     return {
         "version": row.version,
@@ -95,3 +99,40 @@ def current_promoted(conn: Connection) -> dict[str, Any] | None:
         select(t).where(t.c.status == "promoted").order_by(t.c.promoted_at.desc(), t.c.id.desc()).limit(1)
     ).first()
     return _as_dict(row) if row is not None else None  # type: ignore[arg-type]
+
+
+def promoted_history(conn: Connection) -> list[dict[str, Any]]:
+    """The promoted version first, then the versions promoted before it and not rejected since, most
+    recent promotion first."""
+    t = ModelVersion.__table__
+    rows = conn.execute(
+        select(t)
+        .where(t.c.promoted_at.is_not(None), t.c.status != "rejected")
+        .order_by(t.c.promoted_at.desc(), t.c.id.desc())
+    ).all()
+    found = [_as_dict(r) for r in rows]  # type: ignore[arg-type]
+    return sorted(found, key=lambda v: v["status"] != "promoted")  # stable: keeps the promotion order
+
+
+def rollback_target(conn: Connection) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The promoted version and the one promoted before it; RegistryError when there is no such pair."""
+    history = promoted_history(conn)
+    if not history or history[0]["status"] != "promoted":
+        raise RegistryError("no version is promoted: nothing to roll back")
+    if len(history) < 2:
+        raise RegistryError(f"{history[0]['version']} is the only version ever promoted: nothing to roll back to")
+    return history[0], history[1]
+
+
+def rollback(conn: Connection, *, to: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Promote the version promoted before the current one and mark the current one rejected, both in the
+    caller's transaction; returns (the rejected row, the promoted row). ``to``: the target the caller has
+    checked (its checkpoint loads); RegistryError if the registry moved on meanwhile."""
+    current, target = rollback_target(conn)
+    if to is not None and target["version"] != to:
+        raise RegistryError(f"the registry changed: rolling back would now promote {target['version']}, not {to}")
+    conn.execute(update(ModelVersion).where(ModelVersion.version == current["version"]).values(status="rejected"))
+    promoted = promote(conn, target["version"])
+    rejected = get_version(conn, current["version"])
+    assert rejected is not None
+    return rejected, promoted

@@ -212,26 +212,6 @@ def test_hot_swap_under_load_drops_nothing_and_refuses_a_corrupt_checkpoint(tmp_
         srv.stop()
 
 
-def test_admin_negatives_use_the_served_model_and_db_feedback(server: Server) -> None:
-    frame = server.dep.frame
-    negative = frame[frame.type.isin(["dislike", "skip"])]
-    user = str(negative.user_id.value_counts().index[0])  # the user with the most explicit negatives
-    disliked = set(negative.loc[negative.user_id == user, "item_id"])
-    with server.admin() as a:
-        mixed = a.get("/admin/users/u1/negatives", params={"strategy": "mixed", "n": 12, "seed": 3}).json()
-        assert mixed["user_id"] == "u1" and mixed["model_version"] == "v1" and mixed["strategy"] == "mixed"
-        assert mixed["negatives"] and mixed["summary"]["count"] == len(mixed["negatives"])
-        first = mixed["negatives"][0]
-        assert set(first) >= {"item_id", "source", "q", "score", "rank", "popularity", "known_positive"}
-        again = a.get("/admin/users/u1/negatives", params={"strategy": "mixed", "n": 12, "seed": 3}).json()
-        assert again["negatives"] == mixed["negatives"]  # a seed makes the draw repeatable
-        feedback = a.get(f"/admin/users/{user}/negatives", params={"strategy": "feedback", "n": 5}).json()
-        assert feedback["negatives"] and all(n["source"] == "feedback" for n in feedback["negatives"])
-        assert {n["item_id"] for n in feedback["negatives"]} <= disliked
-        assert_error(a.get("/admin/users/nobody-here/negatives"), 404, "unknown_user")
-        assert_error(a.get("/admin/users/u1/negatives", params={"strategy": "bogus"}), 422, "bad_strategy")
-
-
 def test_pinned_checkpoint_until_a_newer_promotion(tmp_path: Path) -> None:
     """`recsys serve --checkpoint DIR` wins over the promoted version, until something is promoted later."""
     dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path)

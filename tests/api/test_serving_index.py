@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from api_support import embedding_checkpoint
 
-from app.api import ann
-from app.api.model import load_model
 from app.api.routes import _fast_params
+from app.serving import ann
+from app.serving.model import load_model
 
 
 def _settled(model):  # noqa: ANN001, ANN202
