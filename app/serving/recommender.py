@@ -7,8 +7,9 @@ Every way of asking calls this: the event-loop fast path and the FastAPI handler
    event for users it does not know): the worker's in-memory view when it can tell, else one database read.
 2. ``user_vector``: where the query vector comes from: the trained embedding for model users (source
    ``model``), the mean embedding of their positive events for others (``fold_in``), none (``popular``).
-3. ``exclusions``: seen items (the checkpoint's and since) unless ``exclude_seen=false``, explicit
-   negatives (always), the caller's ``exclude``; hidden items are skipped by every ranking.
+3. ``exclusions`` and ``checkpoint_exclusions``: seen items (since the watermark, and the checkpoint's)
+   unless ``exclude_seen=false``, explicit negatives (always), the caller's ``exclude``; hidden items are
+   skipped by every ranking.
 4. ``rank``: the precomputed top list when it ranks by that vector with those exclusions (a trained vector,
    seen items out, no filters), else a search; the filtered search (the filter applied inside FAISS) with
    ``exclude``/``only``/``category``; the popularity order when there is no vector.
@@ -22,7 +23,7 @@ handler, which asks again without the flag and gets the same answer the fast pat
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -54,7 +55,9 @@ class UnknownItem(LookupError):
     """Similar items were asked for an item the served model does not hold."""
 
 
-@dataclass(frozen=True, slots=True)
+# Plain slotted dataclasses on the request path: a frozen one costs ~1 µs more per instance (bench/serve.py's
+# recommendation builds five), and nothing here is shared between requests.
+@dataclass(slots=True)
 class Ask:
     """One recommendation request, in external ids (the HTTP layer has validated and split them)."""
 
@@ -82,7 +85,7 @@ class Filters:
 NO_FILTERS = Filters([], None)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class History:
     """A user's events the checkpoint does not hold, as item ids, newest first."""
 
@@ -91,26 +94,30 @@ class History:
     negatives: list[str] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UserVector:
     values: np.ndarray | None  # None: nothing to rank by (the popular fallback)
     source: str  # model | fold_in | popular
-    row: int | None = None  # the model user whose trained embedding this is: their top list ranks by it
+    listed: bool = False  # the user's trained embedding: their precomputed top list ranks by exactly it
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Listing:
     """Ranked items of one answer, ready to serialise."""
 
     model: ServedModel
     ranked: Ranked
     because: list[list[tuple[int, float]]] | None = None
+    item_ids: list[str] = field(init=False)  # external ids, best first
+
+    def __post_init__(self) -> None:
+        self.item_ids = self.model.item_ids[self.ranked.rows].tolist()
 
     def items(self) -> list[dict[str, Any]]:
-        ids = self.model.item_ids[self.ranked.rows].tolist()
         scores = self.ranked.scores.tolist()
         items = [
-            {"item_id": i, "score": s, "rank": r} for r, (i, s) in enumerate(zip(ids, scores, strict=True), 1)
+            {"item_id": i, "score": s, "rank": r}
+            for r, (i, s) in enumerate(zip(self.item_ids, scores, strict=True), 1)
         ]
         if self.because is not None:
             item_ids = self.model.item_ids
@@ -119,7 +126,7 @@ class Listing:
         return items
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Recommendation(Listing):
     user_id: str = ""
     source: str = "model"
@@ -134,7 +141,7 @@ class Recommendation(Listing):
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SimilarItems(Listing):
     item_id: str = ""
 
@@ -182,11 +189,11 @@ class Recommender:
         if history is None:
             return None
         vector = self.user_vector(model, row, history)
-        since, checkpoint = self.exclusions(model, row, history, ask.exclude_seen, filters)
-        ranked = self.rank(model, vector, ask.k, since, checkpoint, filters, ask.exclude_seen, on_loop=on_loop)
+        since = self.exclusions(model, history, ask.exclude_seen, filters)
+        ranked = self.rank(model, vector, row, ask.k, since, filters, ask.exclude_seen, on_loop=on_loop)
         if ranked is None:
             return None
-        because = self.explanations(model, vector, history, ranked) if ask.explain else None
+        because = self.explanations(model, vector, row, history, ranked) if ask.explain else None
         answer = Recommendation(model, ranked, because, ask.user_id, vector.source)
         self.record(answer, request_id)
         return answer
@@ -225,43 +232,45 @@ class Recommender:
     def user_vector(self, model: ServedModel, row: int | None, history: History) -> UserVector:
         """Where the query vector comes from: the one place that decides it."""
         if row is not None:
-            return UserVector(model.user_vector(row), "model", row)
+            return UserVector(model.user_vector(row), "model", listed=True)
         vector = model.fold_in(model.rows_of(history.positives or []))
         return UserVector(None, "popular") if vector is None else UserVector(vector, "fold_in")
 
-    def exclusions(
-        self, model: ServedModel, row: int | None, history: History, exclude_seen: bool, filters: Filters
-    ) -> tuple[list[int], np.ndarray]:
-        """Rows never to return: (those the checkpoint does not know — events since, the caller's
-        ``exclude`` — and the checkpoint's own for this user). Explicit negatives are in either way."""
-        if exclude_seen:
-            since = model.rows_of(history.touched)
-            checkpoint = model.seen_rows(row) if row is not None else _NO_ROWS
-        else:
-            since = model.rows_of(history.negatives or [])
-            checkpoint = model.negative_rows(row) if row is not None else _NO_ROWS
+    def exclusions(self, model: ServedModel, history: History, exclude_seen: bool, filters: Filters) -> list[int]:
+        """Rows to leave out that the checkpoint does not know: items touched since (with ``exclude_seen``)
+        or the explicit negatives since (without), and the caller's ``exclude``. The checkpoint's own are
+        in ``checkpoint_exclusions``."""
+        since = model.rows_of(history.touched if exclude_seen else history.negatives or [])
         if filters.exclude:
             since.extend(filters.exclude)
-        return since, checkpoint
+        return since
+
+    @staticmethod
+    def checkpoint_exclusions(model: ServedModel, row: int | None, exclude_seen: bool) -> np.ndarray:
+        """A model user's exclusions in the checkpoint: seen items and explicit negatives (only the
+        negatives without ``exclude_seen``). The user's top list was built without them."""
+        if row is None:
+            return _NO_ROWS
+        return model.seen_rows(row) if exclude_seen else model.negative_rows(row)
 
     def rank(
         self,
         model: ServedModel,
         vector: UserVector,
+        row: int | None,
         k: int,
         since: list[int],
-        checkpoint: np.ndarray,
         filters: Filters,
         exclude_seen: bool,
         *,
         on_loop: bool = False,
     ) -> Ranked | None:
         """Top list, search, filtered search or popularity order (None: ``on_loop`` and too costly)."""
-        if vector.row is not None and exclude_seen and not filters.active:
-            # the list was built from this vector with the checkpoint's seen items and negatives left out
-            found = model.from_top_list(vector.row, k, since)
+        if vector.listed and row is not None and exclude_seen and not filters.active:
+            found = model.from_top_list(row, k, since)
             if found is not None:
                 return found
+        checkpoint = self.checkpoint_exclusions(model, row, exclude_seen)
         excluded = since + checkpoint.tolist() if len(checkpoint) else since
         if vector.values is None:
             return model.popular(k, excluded, filters.only)
@@ -272,15 +281,15 @@ class Recommender:
         return model.search(vector.values, k, excluded)
 
     def explanations(
-        self, model: ServedModel, vector: UserVector, history: History, ranked: Ranked
+        self, model: ServedModel, vector: UserVector, row: int | None, history: History, ranked: Ranked
     ) -> list[list[tuple[int, float]]]:
         """Per item, the (at most 3) history items most similar to it: positive events since the
         watermark, then the checkpoint's positives; none for the popular fallback."""
         rows: list[int] = []
         if vector.source != "popular":
             rows = model.rows_of(history.positives or [])
-            if vector.row is not None:
-                rows.extend(model.positive_rows(vector.row).tolist())
+            if row is not None:
+                rows.extend(model.positive_rows(row).tolist())
         hist = np.unique(np.asarray(rows[:EXPLAIN_HISTORY], dtype=np.int64))
         return model.explain(ranked.rows, hist)
 
@@ -289,10 +298,8 @@ class Recommender:
         metrics.RECOMMENDATIONS_BY_SOURCE[answer.source].inc()
         if answer.source != "model":
             metrics.FALLBACKS.labels(answer.source).inc()
-        if self.impressions is not None and len(answer.ranked.rows):
-            served = Served(
-                request_id, answer.user_id, answer.model.item_ids[answer.ranked.rows].tolist(), answer.model.version
-            )
+        if self.impressions is not None and answer.item_ids:
+            served = Served(request_id, answer.user_id, answer.item_ids, answer.model.version)
             if not self.impressions.submit(served):
                 metrics.IMPRESSIONS_DROPPED.inc()
 

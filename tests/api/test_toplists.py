@@ -44,8 +44,8 @@ CORE = Recommender(None, ())
 
 def _recommend(model: ServedModel, row: int, k: int, recent: list[int]) -> Ranked:
     """What the serving core ranks for a model user with these items touched since training."""
-    vector = UserVector(model.user_vector(row), "model", row)
-    ranked = CORE.rank(model, vector, k, list(recent), model.seen_rows(row), NO_FILTERS, True)
+    vector = UserVector(model.user_vector(row), "model", listed=True)
+    ranked = CORE.rank(model, vector, row, k, list(recent), NO_FILTERS, True)
     assert ranked is not None
     return ranked
 
