@@ -230,7 +230,11 @@ class Recommender:
         return History(events.item_ids, events.positive_item_ids, events.negative_item_ids)
 
     def user_vector(self, model: ServedModel, row: int | None, history: History) -> UserVector:
-        """Where the query vector comes from: the one place that decides it."""
+        """Where the query vector comes from: the one place that decides it.
+
+        ``history`` holds the user's events since the watermark, so a vector refreshed from them (the
+        trained one moved by new positives) belongs here; it returns ``listed=False``, which sends the
+        ranking to a search instead of the list precomputed for the trained vector."""
         if row is not None:
             return UserVector(model.user_vector(row), "model", listed=True)
         vector = model.fold_in(model.rows_of(history.positives or []))
