@@ -274,17 +274,19 @@ def models_rollback() -> None:
     engine = _engine()
     try:
         with engine.begin() as conn:  # one transaction: the registry changes whole or not at all
-            current, target = registry.rollback_target(conn)
+            current, previous = registry.rollback_plan(conn)
+            target = registry.get_version(conn, previous)
+            assert target is not None
             try:
                 verify_files(Path(target["path"]), read_manifest(target["path"]))
             except CheckpointError as exc:
-                raise fail(f"refusing to roll back to {target['version']}: {exc}") from None
-            registry.rollback(conn, to=target["version"])
+                raise fail(f"refusing to roll back to {previous}: {exc}") from None
+            registry.rollback(conn, to=previous)
     except registry.RegistryError as exc:
         raise fail(str(exc)) from None
     typer.echo(
-        f"rolled back from {current['version']} (now rejected) to {target['version']}; running services "
-        "switch at their next poll or on POST /admin/reload"
+        f"rolled back from {current} (now rejected) to {previous}; running services switch at their next "
+        "poll or on POST /admin/reload"
     )
 
 

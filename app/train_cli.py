@@ -407,8 +407,8 @@ def show(
     checkpoint: CheckpointOpt,
     user: Annotated[str, typer.Option("--user", help="External user id.")],
     strategy: Annotated[str, typer.Option(
-        "--strategy", help="trained (the strategy the checkpoint was trained with) or one of "
-        f"{', '.join(STRATEGY_CHOICES)}, with the rest of its recorded sampler configuration.")] = "trained",
+        "--strategy", help="trained (what the checkpoint was trained with, blended as in training), mixed "
+        "(its recorded blend), or one source alone: uniform, popularity, in-batch, hard, feedback.")] = "trained",
     n: Annotated[int, typer.Option("--n", min=1, max=10_000, help="Negatives to show, split between the "
                                    "sources in training's proportions.")] = 10,
     seed: SeedOpt = 0,

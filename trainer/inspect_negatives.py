@@ -5,9 +5,10 @@ point is to *see* whether training yields trivial negatives (far below the user'
 informative ones, or false negatives (items the user actually likes).
 
 The sampler is the one training used: ``make_sampler`` with the configuration recorded in the
-checkpoint's manifest (``config.sampler``); strategy ``trained`` keeps its strategy, a named strategy
-replaces only that. Sources therefore come as training mixes them ("hard" and "feedback" ride on uniform
-negatives, "mixed" is the recorded blend). Outside training there is no batch: in-batch negatives are the
+checkpoint's manifest (``config.sampler``). Strategy ``trained`` draws what training drew, its sources
+blended as training blends them ("hard" and "feedback" ride on uniform negatives); ``mixed`` draws the
+recorded blend; a single source's name (uniform, popularity, in-batch, hard, feedback) draws that source
+alone, with its recorded settings. Outside training there is no batch: in-batch negatives are the
 positives of a simulated batch of the trained size, drawn by popularity (as training batches arrive), and
 hard negatives are mined from an index over the checkpoint's item vectors, after any warm-up.
 """
@@ -93,13 +94,16 @@ def _valid(draw: Draw) -> tuple[np.ndarray, np.ndarray]:
     return items[keep], q[keep]
 
 
-def _draw(ckpt: Checkpoint, user: int, cfg: SamplerConfig, batch: int, n: int, rng: np.random.Generator,
-          feedback: sparse.csr_matrix) -> tuple[list[tuple[str, int, float]], dict[str, dict[str, int]]]:
+def _draw(ckpt: Checkpoint, user: int, cfg: SamplerConfig, alone: bool, batch: int, n: int,
+          rng: np.random.Generator, feedback: sparse.csr_matrix,
+          ) -> tuple[list[tuple[str, int, float]], dict[str, dict[str, int]]]:
     """(source, item row, q) of n negatives in training's proportions, and per source its draws per
-    training row and how many are shown."""
+    training row and how many are shown. ``alone``: only the source named by ``cfg.strategy``."""
     pop = np.asarray(ckpt.item_popularity, dtype=np.float64)
-    sampler = make_sampler(cfg, popularity=pop, known=ckpt.seen, feedback=feedback)
-    for part in _components(sampler):
+    parts = _components(make_sampler(cfg, popularity=pop, known=ckpt.seen, feedback=feedback))
+    if alone:
+        parts = [part for part in parts if part.name == cfg.strategy]
+    for part in parts:
         if isinstance(part, HardSampler):
             part.refresh(np.asarray(ckpt.item_embeddings, dtype=np.float32))
     batches = AliasTable(pop if pop.sum() > 0 else np.ones_like(pop))
@@ -108,7 +112,8 @@ def _draw(ckpt: Checkpoint, user: int, cfg: SamplerConfig, batch: int, n: int, r
     per_row: dict[str, int] = {}
     shares: dict[str, int] | None = None
     for _ in range(MAX_ROUNDS):  # one training step per round, each with a fresh simulated batch
-        for d in sampler.sample(users, batches.draw(rng, batch), rng, uvec, AFTER_WARMUP):
+        positives = batches.draw(rng, batch)
+        for d in (d for part in parts for d in part.sample(users, positives, rng, uvec, AFTER_WARMUP)):
             found.setdefault(d.source, []).append(_valid(d))
             per_row[d.source] = d.n
         got = {s: sum(len(i) for i, _ in parts) for s, parts in found.items()}
@@ -128,8 +133,8 @@ def _draw(ckpt: Checkpoint, user: int, cfg: SamplerConfig, batch: int, n: int, r
 
 def draw_negatives(ckpt: Checkpoint, user_id: str, strategy: str = TRAINED, n: int = 20, *,
                    feedback_items: list[str] | None = None, seed: int | None = None) -> dict[str, Any]:
-    """Draw ``n`` negatives for ``user_id`` (external id) as training with ``strategy`` does, and describe
-    each one.
+    """Draw ``n`` negatives for ``user_id`` (external id) with ``strategy`` (see the module docstring) and
+    describe each one.
 
     ``n`` is split between the sources in the proportions training draws them (each at least one).
     ``feedback_items``: the user's explicit negatives for the feedback source (None: the checkpoint's).
@@ -145,9 +150,10 @@ def draw_negatives(ckpt: Checkpoint, user_id: str, strategy: str = TRAINED, n: i
     cfg, batch, recorded = recorded_config(ckpt)
     if strategy != TRAINED:
         cfg = dataclasses.replace(cfg, strategy=strategy)
+    alone = strategy not in (TRAINED, "mixed")
     user = ckpt.user_row[user_id]
     rng = np.random.default_rng(seed)
-    draws, sources = _draw(ckpt, user, cfg, batch, n, rng, _feedback_matrix(ckpt, user, feedback_items))
+    draws, sources = _draw(ckpt, user, cfg, alone, batch, n, rng, _feedback_matrix(ckpt, user, feedback_items))
 
     scores = np.asarray(ckpt.item_embeddings, dtype=np.float32) @ np.asarray(ckpt.user_embeddings[user], np.float32)
     order_scores = np.sort(scores)

@@ -62,9 +62,9 @@ def negatives(
             min_length=1,
             max_length=32,
             pattern=r"^[a-z][a-z_-]*$",
-            description="`trained`: the strategy the served model was trained with; or uniform, "
-            "popularity, in-batch, hard, feedback, mixed: that strategy with the rest of the model's "
-            "recorded sampler configuration (hard and feedback ride on uniform negatives, as in training).",
+            description="`trained`: what the served model was trained with, its sources blended as in "
+            "training; `mixed`: its recorded blend; uniform, popularity, in-batch, hard or feedback: that "
+            "source alone, with its recorded settings.",
             examples=["trained"],
         ),
     ] = "trained",
@@ -150,7 +150,11 @@ async def promote(request: Request, version: Version) -> Response:
     """Loads the checkpoint first (a corrupt one is refused and nothing changes), then marks it promoted
     and swaps it in on this worker; other workers follow within RECSYS_RELOAD_POLL_SECONDS. A version
     present under the checkpoints directory but not yet registered is registered on the way."""
-    state = request.app.state
+    return JSON(await promote_version(request.app.state, version))
+
+
+async def promote_version(state: Any, version: str) -> dict[str, Any]:
+    """The promotion behind POST /admin/models/{version}/promote (and the dashboard's): raises ApiError."""
     holder = state.holder
 
     def _find() -> dict[str, Any] | None:
@@ -186,13 +190,11 @@ async def promote(request: Request, version: Version) -> Response:
     await run_in_threadpool(_promote)
     old = holder.current
     holder.swap(model)
-    return JSON(
-        {
-            "model_version": model.version,
-            "changed": old is None or old.version != model.version,
-            "load_seconds": round(model.load_seconds, 4),
-        }
-    )
+    return {
+        "model_version": model.version,
+        "changed": old is None or old.version != model.version,
+        "load_seconds": round(model.load_seconds, 4),
+    }
 
 
 @router.post(
@@ -211,14 +213,20 @@ async def rollback(request: Request) -> Response:
     promoted before the current one is promoted again and the current one marked `rejected`. Its checkpoint
     is loaded first (a broken one changes nothing) and served on this worker; other workers follow within
     RECSYS_RELOAD_POLL_SECONDS."""
-    state = request.app.state
+    return JSON(await rollback_version(request.app.state))
+
+
+async def rollback_version(state: Any) -> dict[str, Any]:
+    """The roll-back behind POST /admin/models/rollback (and the dashboard's): raises ApiError."""
     holder = state.holder
 
     def _target() -> dict[str, Any]:
         with state.engine.connect() as conn:
-            return registry.rollback_target(conn)[1]
+            row = registry.get_version(conn, registry.rollback_plan(conn)[1])
+        assert row is not None
+        return row
 
-    def _rollback(to: str) -> dict[str, Any]:
+    def _rollback(to: str) -> str:
         with state.engine.begin() as conn:
             return registry.rollback(conn, to=to)[0]
 
@@ -234,14 +242,12 @@ async def rollback(request: Request) -> Response:
         raise ApiError(409, "checkpoint_refused", str(exc)) from exc
     old = holder.current
     holder.swap(model)
-    return JSON(
-        {
-            "model_version": model.version,
-            "rejected_version": rejected["version"],
-            "changed": old is None or old.version != model.version,
-            "load_seconds": round(model.load_seconds, 4),
-        }
-    )
+    return {
+        "model_version": model.version,
+        "rejected_version": rejected,
+        "changed": old is None or old.version != model.version,
+        "load_seconds": round(model.load_seconds, 4),
+    }
 
 
 @router.post(

@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from app.api import admin, catalog, errors, events, logs, routes
 from app.api.middleware import RequestContext
 from app.api.recent import RecentEventsView
+from app.dashboard import install as install_dashboard
 from app.db.impressions import ImpressionWriter
 from app.db.lock import SqliteWriteLock
 from app.db.migrate import checked_engine
@@ -118,9 +119,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.impressions.start()
     app.state.recent = RecentEventsView(engine)
-    app.state.recommender = Recommender(
-        engine, settings.negative_types, recent=app.state.recent, impressions=app.state.impressions
-    )
+    app.state.recommender = Recommender(engine, settings.negative_types, recent=app.state.recent)
     app.state.holder.on_swap.append(lambda model: app.state.recent.follow(model.watermark))
     app.state.holder.on_swap.append(_freeze_heap)
     app.state.recent.start()
@@ -157,5 +156,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(events.router)
     app.include_router(admin.router)
+    install_dashboard(app)
     app.add_middleware(RequestContext)
     return app

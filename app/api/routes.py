@@ -153,7 +153,9 @@ def fast_recommendations(scope: Scope) -> bytes | None:
     if model is None or params is None or user_id is None:
         return None  # 503 or a validation error from the full handler
     rid = _request_id(scope)
-    answer = state.recommender.recommend(model, Ask(user_id, *params), rid, on_loop=True)
+    answer = state.recommender.recommend(
+        model, Ask(user_id, *params), rid, impressions=state.impressions, on_loop=True
+    )
     return None if answer is None else orjson.dumps(answer.body(rid))
 
 
@@ -250,8 +252,9 @@ def recommendations(
         category,
         explain,
     )
-    rid = request_id(request)
-    answer = request.app.state.recommender.recommend(served_model(request), ask, rid)
+    rid, state = request_id(request), request.app.state
+    answer = state.recommender.recommend(served_model(request), ask, rid, impressions=state.impressions)
+    assert answer is not None  # None only on the event loop
     return JSON(answer.body(rid))
 
 

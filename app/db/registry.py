@@ -16,7 +16,7 @@ from app.db.models import ModelVersion
 STATUSES = ("candidate", "promoted", "rejected")
 
 
-class RegistryError(Exception):
+class RegistryError(ValueError):
     """A registry change that cannot be made: nothing to roll back to, or the registry changed meanwhile."""
 
 
@@ -114,25 +114,30 @@ def promoted_history(conn: Connection) -> list[dict[str, Any]]:
     return sorted(found, key=lambda v: v["status"] != "promoted")  # stable: keeps the promotion order
 
 
-def rollback_target(conn: Connection) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The promoted version and the one promoted before it; RegistryError when there is no such pair."""
+def rollback_plan(conn: Connection) -> tuple[str, str]:
+    """(current, previous): the promoted version and the one promoted most recently before it (and not
+    rejected since), which a roll-back serves again. RegistryError, with the reason, when there is none."""
     history = promoted_history(conn)
     if not history or history[0]["status"] != "promoted":
         raise RegistryError("no version is promoted: nothing to roll back")
     if len(history) < 2:
         raise RegistryError(f"{history[0]['version']} is the only version ever promoted: nothing to roll back to")
-    return history[0], history[1]
+    return history[0]["version"], history[1]["version"]
 
 
-def rollback(conn: Connection, *, to: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Promote the version promoted before the current one and mark the current one rejected, both in the
-    caller's transaction; returns (the rejected row, the promoted row). ``to``: the target the caller has
-    checked (its checkpoint loads); RegistryError if the registry moved on meanwhile."""
-    current, target = rollback_target(conn)
-    if to is not None and target["version"] != to:
-        raise RegistryError(f"the registry changed: rolling back would now promote {target['version']}, not {to}")
-    conn.execute(update(ModelVersion).where(ModelVersion.version == current["version"]).values(status="rejected"))
-    promoted = promote(conn, target["version"])
-    rejected = get_version(conn, current["version"])
-    assert rejected is not None
-    return rejected, promoted
+def reject(conn: Connection, version: str) -> None:
+    """Mark a version rejected (a rolled-back one): it is never served again unless promoted by hand."""
+    t = ModelVersion.__table__
+    conn.execute(update(t).where(t.c.version == version).values(status="rejected"))
+
+
+def rollback(conn: Connection, *, to: str | None = None) -> tuple[str, str]:
+    """Serve again the version promoted before the current one and mark the current one rejected, both in
+    the caller's transaction, so a failure half-way changes nothing; returns (rejected, promoted).
+    ``to``: the version the caller checked (its checkpoint loads); RegistryError if the plan changed."""
+    current, previous = rollback_plan(conn)
+    if to is not None and previous != to:
+        raise RegistryError(f"the registry changed: rolling back would now promote {previous}, not {to}")
+    reject(conn, current)
+    promote(conn, previous)
+    return current, previous

@@ -13,7 +13,8 @@ Every way of asking calls this: the event-loop fast path and the FastAPI handler
 4. ``rank``: the precomputed top list when it ranks by that vector with those exclusions (a trained vector,
    seen items out, no filters), else a search; the filtered search (the filter applied inside FAISS) with
    ``exclude``/``only``/``category``; the popularity order when there is no vector.
-5. ``explanations`` (``explain=true``), then ``record``: the impression row and the source counter.
+5. ``explanations`` (``explain=true``), then ``record``: the source counter and the impression row, in
+   the sink the caller passes (the service's writer; none for a batch export or an operator's view).
 
 ``on_loop=True`` (the event loop's fast path) answers only what needs neither the database nor an
 expensive search and returns None otherwise; the caller then hands the request to the threadpool
@@ -158,27 +159,28 @@ class Recommender:
     """Answers against the model it is given (the caller reads ``holder.current`` once per request).
 
     ``engine``: where users' events are read when the in-memory view cannot tell (None: no events are
-    known beyond the checkpoint); ``recent``: that view; ``impressions``: where served lists are logged.
+    known beyond the checkpoint); ``recent``: that view.
     """
 
     def __init__(
-        self,
-        engine: Engine | None,
-        negative_types: Collection[str],
-        *,
-        recent: RecentItems | None = None,
-        impressions: ImpressionSink | None = None,
+        self, engine: Engine | None, negative_types: Collection[str], *, recent: RecentItems | None = None
     ) -> None:
         self.engine = engine
         self.negative_types = negative_types
         self.recent = recent
-        self.impressions = impressions
 
     # --- recommendations ------------------------------------------------------------------------
     def recommend(
-        self, model: ServedModel, ask: Ask, request_id: str = "", *, on_loop: bool = False
+        self,
+        model: ServedModel,
+        ask: Ask,
+        request_id: str = "",
+        *,
+        impressions: ImpressionSink | None = None,
+        on_loop: bool = False,
     ) -> Recommendation | None:
-        """The user's list (None only with ``on_loop``, when the answer needs the threadpool)."""
+        """The user's list (None only with ``on_loop``, when the answer needs the threadpool), logged to
+        ``impressions`` (None: a list nobody is shown, such as a batch export or an operator's view)."""
         plain = not (ask.exclude or ask.only is not None or ask.category is not None)
         filters = NO_FILTERS if plain else self.filters(model, ask.exclude, ask.only, ask.category)
         row = model.user_row(ask.user_id)
@@ -195,7 +197,7 @@ class Recommender:
             return None
         because = self.explanations(model, vector, row, history, ranked) if ask.explain else None
         answer = Recommendation(model, ranked, because, ask.user_id, vector.source)
-        self.record(answer, request_id)
+        self.record(answer, request_id, impressions)
         return answer
 
     def filters(
@@ -297,14 +299,15 @@ class Recommender:
         hist = np.unique(np.asarray(rows[:EXPLAIN_HISTORY], dtype=np.int64))
         return model.explain(ranked.rows, hist)
 
-    def record(self, answer: Recommendation, request_id: str) -> None:
-        """Count the list by source and log it to impressions (when it has items and a sink is set)."""
+    @staticmethod
+    def record(answer: Recommendation, request_id: str, impressions: ImpressionSink | None) -> None:
+        """Count the list by source and log it to ``impressions`` (when it has items)."""
         metrics.RECOMMENDATIONS_BY_SOURCE[answer.source].inc()
         if answer.source != "model":
             metrics.FALLBACKS.labels(answer.source).inc()
-        if self.impressions is not None and answer.item_ids:
+        if impressions is not None and answer.item_ids:
             served = Served(request_id, answer.user_id, answer.item_ids, answer.model.version)
-            if not self.impressions.submit(served):
+            if not impressions.submit(served):
                 metrics.IMPRESSIONS_DROPPED.inc()
 
     # --- similar items --------------------------------------------------------------------------

@@ -87,14 +87,18 @@ def test_the_trained_strategy_is_drawn(trained: tuple[Deployment, Server], strat
 
 
 def test_named_strategies_seeds_and_errors(trained: tuple[Deployment, Server]) -> None:
+    """A source's name draws that source alone, with the model's recorded settings; `mixed` the blend."""
     dep, server = trained
     user, _ = _disliker(dep)
     with server.admin() as a:
         assert a.post("/admin/models/hard/promote").status_code == 200
+        for source in ("uniform", "popularity", "in-batch", "hard", "feedback"):
+            alone = a.get(f"/admin/users/{user}/negatives", params={"strategy": source, "n": 8}).json()
+            assert alone["strategy"] == source and _sources(alone) == {source} and len(alone["negatives"]) == 8
+            assert alone["sampler"]["pool"] == 100  # the rest of the recorded configuration is kept
         params = {"strategy": "mixed", "n": 12, "seed": 3}
         mixed = a.get(f"/admin/users/{user}/negatives", params=params).json()
         assert mixed["strategy"] == "mixed" and mixed["requested"] == "mixed" and _sources(mixed) == SOURCES["mixed"]
-        assert mixed["sampler"]["pool"] == 100  # the rest of the recorded configuration is kept
         first = mixed["negatives"][0]
         assert set(first) >= {"item_id", "source", "q", "score", "rank", "popularity", "known_positive"}
         again = a.get(f"/admin/users/{user}/negatives", params=params).json()
