@@ -174,7 +174,11 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (RECSYS_PORT).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (RECSYS_WORKERS).")] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Serve this checkpoint directory instead of the promoted model.")
+        Path | None,
+        typer.Option(
+            help="Serve this checkpoint instead of the promoted model: a version directory, or a directory "
+            "of versions (`recsys train --out DIR`), whose newest valid one is served."
+        ),
     ] = None,
 ) -> None:
     """Start the HTTP service (uvicorn)."""
@@ -182,6 +186,17 @@ def serve(
 
     settings = get_settings()
     _engine().dispose()  # refuse a stale schema before starting workers
+    if checkpoint is not None:  # a checkpoint that cannot be served stops here, not in a never-ready worker
+        from app.serving.checkpoints import resolve_checkpoint
+        from app.serving.model import open_checkpoint
+        from trainer.checkpoint import CheckpointError
+
+        try:
+            checkpoint = resolve_checkpoint(checkpoint)
+            open_checkpoint(checkpoint)
+        except CheckpointError as exc:
+            raise fail(f"cannot serve --checkpoint {checkpoint}: {exc}") from None
+        typer.echo(f"serving checkpoint {checkpoint}", err=True)
     run(
         host=host or settings.host,
         port=port or settings.port,
@@ -254,17 +269,25 @@ def models_promote(version: Annotated[str, typer.Argument(help="The version to s
 def models_rollback() -> None:
     """Go back to the version promoted before the current one; the current one is marked rejected."""
     from app.db import registry
+    from trainer.checkpoint import CheckpointError, read_manifest, verify_files
 
     engine = _engine()
-    with engine.connect() as conn:
-        try:
+    try:
+        with engine.begin() as conn:  # one transaction: the registry changes whole or not at all
             current, previous = registry.rollback_plan(conn)
-        except ValueError as exc:
-            raise fail(str(exc)) from None
-    _promote(previous)
-    with engine.begin() as conn:
-        registry.reject(conn, current)
-    typer.echo(f"rolled back from {current} (now rejected) to {previous}")
+            target = registry.get_version(conn, previous)
+            assert target is not None
+            try:
+                verify_files(Path(target["path"]), read_manifest(target["path"]))
+            except CheckpointError as exc:
+                raise fail(f"refusing to roll back to {previous}: {exc}") from None
+            registry.rollback(conn, to=previous)
+    except registry.RegistryError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(
+        f"rolled back from {current} (now rejected) to {previous}; running services switch at their next "
+        "poll or on POST /admin/reload"
+    )
 
 
 @app.command("retrain")

@@ -249,58 +249,95 @@ def evaluate_cmd(
                              ("most-popular", result.baseline, None)]))
 
 
+CheckpointOpt = Annotated[Path, typer.Option(
+    "--checkpoint", help="A checkpoint directory, or a directory of them (`recsys train --out DIR`): its newest "
+    "valid version.")]
+
+
+def _checkpoint(path: Path) -> Path:
+    from app.serving.checkpoints import resolve_checkpoint
+    from trainer.checkpoint import CheckpointError
+
+    try:
+        found = resolve_checkpoint(path)
+    except CheckpointError as exc:
+        raise _fail(str(exc)) from None
+    if found != path.resolve():
+        typer.echo(f"checkpoint {found}", err=True)
+    return found
+
+
 def recommend(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")],
-    out: Annotated[Path, typer.Option("--out", help="CSV to write: user_id,item_id,rank,score.")],
+    checkpoint: CheckpointOpt,
+    out: Annotated[Path, typer.Option("--out", help="CSV to write: user_id,item_id,rank,score,source.")],
     users: Annotated[Path | None, typer.Option("--users", help="File with one user id per line.")] = None,
     all_users: Annotated[bool, typer.Option("--all", help="Every user of the model.")] = False,
     k: Annotated[int, typer.Option("--k", min=1, max=10_000, help="Items per user.")] = 10,
     exclude_seen: Annotated[bool, typer.Option("--exclude-seen/--include-seen", help="Drop items the user has.")] = True,
+    database: Annotated[bool, typer.Option(
+        "--database/--no-database",
+        help="Apply what the database knows, as the service does: events since the model was trained, "
+        "explicit negatives, hidden items, cold users' events. --no-database: the checkpoint alone.")] = True,
 ) -> None:
-    """Write top-k recommendations with external ids for some or all users of a checkpoint."""
-    import numpy as np
-    import pandas as pd
+    """Write the lists the service would serve (same ranking, exclusions and fallbacks) for some or all users.
 
-    from trainer.checkpoint import CheckpointError, read_checkpoint
-    from trainer.evaluate import top_k
+    Users the model does not know get the service's fallback (fold-in of their events, or popular items);
+    `source` says which. Nothing is logged to impressions.
+    """
+    import sys
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    from app.serving.holder import load_served
+    from app.serving.recommender import Ask, Recommender
+    from app.settings import get_settings
+    from trainer.checkpoint import CheckpointError
 
     if users is None and not all_users:
         raise _fail("pass --users FILE or --all")
-    try:
-        ckpt = read_checkpoint(checkpoint)
-    except CheckpointError as exc:
-        raise _fail(str(exc)) from None
-    if all_users:
-        wanted = list(ckpt.user_ids)
-    else:
+    path = _checkpoint(checkpoint)
+    wanted: list[str] = []
+    if users is not None:
         try:
-            wanted = [x.strip() for x in Path(users).read_text().splitlines() if x.strip()]
+            wanted = list(dict.fromkeys(x.strip() for x in Path(users).read_text().splitlines() if x.strip()))
         except OSError as exc:
             raise _fail(f"cannot read --users: {exc}") from None
-        unknown = [u for u in wanted if u not in ckpt.user_row]
-        if unknown:
-            typer.secho(f"warning: {len(unknown)} unknown user(s) skipped, e.g. {unknown[:3]}", err=True)
-        wanted = [u for u in wanted if u in ckpt.user_row]
-    rows = np.array([ckpt.user_row[u] for u in wanted], dtype=np.int64)
-    k = min(k, len(ckpt.item_ids))
-    parts = []
-    for start in range(0, rows.size, 1024):
-        chunk = rows[start:start + 1024]
-        scores = np.asarray(ckpt.user_embeddings[chunk]) @ np.asarray(ckpt.item_embeddings).T
-        if exclude_seen:
-            ex = ckpt.seen[chunk].tocoo()
-            scores[ex.row, ex.col] = -np.inf
-        top = top_k(scores, k)
-        s = np.take_along_axis(scores, top, axis=1)
-        ok = np.isfinite(s)
-        r = np.broadcast_to(np.arange(1, k + 1), top.shape)
-        parts.append(pd.DataFrame({"user_id": np.asarray(ckpt.user_ids, dtype=object)[np.repeat(chunk, k)][ok.ravel()],
-                                   "item_id": np.asarray(ckpt.item_ids, dtype=object)[top[ok]],
-                                   "rank": r[ok], "score": s[ok]}))
-    frame = pd.concat(parts) if parts else pd.DataFrame(columns=["user_id", "item_id", "rank", "score"])
+    settings = get_settings()
+    engine = _database() if database else None
+    try:
+        model = load_served(path, engine, settings.data_dir / "index-cache", settings.top_lists, wait=True)
+        if all_users:
+            wanted = list(dict.fromkeys([*model.ckpt.user_ids, *wanted]))
+        recommender = Recommender(engine, settings.negative_types)
+        rows = []
+        for user in tqdm(wanted, unit="user", desc="recommend", disable=None, file=sys.stderr):
+            answer = recommender.recommend(model, Ask(user, k, exclude_seen))
+            assert answer is not None  # only the event loop's fast path gets None
+            rows += [(user, i["item_id"], i["rank"], i["score"], answer.source) for i in answer.items()]
+    except CheckpointError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "rank", "score", "source"])
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
-    typer.echo(f"{len(frame)} recommendations for {rows.size} users -> {out}")
+    cold = int((frame.drop_duplicates("user_id")["source"] != "model").sum())
+    typer.echo(f"{len(frame)} recommendations for {len(wanted)} users ({cold} not in the model) -> {out}")
+
+
+def _database() -> Any:
+    """The service's database (RECSYS_DATABASE_URL), refused when its schema is behind."""
+    from app.db.engine import SchemaError
+    from app.db.migrate import checked_engine
+
+    try:
+        return checked_engine()
+    except SchemaError as exc:
+        raise _fail(f"{exc} (or pass --no-database)") from None
+    except Exception as exc:  # the database layer raises several types; report one line
+        raise _fail(f"cannot open the database: {exc} (or pass --no-database)") from None
 
 
 @negatives_app.command("compare")
@@ -367,22 +404,26 @@ def compare(
 
 @negatives_app.command("show")
 def show(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")],
+    checkpoint: CheckpointOpt,
     user: Annotated[str, typer.Option("--user", help="External user id.")],
-    strategy: StrategyOpt = "hard",
-    n: Annotated[int, typer.Option("--n", min=1, max=10_000, help="Negatives to draw.")] = 10,
+    strategy: Annotated[str, typer.Option(
+        "--strategy", help="trained (what the checkpoint was trained with, blended as in training), mixed "
+        "(its recorded blend), or one source alone: uniform, popularity, in-batch, hard, feedback.")] = "trained",
+    n: Annotated[int, typer.Option("--n", min=1, max=10_000, help="Negatives to show, split between the "
+                                   "sources in training's proportions.")] = 10,
     seed: SeedOpt = 0,
     feedback_items: Annotated[str | None, typer.Option("--feedback-items", help="Comma-separated item ids "
-                                                       "the user rejected (for feedback/mixed).")] = None,
+                                                       "the user rejected (default: the checkpoint's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Print the negatives a strategy would draw for one user under a checkpoint's model."""
+    """Print the negatives the trainer's sampler, as configured for the checkpoint, draws for one user."""
     from trainer.checkpoint import CheckpointError, read_checkpoint
-    from trainer.inspect_negatives import draw_negatives
+    from trainer.inspect_negatives import CHOICES, draw_negatives
 
-    _check_choice("--strategy", strategy, STRATEGY_CHOICES)
+    _check_choice("--strategy", strategy, CHOICES)
+    path = _checkpoint(checkpoint)
     try:
-        ckpt = read_checkpoint(checkpoint)
+        ckpt = read_checkpoint(path)
         fb = [x.strip() for x in feedback_items.split(",")] if feedback_items else None
         result = draw_negatives(ckpt, user, strategy, n, feedback_items=fb, seed=seed)
     except (CheckpointError, ValueError) as exc:
@@ -392,7 +433,7 @@ def show(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    typer.echo(f"user {user}, strategy {strategy}, model {result['model_version']}")
+    typer.echo(f"user {user}, strategy {result['strategy']} ({strategy}), model {result['model_version']}")
     typer.echo(f"{'item':>12} {'source':>10} {'q':>10} {'score':>8} {'rank':>7} {'pop':>6} known")
     for x in result["negatives"]:
         typer.echo(f"{x['item_id']:>12} {x['source']:>10} {x['q']:>10.3g} {x['score']:>8.3f} {x['rank']:>7} "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-import app.api.model as served
+import app.serving.model as served
 from trainer.checkpoint import read_checkpoint, write_checkpoint
 from trainer.indexes import build_index
 
@@ -57,7 +57,7 @@ def test_mmap_checkpoint_serves_the_same_answers(checkpoint: Path, monkeypatch: 
                 model.search(vector, 20, exclude),
                 model.search_filtered(vector, 20, exclude, only),
                 model.search_filtered(vector, 5, exclude, model.category_rows("a")),
-                model.similar(row, 10),
+                model.search(model.item_vector(row), 10, [row]),
                 model.popular(10, exclude),
             ])
         for a, b in zip(*results, strict=True):

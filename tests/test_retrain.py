@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from api.api_support import Deployment, Server
+from api.api_support import Deployment, Server, cluster_checkpoint
 
 from app.db import registry
 from app.db.engine import make_engine
@@ -218,3 +218,79 @@ def test_rollback_returns_to_the_previous_model(site: tuple[Deployment, dict[str
     assert back.returncode == 0, back.stderr
     assert promoted(dep.url) == v1
     assert recsys(env, "models", "promote", "no-such-version").returncode == 1
+
+
+def _registered(dep: Deployment, *versions: str, watermark: int) -> dict[str, Path]:
+    """Checkpoints of the planted clusters, each registered and promoted in turn (the last one is current)."""
+    paths = {}
+    engine = make_engine(dep.url)
+    try:
+        for version in versions:
+            paths[version] = cluster_checkpoint(dep.data_dir / "checkpoints", dep.frame, version, watermark=watermark)
+            with engine.begin() as conn:
+                registry.register(conn, version, str(paths[version]), watermark=watermark, status="promoted")
+    finally:
+        engine.dispose()
+    return paths
+
+
+def _corrupt(path: Path) -> None:
+    emb = path / "item_embeddings.npy"
+    emb.write_bytes(emb.read_bytes()[:-8] + b"\xff" * 8)
+
+
+def test_an_unreadable_promoted_model_is_not_a_first_model(site: tuple[Deployment, dict[str, str]]) -> None:
+    """The gate then compares against the newest readable model promoted before it, and says so."""
+    dep, env = site
+    paths = _registered(dep, "v1", "v2", watermark=len(dep.frame) - 500)
+    _corrupt(paths["v2"])
+    run = recsys(env, "retrain", "--epochs", "2", "--no-progress")
+    assert run.returncode == 0, run.stderr
+    assert "first model" not in run.stdout
+    assert "v2 cannot be read" in run.stdout and "compared against v1" in run.stdout
+    engine = make_engine(dep.url)
+    with engine.connect() as conn:
+        newest = registry.list_versions(conn)[0]
+    engine.dispose()
+    assert newest["metrics"]["gate"]["against"] == "v1" and "v2 cannot be read" in newest["metrics"]["gate"]["note"]
+
+
+def test_retrain_refuses_when_no_promoted_model_can_be_read(site: tuple[Deployment, dict[str, str]]) -> None:
+    dep, env = site
+    _corrupt(_registered(dep, "v1", watermark=len(dep.frame))["v1"])
+    run = recsys(env, "retrain", "--force", "--epochs", "2", "--no-progress")
+    assert run.returncode == 1
+    assert "v1 cannot be read" in run.stderr and "the promoted model is untouched" in run.stderr
+    assert promoted(dep.url) == "v1" and list_checkpoints(dep.data_dir / "checkpoints") == [dep.data_dir / "checkpoints" / "v1"]
+
+
+def test_a_rollback_that_fails_half_way_changes_nothing(site: tuple[Deployment, dict[str, str]]) -> None:
+    """Re-promoting the previous version and rejecting the current one are one transaction: a database that
+    refuses the second write leaves the registry as it was (here a trigger refuses it)."""
+    dep, env = site
+    _registered(dep, "v1", "v2", watermark=len(dep.frame))
+    engine = make_engine(dep.url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER no_rejects BEFORE UPDATE OF status ON model_versions WHEN NEW.status = 'rejected' "
+            "BEGIN SELECT RAISE(ABORT, 'rejections are refused'); END"
+        )
+
+    def statuses() -> dict[str, str]:
+        with engine.connect() as conn:
+            return {v["version"]: v["status"] for v in registry.list_versions(conn)}
+
+    try:
+        failed = recsys(env, "models", "rollback")
+        assert failed.returncode != 0 and "rejections are refused" in failed.stderr
+        assert statuses() == {"v1": "candidate", "v2": "promoted"}
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER no_rejects")
+        back = recsys(env, "models", "rollback")
+        assert back.returncode == 0, back.stderr
+        assert "rolled back from v2 (now rejected) to v1" in back.stdout
+        assert statuses() == {"v1": "promoted", "v2": "rejected"}
+        again = recsys(env, "models", "rollback")
+        assert again.returncode == 1 and "v1 is the only version ever promoted" in again.stderr
+    finally:
+        engine.dispose()

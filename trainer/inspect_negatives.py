@@ -1,12 +1,21 @@
-"""Show the negatives a sampler would draw for one user under a served model. Torch-free.
+"""Show the negatives the trainer's own sampler draws for one user under a checkpoint. Torch-free.
 
 Used by the admin endpoint ``GET /admin/users/{id}/negatives`` and by ``recsys negatives show``: the
-point is to *see* whether a strategy yields trivial negatives (far below the user's positives),
+point is to *see* whether training yields trivial negatives (far below the user's positives),
 informative ones, or false negatives (items the user actually likes).
+
+The sampler is the one training used: ``make_sampler`` with the configuration recorded in the
+checkpoint's manifest (``config.sampler``). Strategy ``trained`` draws what training drew, its sources
+blended as training blends them ("hard" and "feedback" ride on uniform negatives); ``mixed`` draws the
+recorded blend; a single source's name (uniform, popularity, in-batch, hard, feedback) draws that source
+alone, with its recorded settings. Outside training there is no batch: in-batch negatives are the
+positives of a simulated batch of the trained size, drawn by popularity (as training batches arrive), and
+hard negatives are mined from an exact index over the checkpoint's item vectors, after any warm-up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -17,105 +26,152 @@ from trainer.samplers import (
     STRATEGIES,
     AliasTable,
     Draw,
-    FeedbackSampler,
     HardSampler,
-    InBatchSampler,
-    PopularitySampler,
-    UniformSampler,
+    MixedSampler,
+    Sampler,
+    SamplerConfig,
+    make_sampler,
 )
 
+TRAINED = "trained"
+CHOICES = (TRAINED, *STRATEGIES)
 EASY_MARGIN = 3.0  # logits: a negative scoring this far below the user's mean positive score is "easy"
+DEFAULT_BATCH = 1024  # trainer.train.TrainConfig.batch_size, for checkpoints that do not record theirs
+AFTER_WARMUP = 2**62  # the training step the draws are made at: every warm-up is over
+MAX_ROUNDS = 64  # training steps drawn at most to fill each source's share
+
+
+def recorded_config(ckpt: Checkpoint) -> tuple[SamplerConfig, int, bool]:
+    """The checkpoint's sampler configuration, its training batch size, and whether the manifest recorded
+    a sampler configuration at all (False: the defaults stand in). Keys this version does not know are
+    ignored, so a checkpoint from a newer trainer still loads."""
+    config = ckpt.manifest.get("config") or {}
+    recorded = config.get("sampler")
+    known = {f.name for f in dataclasses.fields(SamplerConfig)}
+    values = {k: v for k, v in (recorded or {}).items() if k in known}
+    if "mixed" in values:
+        values["mixed"] = tuple(values["mixed"])
+    return SamplerConfig(**values), int(config.get("batch_size") or DEFAULT_BATCH), isinstance(recorded, dict)
+
+
+def _components(sampler: Sampler) -> list[Sampler]:
+    return [c.sampler for c in sampler.components] if isinstance(sampler, MixedSampler) else [sampler]
 
 
 def _feedback_matrix(ckpt: Checkpoint, user: int, items: list[str] | None) -> sparse.csr_matrix:
-    rows = [ckpt.item_row[i] for i in (items or []) if i in ckpt.item_row]
-    return sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), ([user] * len(rows), rows)),
-                             shape=(len(ckpt.user_ids), len(ckpt.item_ids)))
+    """The user's explicit negatives as the trainer's feedback matrix: ``items`` when given, else the
+    checkpoint's own row (what training drew from)."""
+    shape = (len(ckpt.user_ids), len(ckpt.item_ids))
+    if items is None:
+        stored = ckpt.feedback if ckpt.feedback is not None else sparse.csr_matrix(shape, dtype=np.float32)
+        rows = stored.indices[stored.indptr[user] : stored.indptr[user + 1]].tolist()
+    else:
+        rows = [ckpt.item_row[i] for i in dict.fromkeys(items) if i in ckpt.item_row]
+    return sparse.csr_matrix((np.ones(len(rows), np.float32), ([user] * len(rows), rows)), shape=shape)
 
 
-def _draws(ckpt: Checkpoint, user: int, strategy: str, n: int, rng: np.random.Generator, *,
-           feedback_items: list[str] | None, pool: int, skip: int, alpha: float) -> list[Draw]:
+def _shares(counts: dict[str, int], n: int) -> dict[str, int]:
+    """``n`` split in proportion to ``counts`` (largest remainder), every source at least one when n allows."""
+    total = sum(counts.values())
+    if not total:
+        return {name: 0 for name in counts}
+    exact = {name: n * c / total for name, c in counts.items()}
+    shares = {name: int(v) for name, v in exact.items()}
+    for name in sorted(exact, key=lambda x: exact[x] - shares[x], reverse=True)[: n - sum(shares.values())]:
+        shares[name] += 1
+    for name in counts:  # a rare source still shows: take one from the largest share
+        if counts[name] and not shares[name] and n >= len(counts):
+            shares[max(shares, key=shares.__getitem__)] -= 1
+            shares[name] = 1
+    return shares
+
+
+def _valid(draw: Draw) -> tuple[np.ndarray, np.ndarray]:
+    items, q = draw.items.reshape(-1), draw.q.reshape(-1)
+    if draw.valid is None:
+        return items, q
+    keep = draw.valid.reshape(-1)
+    return items[keep], q[keep]
+
+
+def _draw(ckpt: Checkpoint, user: int, cfg: SamplerConfig, alone: bool, batch: int, n: int,
+          rng: np.random.Generator, feedback: sparse.csr_matrix,
+          ) -> tuple[list[tuple[str, int, float]], dict[str, dict[str, int]]]:
+    """(source, item row, q) of n negatives in training's proportions, and per source its draws per
+    training row and how many are shown. ``alone``: only the source named by ``cfg.strategy``."""
     pop = np.asarray(ckpt.item_popularity, dtype=np.float64)
-    users = np.array([user])
-    uvec = np.asarray(ckpt.user_embeddings[user:user + 1], dtype=np.float32)
+    # Mining searches one user here: the exact index that training's approximate one (above 20k items)
+    # stands in for costs milliseconds, where building an IVF index for one request took ~6 s at 50k items.
+    exact = dataclasses.replace(cfg, index_type="flat")
+    parts = _components(make_sampler(exact, popularity=pop, known=ckpt.seen, feedback=feedback))
+    if alone:
+        parts = [part for part in parts if part.name == cfg.strategy]
+    for part in parts:
+        if isinstance(part, HardSampler):
+            part.refresh(np.asarray(ckpt.item_embeddings, dtype=np.float32))
+    batches = AliasTable(pop if pop.sum() > 0 else np.ones_like(pop))
+    users, uvec = np.array([user]), np.asarray(ckpt.user_embeddings[user : user + 1], dtype=np.float32)
+    found: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    per_row: dict[str, int] = {}
+    shares: dict[str, int] | None = None
+    for _ in range(MAX_ROUNDS):  # one training step per round, each with a fresh simulated batch
+        positives = batches.draw(rng, batch)
+        for d in (d for part in parts for d in part.sample(users, positives, rng, uvec, AFTER_WARMUP)):
+            found.setdefault(d.source, []).append(_valid(d))
+            per_row[d.source] = d.n
+        got = {s: sum(len(i) for i, _ in parts) for s, parts in found.items()}
+        if shares is None:  # sources with nothing to draw for this user (no feedback, no candidates) get none
+            shares = _shares({s: per_row[s] if got[s] else 0 for s in per_row}, n)
+        if all(got[s] >= shares[s] for s in shares):
+            break
+    assert shares is not None
+    out = []
+    for source, parts in found.items():
+        items = np.concatenate([i for i, _ in parts])[: shares[source]]
+        qs = np.concatenate([q for _, q in parts])[: shares[source]]
+        out += [(source, int(i), float(q)) for i, q in zip(items.tolist(), qs.tolist(), strict=True)]
+    counts = {s: {"per_training_row": per_row[s], "shown": min(shares[s], got[s])} for s in per_row}
+    return out, counts
 
-    def hard(k: int) -> list[Draw]:
-        s = HardSampler(ckpt.seen, k, pool=min(pool, len(ckpt.item_ids)), skip=skip)
-        s.index = ckpt.load_index()
-        s.built_at = 0
-        return s.sample(users, np.zeros(1, dtype=np.int64), rng, uvec)
 
-    def in_batch(k: int) -> list[Draw]:
-        # a user's in-batch negatives are the positives of a random batch: popularity-distributed
-        fake_batch = AliasTable(np.maximum(pop, 0) + (pop.sum() == 0)).draw(rng, k)
-        return InBatchSampler(np.maximum(pop, 1e-12)).sample(users, fake_batch, rng)
+def draw_negatives(ckpt: Checkpoint, user_id: str, strategy: str = TRAINED, n: int = 20, *,
+                   feedback_items: list[str] | None = None, seed: int | None = None) -> dict[str, Any]:
+    """Draw ``n`` negatives for ``user_id`` (external id) with ``strategy`` (see the module docstring) and
+    describe each one.
 
-    def feedback(k: int) -> list[Draw]:
-        return FeedbackSampler(_feedback_matrix(ckpt, user, feedback_items), k).sample(users, users, rng)
-
-    if strategy == "uniform":
-        return UniformSampler(pop > 0 if (pop > 0).any() else np.ones(pop.size, bool), n).sample(users, users, rng)
-    if strategy == "popularity":
-        return PopularitySampler(pop if (pop > 0).any() else np.ones(pop.size), n, alpha).sample(users, users, rng)
-    if strategy == "in-batch":
-        return in_batch(n)
-    if strategy == "hard":
-        return hard(n)
-    if strategy == "feedback":
-        return feedback(n)
-    # mixed: half in-batch (popularity-distributed), the rest hard, plus feedback when there is any
-    out = in_batch(n - n // 2) + hard(max(n // 2, 1))
-    if feedback_items:
-        out += feedback(max(n // 4, 1))
-    return out
-
-
-def draw_negatives(ckpt: Checkpoint, user_id: str, strategy: str, n: int, *,
-                   feedback_items: list[str] | None = None, seed: int | None = None, pool: int = 100,
-                   skip: int = 5, alpha: float = 0.75) -> dict[str, Any]:
-    """Draw ``n`` negatives for ``user_id`` (external id) with ``strategy`` and describe each one.
-
-    Strategy "feedback" draws from ``feedback_items`` (the caller's explicit negatives for the user;
-    when None, those stored in the checkpoint); with none it returns no negatives rather than failing.
-
-    ``easy_share`` is the share of (valid) negatives whose score is more than EASY_MARGIN logits below
-    the mean score of the user's known positives: such negatives carry almost no softmax loss.
+    ``n`` is split between the sources in the proportions training draws them (each at least one).
+    ``feedback_items``: the user's explicit negatives for the feedback source (None: the checkpoint's).
+    ``easy_share`` is the share of negatives whose score is more than EASY_MARGIN logits below the mean
+    score of the user's known positives: such negatives carry almost no softmax loss.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy not in CHOICES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(CHOICES)}")
     if user_id not in ckpt.user_row:
         raise KeyError(f"unknown user {user_id!r}: not in model {ckpt.version}")
     if not 1 <= n <= 10_000:
         raise ValueError(f"n must be between 1 and 10000, got {n}")
+    cfg, batch, recorded = recorded_config(ckpt)
+    if strategy != TRAINED:
+        cfg = dataclasses.replace(cfg, strategy=strategy)
+    alone = strategy not in (TRAINED, "mixed")
     user = ckpt.user_row[user_id]
-    stored = getattr(ckpt, "feedback", None)  # explicit negatives saved with the checkpoint, if any
-    if feedback_items is None and stored is not None and stored.nnz:
-        feedback_items = [ckpt.item_ids[i] for i in stored.indices[stored.indptr[user]:stored.indptr[user + 1]]]
     rng = np.random.default_rng(seed)
-    draws = _draws(ckpt, user, strategy, n, rng, feedback_items=feedback_items, pool=pool, skip=skip, alpha=alpha)
+    draws, sources = _draw(ckpt, user, cfg, alone, batch, n, rng, _feedback_matrix(ckpt, user, feedback_items))
 
     scores = np.asarray(ckpt.item_embeddings, dtype=np.float32) @ np.asarray(ckpt.user_embeddings[user], np.float32)
     order_scores = np.sort(scores)
     seen = ckpt.seen.indices[ckpt.seen.indptr[user]:ckpt.seen.indptr[user + 1]]
     seen_set = set(seen.tolist())
     mean_pos = float(scores[seen].mean()) if seen.size else None
-
-    negatives = []
-    for d in draws:
-        items, q = d.items.reshape(-1), d.q.reshape(-1)
-        valid = np.ones(items.size, bool) if d.valid is None else d.valid.reshape(-1)
-        for item, qi, ok in zip(items.tolist(), q.tolist(), valid.tolist(), strict=True):
-            if not ok:
-                continue
-            s = float(scores[item])
-            negatives.append({
-                "item_id": ckpt.item_ids[item], "source": d.source, "q": float(qi), "score": s,
-                "rank": int(scores.size - np.searchsorted(order_scores, s, side="right") + 1),
-                "popularity": int(ckpt.item_popularity[item]), "known_positive": item in seen_set,
-            })
+    negatives = [{
+        "item_id": ckpt.item_ids[item], "source": source, "q": q, "score": float(scores[item]),
+        "rank": int(scores.size - np.searchsorted(order_scores, scores[item], side="right") + 1),
+        "popularity": int(ckpt.item_popularity[item]), "known_positive": item in seen_set,
+    } for source, item, q in draws]
     got = np.array([x["score"] for x in negatives]) if negatives else np.zeros(0)
     summary: dict[str, Any] = {
         "count": len(negatives),
+        "sources": sources,
         "mean_score": float(got.mean()) if got.size else None,
         "mean_positive_score": mean_pos,
         "easy_margin": EASY_MARGIN,
@@ -124,5 +180,6 @@ def draw_negatives(ckpt: Checkpoint, user_id: str, strategy: str, n: int, *,
         "median_rank": float(np.median([x["rank"] for x in negatives])) if negatives else None,
         "n_items": int(scores.size),
     }
-    return {"user_id": user_id, "strategy": strategy, "model_version": ckpt.version,
-            "negatives": negatives, "summary": summary}
+    sampler = {**dataclasses.asdict(cfg), "mixed": list(cfg.mixed), "batch_size": batch, "recorded": recorded}
+    return {"user_id": user_id, "strategy": cfg.strategy, "requested": strategy, "sampler": sampler,
+            "model_version": ckpt.version, "negatives": negatives, "summary": summary}

@@ -1,1 +1,2 @@
-"""The HTTP service: FastAPI app, routes, model holder and server runner (torch-free)."""
+"""The HTTP service: FastAPI app, routes, admin, catalogue, events and server runner (torch-free); answers
+come from the serving core (app.serving)."""

@@ -17,9 +17,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.api.deps import NO_MODEL, VALIDATION, UserIdPath, err, served_model
 from app.api.errors import ApiError
 from app.api.jsonresp import JSON
-from app.api.schemas import ModelsResponse, NegativesResponse, ReloadResponse
-from app.api.userdata import negative_feedback
+from app.api.schemas import ModelsResponse, NegativesResponse, ReloadResponse, RollbackResponse
 from app.db import registry
+from app.db.userdata import negative_feedback
 from trainer.checkpoint import VERSION_RE, CheckpointError, read_manifest
 
 bearer = HTTPBearer(auto_error=False, description="RECSYS_ADMIN_TOKEN")
@@ -62,17 +62,29 @@ def negatives(
             min_length=1,
             max_length=32,
             pattern=r"^[a-z][a-z_-]*$",
-            description="uniform, popularity, in-batch, hard, feedback or mixed (see DESIGN.md).",
-            examples=["mixed"],
+            description="`trained`: what the served model was trained with, its sources blended as in "
+            "training; `mixed`: its recorded blend; uniform, popularity, in-batch, hard or feedback: that "
+            "source alone, with its recorded settings.",
+            examples=["trained"],
         ),
-    ] = "mixed",
-    n: Annotated[int, Query(ge=1, le=1000, description="How many negatives to draw.")] = 20,
+    ] = "trained",
+    n: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=1000,
+            description="How many negatives to show, split between the sources in the proportions training "
+            "draws them (each source at least one).",
+        ),
+    ] = 20,
     seed: Annotated[
         int | None, Query(ge=0, le=2**32 - 1, description="Random seed, for repeatable draws.")
     ] = None,
 ) -> Response:
-    """Runs the trainer's torch-free sampler against the served model, with the user's explicit negative
-    feedback (RECSYS_NEGATIVE_TYPES) from the database as the feedback source."""
+    """Draws with the trainer's own sampler (`make_sampler`, torch-free), built from the sampler
+    configuration recorded in the served checkpoint's manifest, against the served model; the user's
+    explicit negative feedback (RECSYS_NEGATIVE_TYPES) from the database is the feedback source. In-batch
+    negatives are the positives of a simulated batch of the trained size, drawn by popularity."""
     model = served_model(request)
     try:
         from trainer.inspect_negatives import draw_negatives
@@ -180,6 +192,59 @@ async def promote_version(state: Any, version: str) -> dict[str, Any]:
     holder.swap(model)
     return {
         "model_version": model.version,
+        "changed": old is None or old.version != model.version,
+        "load_seconds": round(model.load_seconds, 4),
+    }
+
+
+@router.post(
+    "/models/rollback",
+    summary="Serve the version promoted before the current one",
+    response_model=RollbackResponse,
+    responses={
+        409: err(
+            "Nothing to roll back to (`nothing_to_roll_back`), or its checkpoint failed to load "
+            "(`checkpoint_refused`); nothing changed."
+        )
+    },
+)
+async def rollback(request: Request) -> Response:
+    """What `recsys models rollback` does (the same registry function, one transaction): the version
+    promoted before the current one is promoted again and the current one marked `rejected`. Its checkpoint
+    is loaded first (a broken one changes nothing) and served on this worker; other workers follow within
+    RECSYS_RELOAD_POLL_SECONDS."""
+    return JSON(await rollback_version(request.app.state))
+
+
+async def rollback_version(state: Any) -> dict[str, Any]:
+    """The roll-back behind POST /admin/models/rollback (and the dashboard's): raises ApiError."""
+    holder = state.holder
+
+    def _target() -> dict[str, Any]:
+        with state.engine.connect() as conn:
+            row = registry.get_version(conn, registry.rollback_plan(conn)[1])
+        assert row is not None
+        return row
+
+    def _rollback(to: str) -> str:
+        with state.engine.begin() as conn:
+            return registry.rollback(conn, to=to)[0]
+
+    try:
+        target = await run_in_threadpool(_target)
+        model = await run_in_threadpool(holder.load, holder.registry_path(target).resolve())
+        if model.version != target["version"]:
+            raise CheckpointError(f"{target['path']} holds version {model.version}, not {target['version']}")
+        rejected = await run_in_threadpool(_rollback, target["version"])
+    except registry.RegistryError as exc:
+        raise ApiError(409, "nothing_to_roll_back", str(exc)) from exc
+    except CheckpointError as exc:
+        raise ApiError(409, "checkpoint_refused", str(exc)) from exc
+    old = holder.current
+    holder.swap(model)
+    return {
+        "model_version": model.version,
+        "rejected_version": rejected,
         "changed": old is None or old.version != model.version,
         "load_seconds": round(model.load_seconds, 4),
     }

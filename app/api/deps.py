@@ -8,8 +8,8 @@ from fastapi import Path, Request
 from pydantic import AfterValidator
 
 from app.api.errors import ApiError
-from app.api.model import ServedModel
 from app.api.schemas import ErrorResponse, _printable
+from app.serving.model import ServedModel
 
 UserIdPath = Annotated[
     str,

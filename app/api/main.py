@@ -19,14 +19,18 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from app.api import admin, catalog, errors, events, logs, routes
-from app.api.holder import ModelHolder
 from app.api.middleware import RequestContext
 from app.api.recent import RecentEventsView
 from app.dashboard import install as install_dashboard
 from app.db.impressions import ImpressionWriter
 from app.db.lock import SqliteWriteLock
 from app.db.migrate import checked_engine
+from app.serving.checkpoints import resolve_checkpoint
+from app.serving.holder import ModelHolder
+from app.serving.model import open_checkpoint
+from app.serving.recommender import Recommender
 from app.settings import Settings, get_settings
+from trainer.checkpoint import CheckpointError
 
 CHECKPOINT_ENV = "RECSYS_SERVE_CHECKPOINT"
 IMPRESSION_BATCH = 100  # served lists per impressions transaction at most
@@ -74,11 +78,27 @@ def _freeze_heap(_model: object) -> None:
     gc.freeze()
 
 
+def _pinned_checkpoint() -> Path | None:
+    """The checkpoint named by RECSYS_SERVE_CHECKPOINT (a version directory, or a root: its newest valid
+    version), checked as a load would check it. One that cannot be served stops start-up with the reason,
+    rather than a worker that never becomes ready."""
+    named = os.environ.get(CHECKPOINT_ENV)
+    if not named:
+        return None
+    try:
+        path = resolve_checkpoint(Path(named))
+        open_checkpoint(path)
+    except CheckpointError as exc:
+        log.error("the pinned checkpoint cannot be served", extra={"checkpoint": named, "reason": str(exc)})
+        raise
+    return path
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     engine = checked_engine(settings.sqlalchemy_url)  # raises SchemaError on a stale schema
-    pinned = os.environ.get(CHECKPOINT_ENV)
+    pinned = _pinned_checkpoint()
     app.state.engine = engine
     app.state.write_lock = (
         SqliteWriteLock(engine.url.database or "recsys.db")
@@ -88,7 +108,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.holder = ModelHolder(
         engine,
         settings.checkpoints_path,
-        Path(pinned) if pinned else None,
+        pinned,
         index_cache=settings.data_dir / "index-cache",
         top_n=settings.top_lists,
     )
@@ -99,6 +119,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.impressions.start()
     app.state.recent = RecentEventsView(engine)
+    app.state.recommender = Recommender(engine, settings.negative_types, recent=app.state.recent)
     app.state.holder.on_swap.append(lambda model: app.state.recent.follow(model.watermark))
     app.state.holder.on_swap.append(_freeze_heap)
     app.state.recent.start()

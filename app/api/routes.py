@@ -1,20 +1,19 @@
 """Public routes: recommendations, similar items, health, readiness and metrics (events: app.api.events).
 
-Handlers that touch FAISS or the database are plain ``def``: FastAPI runs them in its threadpool,
-keeping the event loop free (FAISS and the DB drivers release the GIL while they work). The common
-recommendation (a known user, no filters, seen items known in memory, a cheap search) is answered on the
-event loop by ``FastRecommendationsRoute`` instead: measured in bench/serve.py, the threadpool hop and
-FastAPI's per-request parameter handling cost several times the work itself, which is a walk down the
-user's precomputed list (app.api.toplists) or, before it is built, one cheap search.
+The routes parse and validate; the answer is the serving core's (app.serving.recommender). Handlers that
+touch FAISS or the database are plain ``def``: FastAPI runs them in its threadpool, keeping the event loop
+free (FAISS and the DB drivers release the GIL while they work). The common recommendation (a known user,
+no filters, seen items known in memory, a cheap search) is answered on the event loop by
+``FastRecommendationsRoute`` instead, through the same core: measured in bench/serve.py, the threadpool
+hop and FastAPI's per-request parameter handling cost several times the work itself, which is a walk
+down the user's precomputed list (app.serving.toplists) or, before it is built, one cheap search.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.routing import APIRoute
@@ -25,7 +24,6 @@ from app.api import metrics
 from app.api.deps import NO_MODEL, VALIDATION, ItemIdPath, UserIdPath, err, request_id, served_model
 from app.api.errors import ApiError
 from app.api.jsonresp import JSON
-from app.api.model import Ranked, ServedModel
 from app.api.schemas import (
     Health,
     Readiness,
@@ -33,8 +31,8 @@ from app.api.schemas import (
     SimilarItems,
     _printable,
 )
-from app.api.userdata import recent_events
-from app.db.impressions import Served
+from app.serving.model import ServedModel
+from app.serving.recommender import Ask, UnknownItem
 
 router = APIRouter()
 
@@ -46,7 +44,6 @@ URL_TOO_LONG = {
     }
 }
 K = Annotated[int, Query(ge=1, le=1000, description="How many items to return (1–1000).", examples=[10])]
-EXPLAIN_HISTORY = 2000  # history items compared by `explain` (newest events first, then checkpoint ones)
 MAX_FILTER_IDS = 1000  # item ids in `exclude` or in `only`, after splitting on commas
 
 MAX_FILTER_VALUES = (
@@ -102,50 +99,8 @@ def _split_ids(name: str, values: list[str] | None) -> list[str] | None:
     return ids
 
 
-@dataclass(frozen=True)
-class Filters:
-    """A request's own filters, as item rows of the served model."""
-
-    exclude: list[int]
-    only: np.ndarray | None  # None: no restriction
-
-    @property
-    def active(self) -> bool:
-        return bool(self.exclude) or self.only is not None
-
-
-def _filters(
-    model: ServedModel, exclude: list[str] | None, only: list[str] | None, category: str | None
-) -> Filters:
-    excluded = model.rows_of(_split_ids("exclude", exclude) or [])
-    only_ids = _split_ids("only", only)
-    allowed: np.ndarray | None = None
-    if only_ids is not None:
-        allowed = np.unique(np.asarray(model.rows_of(only_ids), dtype=np.int64))
-    if category is not None:
-        rows = model.category_rows(category)
-        allowed = rows if allowed is None else np.intersect1d(allowed, rows)
-    return Filters(excluded, allowed)
-
-
-def _log_served(state: Any, rid: str, user_id: str, model: ServedModel, items: list[dict]) -> None:
-    if items and not state.impressions.submit(
-        Served(rid, user_id, [i["item_id"] for i in items], model.version)
-    ):
-        metrics.IMPRESSIONS_DROPPED.inc()
-
-
-def _items(model: ServedModel, ranked: Ranked) -> list[dict]:
-    ids = model.item_ids[ranked.rows].tolist()
-    scores = ranked.scores.tolist()
-    return [
-        {"item_id": i, "score": s, "rank": r} for r, (i, s) in enumerate(zip(ids, scores, strict=True), 1)
-    ]
-
-
 TRUE = frozenset((b"1", b"on", b"t", b"true", b"y", b"yes"))  # pydantic's lax booleans
 FALSE = frozenset((b"0", b"off", b"f", b"false", b"n", b"no"))
-FAST_MAX_FETCH = 256  # k + excluded items up to this: the search is cheap enough for the event loop
 SLOW_PARAMS = frozenset((b"exclude", b"only", b"category", b"explain"))
 
 
@@ -177,53 +132,31 @@ def _fast_params(query: bytes) -> tuple[int, bool] | None:
     return k, exclude_seen
 
 
+def _request_id(scope: Scope) -> str:
+    return str(scope.get("state", {}).get("request_id", ""))
+
+
 def fast_recommendations(scope: Scope) -> bytes | None:
     """The response body for a plain recommendation, or None when the full handler must answer.
 
-    Same result as the full handler's model-user path with ``exclude_seen=true``: same exclusion, same
-    search, same impression and metrics; only the parameter parsing and the thread hop are skipped.
+    The serving core answers on the event loop what needs neither the database nor a costly search (a
+    model user whose events since the watermark the in-memory view knows, no filters, no explain); only
+    the parameter parsing and the thread hop are skipped, so the body, the impression and the metrics are
+    the full handler's.
     """
     if scope["method"] != "GET":
         return None
     state = scope["app"].state
     model: ServedModel | None = state.holder.current
-    if model is None:
-        return None  # 503 from the full handler
     params = _fast_params(scope["query_string"])
-    if params is None or not params[1]:
-        return None  # exclude_seen=false reads the database
-    k = params[0]
     user_id = _plain_id(scope, "user_id")
-    if user_id is None:
-        return None
-    row = model.user_row(user_id)
-    if row is None:
-        return None  # cold user: fold-in or popular, from the database
-    recent = state.recent.items_for(user_id, model.watermark)
-    if recent is None:
-        return None  # the in-memory view cannot tell: the full handler asks the database
-    recent_rows = model.rows_of(recent) if recent else []
-    ranked = model.from_top_list(row, k, recent_rows)
-    if ranked is None:  # no precomputed list (yet), or it ran out: search, when that is cheap
-        if not model.cheap_search:
-            return None  # an exact search over a large catalogue: keep it off the loop
-        recent_rows.extend(model.seen_rows(row).tolist())
-        if k + len(recent_rows) + model.n_hidden > FAST_MAX_FETCH:
-            return None
-        ranked = model.search(model.user_vector(row), k, recent_rows)
-    metrics.RECOMMENDATIONS_BY_SOURCE["model"].inc()
-    rid = str(scope.get("state", {}).get("request_id", ""))
-    items = _items(model, ranked)
-    _log_served(state, rid, user_id, model, items)
-    return orjson.dumps(
-        {
-            "user_id": user_id,
-            "model_version": model.version,
-            "request_id": rid,
-            "source": "model",
-            "items": items,
-        }
+    if model is None or params is None or user_id is None:
+        return None  # 503 or a validation error from the full handler
+    rid = _request_id(scope)
+    answer = state.recommender.recommend(
+        model, Ask(user_id, *params), rid, impressions=state.impressions, on_loop=True
     )
+    return None if answer is None else orjson.dumps(answer.body(rid))
 
 
 def _plain_id(scope: Scope, name: str) -> str | None:
@@ -246,22 +179,14 @@ def fast_similar(scope: Scope) -> bytes | None:
     """
     if scope["method"] != "GET":
         return None
-    model: ServedModel | None = scope["app"].state.holder.current
+    state = scope["app"].state
+    model: ServedModel | None = state.holder.current
     params = _fast_params(scope["query_string"])
     item_id = _plain_id(scope, "item_id")
     if model is None or params is None or item_id is None:
         return None
-    row = model.item_row(item_id)
-    if row is None:
-        return None  # 404 from the full handler
-    ranked = model.similar_from_list(row, params[0])
-    if ranked is None:
-        return None
-    rid = str(scope.get("state", {}).get("request_id", ""))
-    items = _items(model, ranked)
-    return orjson.dumps(
-        {"item_id": item_id, "model_version": model.version, "request_id": rid, "items": items}
-    )
+    answer = state.recommender.similar(model, item_id, params[0], on_loop=True)
+    return None if answer is None else orjson.dumps(answer.body(_request_id(scope)))
 
 
 class FastRoute(APIRoute):
@@ -318,77 +243,19 @@ def recommendations(
     Hidden items never appear, nor do the user's explicit negatives. `exclude`, `only` and `category` are
     applied inside the search: k items come back whenever k valid items exist.
     The served list is logged to `impressions` in the background."""
-    model = served_model(request)
-    state = request.app.state
-    filters = _filters(model, exclude, only, category)
-    row = model.user_row(user_id)
-    history: list[int] = []
-    if row is not None:
-        if exclude_seen:
-            recent = state.recent.items_for(user_id, model.watermark)
-            if recent is None:  # the in-memory view cannot tell: ask the database
-                with state.engine.connect() as conn:
-                    recent = recent_events(
-                        conn, user_id, model.watermark, state.settings.negative_types
-                    ).item_ids
-            rows = model.rows_of(recent)
-            if filters.active:
-                rows.extend(model.seen_rows(row).tolist())
-        else:  # explicit negatives stay out: the checkpoint's, and those recorded since it was trained
-            with state.engine.connect() as conn:
-                since = recent_events(conn, user_id, model.watermark, state.settings.negative_types)
-            rows = model.rows_of(since.negative_item_ids)
-            rows.extend(model.negative_rows(row).tolist())
-        if filters.active:
-            rows.extend(filters.exclude)
-            ranked = model.search_filtered(model.user_vector(row), k, rows, filters.only)
-        elif exclude_seen:  # the precomputed list, or a search
-            ranked = model.recommend(row, k, rows)
-        else:
-            ranked = model.search(model.user_vector(row), k, rows)
-        source = "model"
-        if explain:
-            with state.engine.connect() as conn:
-                since = recent_events(conn, user_id, model.watermark, state.settings.negative_types)
-            history = model.rows_of(since.positive_item_ids)
-            history.extend(model.positive_rows(row).tolist())
-    else:
-        with state.engine.connect() as conn:  # a user the model does not know: their whole history counts
-            events = recent_events(conn, user_id, 0, state.settings.negative_types)
-        rows = model.rows_of(events.item_ids if exclude_seen else events.negative_item_ids)
-        rows.extend(filters.exclude)
-        history = model.rows_of(events.positive_item_ids)
-        vector = model.fold_in(history)
-        if vector is not None:
-            if filters.active:
-                ranked = model.search_filtered(vector, k, rows, filters.only)
-            else:
-                ranked = model.search(vector, k, rows)
-            source = "fold_in"
-        else:
-            ranked, source = model.popular(k, rows, filters.only), "popular"
-        metrics.FALLBACKS.labels(source).inc()
-    metrics.RECOMMENDATIONS_BY_SOURCE[source].inc()
-    rid = request_id(request)
-    items = _items(model, ranked)
-    if explain:
-        hist = (
-            np.unique(np.asarray(history[:EXPLAIN_HISTORY], dtype=np.int64))
-            if source != "popular"
-            else np.zeros(0, np.int64)
-        )
-        for item, because in zip(items, model.explain(ranked.rows, hist), strict=True):
-            item["because"] = [{"item_id": model.item_ids[r], "contribution": c} for r, c in because]
-    _log_served(state, rid, user_id, model, items)
-    return JSON(
-        {
-            "user_id": user_id,
-            "model_version": model.version,
-            "request_id": rid,
-            "source": source,
-            "items": items,
-        }
+    ask = Ask(
+        user_id,
+        k,
+        exclude_seen,
+        _split_ids("exclude", exclude) or (),
+        _split_ids("only", only),
+        category,
+        explain,
     )
+    rid, state = request_id(request), request.app.state
+    answer = state.recommender.recommend(served_model(request), ask, rid, impressions=state.impressions)
+    assert answer is not None  # None only on the event loop
+    return JSON(answer.body(rid))
 
 
 router.add_api_route(
@@ -414,24 +281,13 @@ def similar(
     """Nearest items by dot product of item embeddings; hidden items and the query item are left out.
     `exclude`, `only` and `category` are applied inside the search (k items whenever k valid ones exist)."""
     model = served_model(request)
-    row = model.item_row(item_id)
-    if row is None:
-        raise ApiError(404, "unknown_item", f"item {item_id!r} is not in model {model.version}")
-    filters = _filters(model, exclude, only, category)
-    if filters.active:
-        vector = np.asarray(model.ckpt.item_embeddings[row], dtype=np.float32)
-        ranked = model.search_filtered(vector, k, [row, *filters.exclude], filters.only)
-    else:
-        ranked = model.similar(row, k)
-    items = _items(model, ranked)
-    return JSON(
-        {
-            "item_id": item_id,
-            "model_version": model.version,
-            "request_id": request_id(request),
-            "items": items,
-        }
-    )
+    recommender = request.app.state.recommender
+    filters = recommender.filters(model, _split_ids("exclude", exclude) or (), _split_ids("only", only), category)
+    try:
+        answer = recommender.similar(model, item_id, k, filters)
+    except UnknownItem:
+        raise ApiError(404, "unknown_item", f"item {item_id!r} is not in model {model.version}") from None
+    return JSON(answer.body(request_id(request)))
 
 
 router.add_api_route(

@@ -103,10 +103,7 @@ def rollback_plan(request: Request) -> tuple[str, str]:
 
 
 async def rollback(request: Request) -> dict[str, Any]:
-    """`recsys models rollback` on a running service: serve the previously promoted version (loaded and
-    promoted as /admin does), then mark the version rolled back from rejected."""
-    current, previous = rollback_plan(request)
-    result = await promote(request, previous)
-    with request.app.state.engine.begin() as conn:
-        registry.reject(conn, current)
-    return {**result, "rolled_back_from": current}
+    """POST /admin/models/rollback, as `recsys models rollback` (one registry transaction): serve the
+    previously promoted version and mark the one rolled back from rejected."""
+    result = await admin.rollback_version(request.app.state)
+    return {**result, "rolled_back_from": result["rejected_version"]}

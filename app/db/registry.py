@@ -16,6 +16,10 @@ from app.db.models import ModelVersion
 STATUSES = ("candidate", "promoted", "rejected")
 
 
+class RegistryError(ValueError):
+    """A registry change that cannot be made: nothing to roll back to, or the registry changed meanwhile."""
+
+
 def _as_dict(row: ModelVersion) -> dict[str, Any]:
     return {
         "version": row.version,
@@ -97,26 +101,43 @@ def current_promoted(conn: Connection) -> dict[str, Any] | None:
     return _as_dict(row) if row is not None else None  # type: ignore[arg-type]
 
 
+def promoted_history(conn: Connection) -> list[dict[str, Any]]:
+    """The promoted version first, then the versions promoted before it and not rejected since, most
+    recent promotion first."""
+    t = ModelVersion.__table__
+    rows = conn.execute(
+        select(t)
+        .where(t.c.promoted_at.is_not(None), t.c.status != "rejected")
+        .order_by(t.c.promoted_at.desc(), t.c.id.desc())
+    ).all()
+    found = [_as_dict(r) for r in rows]  # type: ignore[arg-type]
+    return sorted(found, key=lambda v: v["status"] != "promoted")  # stable: keeps the promotion order
+
+
 def rollback_plan(conn: Connection) -> tuple[str, str]:
-    """(current, previous): the promoted version and the candidate promoted most recently before it, which a
-    roll-back serves again. ValueError, with the reason, when there is nothing to roll back to."""
-    current = current_promoted(conn)
-    if current is None:
-        raise ValueError("no version is promoted: nothing to roll back")
-    earlier = sorted(
-        (
-            v
-            for v in list_versions(conn)
-            if v["promoted_at"] and v["status"] == "candidate" and v["version"] != current["version"]
-        ),
-        key=lambda v: v["promoted_at"],
-    )
-    if not earlier:
-        raise ValueError(f"{current['version']} is the only version ever promoted: nothing to roll back to")
-    return current["version"], earlier[-1]["version"]
+    """(current, previous): the promoted version and the one promoted most recently before it (and not
+    rejected since), which a roll-back serves again. RegistryError, with the reason, when there is none."""
+    history = promoted_history(conn)
+    if not history or history[0]["status"] != "promoted":
+        raise RegistryError("no version is promoted: nothing to roll back")
+    if len(history) < 2:
+        raise RegistryError(f"{history[0]['version']} is the only version ever promoted: nothing to roll back to")
+    return history[0]["version"], history[1]["version"]
 
 
 def reject(conn: Connection, version: str) -> None:
     """Mark a version rejected (a rolled-back one): it is never served again unless promoted by hand."""
     t = ModelVersion.__table__
     conn.execute(update(t).where(t.c.version == version).values(status="rejected"))
+
+
+def rollback(conn: Connection, *, to: str | None = None) -> tuple[str, str]:
+    """Serve again the version promoted before the current one and mark the current one rejected, both in
+    the caller's transaction, so a failure half-way changes nothing; returns (rejected, promoted).
+    ``to``: the version the caller checked (its checkpoint loads); RegistryError if the plan changed."""
+    current, previous = rollback_plan(conn)
+    if to is not None and previous != to:
+        raise RegistryError(f"the registry changed: rolling back would now promote {previous}, not {to}")
+    reject(conn, current)
+    promote(conn, previous)
+    return current, previous

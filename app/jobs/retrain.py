@@ -147,18 +147,38 @@ def retrain(
 
 def _current_model(
     engine: Any, log: Callable[[str], None]
-) -> tuple[dict[str, Any] | None, Checkpoint | None]:
+) -> tuple[dict[str, Any] | None, Checkpoint | None, str | None]:
+    """The promoted version, the checkpoint the run compares against, and a note when that is not the
+    promoted one's.
+
+    An unreadable promoted checkpoint must not make the run a "first model" (no new-events check, no gate):
+    the newest readable version promoted before it stands in, and the run says so; when none is readable
+    the run refuses (RetrainError), since there is nothing to hold a candidate against.
+    """
     with engine.connect() as conn:
-        current = registry.current_promoted(conn)
-    if current is None:
-        return None, None
-    try:
-        return current, read_checkpoint(current["path"])
-    except CheckpointError as exc:
-        log(
-            f"warning: the promoted model {current['version']} cannot be read ({exc}); comparing against nothing"
+        history = registry.promoted_history(conn)
+    if not history or history[0]["status"] != "promoted":
+        return None, None, None
+    current, problems = history[0], []
+    for row in history:
+        try:
+            ckpt = read_checkpoint(row["path"])
+        except CheckpointError as exc:
+            problems.append(f"{row['version']}: {exc}")
+            continue
+        if row is current:
+            return current, ckpt, None
+        note = (
+            f"the promoted model {current['version']} cannot be read ({problems[0]}); compared against "
+            f"{row['version']}, the newest readable model promoted before it"
         )
-        return current, None
+        log(f"warning: {note}")
+        return current, ckpt, note
+    raise RetrainError(
+        f"the promoted model {current['version']} cannot be read, nor can any model promoted before it "
+        f"({'; '.join(problems)}): repair its checkpoint or promote a readable version "
+        "(`recsys models promote`) so the candidate can be compared against it"
+    )
 
 
 def _retrain_locked(
@@ -167,7 +187,7 @@ def _retrain_locked(
     t0 = time.perf_counter()
     with engine.connect() as conn:
         watermark = max_event_id(conn)
-    current, current_ckpt = _current_model(engine, log)
+    current, current_ckpt, note = _current_model(engine, log)
     old_watermark = current_ckpt.watermark if current_ckpt is not None else None
     new_events = watermark - (old_watermark or 0)
     if current_ckpt is not None and new_events < options.min_new_events and not options.force:
@@ -250,6 +270,8 @@ def _retrain_locked(
                 f"{options.metric} {c_val:.4f} is worse than the current model's {p_val:.4f} "
                 f"by more than the tolerance {options.tolerance}"
             )
+    if note:
+        gate["note"], reason = note, f"{reason} ({note})"
     gate["decision"], gate["reason"] = status, reason
     t_gate = time.perf_counter()
 

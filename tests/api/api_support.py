@@ -139,9 +139,12 @@ class Deployment:
         self.checkpoints = self.data_dir / "checkpoints"
 
 
-def train_checkpoint(url: str, root: Path, version: str) -> tuple[Path, int]:
+def train_checkpoint(
+    url: str, root: Path, version: str, *, strategy: str = "mixed", epochs: int = 6
+) -> tuple[Path, int]:
     """A real model: the trainer's pipeline on the events in the database (a few seconds on this data)."""
     from trainer.pipeline import run, save  # torch, in the test process only; the server stays torch-free
+    from trainer.samplers import SamplerConfig
     from trainer.train import TrainConfig
 
     engine = make_engine(url)
@@ -151,7 +154,8 @@ def train_checkpoint(url: str, root: Path, version: str) -> tuple[Path, int]:
             watermark = max_event_id(conn)
     finally:
         engine.dispose()
-    result = run(events, TrainConfig(epochs=6, progress=False, threads=1, seed=0), watermark=watermark)
+    config = TrainConfig(epochs=epochs, progress=False, threads=1, seed=0, sampler=SamplerConfig(strategy=strategy))
+    result = run(events, config, watermark=watermark, refit=epochs > 1)
     return save(result, root, version=version), watermark
 
 

@@ -16,7 +16,7 @@ import pytest
 from api_support import Server, assert_error
 from scipy import sparse
 
-from app.api.model import EXACT_MAX, load_model
+from app.serving.model import EXACT_MAX, load_model
 from trainer.checkpoint import read_checkpoint, write_checkpoint
 
 

@@ -212,26 +212,6 @@ def test_hot_swap_under_load_drops_nothing_and_refuses_a_corrupt_checkpoint(tmp_
         srv.stop()
 
 
-def test_admin_negatives_use_the_served_model_and_db_feedback(server: Server) -> None:
-    frame = server.dep.frame
-    negative = frame[frame.type.isin(["dislike", "skip"])]
-    user = str(negative.user_id.value_counts().index[0])  # the user with the most explicit negatives
-    disliked = set(negative.loc[negative.user_id == user, "item_id"])
-    with server.admin() as a:
-        mixed = a.get("/admin/users/u1/negatives", params={"strategy": "mixed", "n": 12, "seed": 3}).json()
-        assert mixed["user_id"] == "u1" and mixed["model_version"] == "v1" and mixed["strategy"] == "mixed"
-        assert mixed["negatives"] and mixed["summary"]["count"] == len(mixed["negatives"])
-        first = mixed["negatives"][0]
-        assert set(first) >= {"item_id", "source", "q", "score", "rank", "popularity", "known_positive"}
-        again = a.get("/admin/users/u1/negatives", params={"strategy": "mixed", "n": 12, "seed": 3}).json()
-        assert again["negatives"] == mixed["negatives"]  # a seed makes the draw repeatable
-        feedback = a.get(f"/admin/users/{user}/negatives", params={"strategy": "feedback", "n": 5}).json()
-        assert feedback["negatives"] and all(n["source"] == "feedback" for n in feedback["negatives"])
-        assert {n["item_id"] for n in feedback["negatives"]} <= disliked
-        assert_error(a.get("/admin/users/nobody-here/negatives"), 404, "unknown_user")
-        assert_error(a.get("/admin/users/u1/negatives", params={"strategy": "bogus"}), 422, "bad_strategy")
-
-
 def test_pinned_checkpoint_until_a_newer_promotion(tmp_path: Path) -> None:
     """`recsys serve --checkpoint DIR` wins over the promoted version, until something is promoted later."""
     dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path)
@@ -252,3 +232,53 @@ def test_pinned_checkpoint_until_a_newer_promotion(tmp_path: Path) -> None:
             assert c.get("/readyz").json()["model_version"] == "v2"
     finally:
         srv.stop()
+
+
+def test_admin_rollback_serves_the_previous_version(tmp_path: Path) -> None:
+    """The registry's one rollback (as `recsys models rollback`): v1 back, v2 rejected, served at once."""
+    dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path)
+    _register(dep, "v2", cluster_checkpoint(dep.checkpoints, dep.frame, "v2", watermark=None, seed=1), promote=True)
+    srv = Server(dep)
+    try:
+        srv.wait_ready()
+        with srv.admin() as a:
+            assert a.get("/admin/models").json()["served_version"] == "v2"
+            back = a.post("/admin/models/rollback").json()
+            assert back["model_version"] == "v1" and back["rejected_version"] == "v2" and back["changed"] is True
+            statuses = {m["version"]: m["status"] for m in a.get("/admin/models").json()["models"]}
+            assert statuses == {"v1": "promoted", "v2": "rejected"}
+            again = assert_error(a.post("/admin/models/rollback"), 409, "nothing_to_roll_back")
+            assert "only version ever promoted" in again["error"]["message"]
+        with srv.client() as c:
+            assert c.get("/readyz").json()["model_version"] == "v1"
+    finally:
+        srv.stop()
+
+
+def test_a_pinned_checkpoint_root_serves_its_newest_version(tmp_path: Path) -> None:
+    """`recsys train --out DIR` writes DIR/<version>/: DIR itself can be served (its newest valid version)."""
+    dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path, promote=False)
+    root = tmp_path / "trained"
+    cluster_checkpoint(root, dep.frame, "a-older", watermark=None, seed=2)
+    cluster_checkpoint(root, dep.frame, "b-newer", watermark=None, seed=3)
+    _corrupt(cluster_checkpoint(root, dep.frame, "c-broken", watermark=None, seed=4))
+    srv = Server(dep, checkpoint=root)
+    try:
+        srv.wait_ready()
+        with srv.client() as c:
+            assert c.get("/readyz").json()["model_version"] == "b-newer"
+    finally:
+        srv.stop()
+
+
+def test_a_pinned_checkpoint_that_cannot_be_served_stops_start_up(tmp_path: Path) -> None:
+    dep = deploy(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path)
+    broken = cluster_checkpoint(tmp_path / "elsewhere", dep.frame, "broken", watermark=None)
+    _corrupt(broken)
+    for pinned, reason in ((broken, "fails its checksum"), (tmp_path / "empty", "not a checkpoint directory")):
+        srv = Server(dep, checkpoint=pinned)
+        try:
+            assert srv.proc.wait(30) != 0  # exits instead of running without ever becoming ready
+            assert "the pinned checkpoint cannot be served" in srv.logs() and reason in srv.logs()
+        finally:
+            srv.stop()

@@ -60,3 +60,20 @@ def test_run_with_two_workers_aggregates_metrics(sqlite_deployment: Deployment, 
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
         log.close()
+
+
+def test_recsys_serve_refuses_a_checkpoint_it_cannot_serve(sqlite_deployment: Deployment, tmp_path: Path) -> None:
+    """An explicitly named checkpoint is checked before any worker starts: a clear error, exit 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+    env.update(RECSYS_DATABASE_URL=sqlite_deployment.url, RECSYS_DATA_DIR=str(tmp_path), RECSYS_PORT=str(free_port()))
+    (tmp_path / "empty").mkdir()
+    for given, reason in (
+        (tmp_path / "missing", "not a checkpoint directory"),
+        (tmp_path / "empty", "holds no checkpoint directories"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(given)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert f"error: cannot serve --checkpoint {given}" in done.stderr and reason in done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 from api_support import embedding_checkpoint
 
-from app.api import ann
-from app.api.model import load_model
 from app.api.routes import _fast_params
+from app.serving import ann, cache
+from app.serving.model import load_model
 
 
 def _settled(model):  # noqa: ANN001, ANN202
@@ -46,6 +47,23 @@ def test_large_catalogue_gets_a_calibrated_cached_ivf_index(tmp_path: Path) -> N
 
     again = load_model(path, index_cache=cache, ann_min_items=1000)  # another worker, or a restart
     assert again.ann is not None and not again.ann_pending and again.ann_info == info
+
+
+def test_every_cache_entry_counts_against_the_limit(tmp_path: Path) -> None:
+    """The index and the top lists share one cache implementation: an index written with the top lists off
+    prunes the directory to its newest entries as a top-list table does."""
+    path = embedding_checkpoint(tmp_path / "checkpoints", clustered=True)
+    cache_dir = tmp_path / "index-cache"
+    cache_dir.mkdir()
+    for n in range(cache.KEEP + 3):  # older entries of earlier checkpoints
+        old = cache_dir / f"old{n:02d}.json"
+        old.write_text("{}")
+        os.utime(old, (1_000_000 + n, 1_000_000 + n))
+    model = _settled(load_model(path, index_cache=cache_dir, ann_min_items=1000, top_n=0))
+    assert model.ann is not None and model.top is None
+    keys = {p.name.split(".", 1)[0] for p in cache_dir.iterdir()}
+    assert len(keys) == cache.KEEP and ann.cache_key(model.ckpt) in keys
+    assert not {f"old{n:02d}" for n in range(4)} & keys  # the oldest went
 
 
 def test_structureless_embeddings_keep_exact_search(tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ import pytest
 from api_support import embedding_checkpoint
 from scipy import sparse
 
-from app.api import toplists
-from app.api.model import ServedModel, load_model
+from app.serving import cache, toplists
+from app.serving.model import Ranked, ServedModel, load_model
+from app.serving.recommender import NO_FILTERS, Recommender, UserVector
 
 N_USERS, N_ITEMS, HEAVY = 600, 3000, 7  # user row HEAVY has seen all but 10 items
 
@@ -36,6 +37,23 @@ def _settled(model: ServedModel) -> ServedModel:
         time.sleep(0.02)
     assert not model.ann_pending and not model.top_pending
     return model
+
+
+CORE = Recommender(None, ())
+
+
+def _recommend(model: ServedModel, row: int, k: int, recent: list[int]) -> Ranked:
+    """What the serving core ranks for a model user with these items touched since training."""
+    vector = UserVector(model.user_vector(row), "model", listed=True)
+    ranked = CORE.rank(model, vector, row, k, list(recent), NO_FILTERS, True)
+    assert ranked is not None
+    return ranked
+
+
+def _similar(model: ServedModel, row: int, k: int) -> Ranked:
+    answer = CORE.similar(model, str(model.item_ids[row]), k)
+    assert answer is not None
+    return answer.ranked
 
 
 def _same(got, want) -> None:  # noqa: ANN001
@@ -64,7 +82,7 @@ def test_top_lists_give_what_a_search_gives(
                 answered += 1
             elif row != HEAVY:
                 assert ann_min_items is not None and (model.top.rows[row] < 0).any(), (row, k)
-            _same(model.recommend(row, k, []), want)
+            _same(_recommend(model, row, k, []), want)
     assert model.from_top_list(HEAVY, 11, []) is None
     assert answered >= (3 * N_USERS - 3 if ann_min_items is None else 0.95 * 3 * N_USERS)
 
@@ -72,12 +90,12 @@ def test_top_lists_give_what_a_search_gives(
     answered = 0
     for row in range(0, N_ITEMS, 3):
         for k in (1, 10, 50):
-            want = model.search(model._item_emb[row], k, [row])
+            want = model.search(model.item_vector(row), k, [row])
             got = model.similar_from_list(row, k)
             if got is not None:
                 _same(got, want)
                 answered += 1
-            _same(model.similar(row, k), want)
+            _same(_similar(model, row, k), want)
     assert answered >= (3 * N_ITEMS // 3 if ann_min_items is None else 0.95 * 3 * N_ITEMS // 3)
 
 
@@ -95,7 +113,7 @@ def test_recent_and_hidden_items_are_skipped(checkpoint: Path) -> None:
     item = int(model.top_similar.rows[hidden, 0])  # the hidden item's nearest neighbour
     similar = model.similar_from_list(item, 10)
     assert similar is not None and hidden not in similar.rows.tolist() and item not in similar.rows.tolist()
-    _same(similar, model.search(model._item_emb[item], 10, [item]))
+    _same(similar, model.search(model.item_vector(item), 10, [item]))
 
 
 def test_lists_that_run_out_fall_back_to_search(checkpoint: Path) -> None:
@@ -104,12 +122,12 @@ def test_lists_that_run_out_fall_back_to_search(checkpoint: Path) -> None:
     vector, seen = model.user_vector(row), model.seen_rows(row).tolist()
     recent = model.from_top_list(row, 15, []).rows.tolist()  # only 5 of the 20 are left after these
     assert model.from_top_list(row, 10, recent) is None
-    got = model.recommend(row, 10, recent)
+    got = _recommend(model, row, 10, recent)
     _same(got, model.search(vector, 10, recent + seen))
     assert len(got.rows) == 10 and not set(got.rows.tolist()) & set(recent)
     assert model.from_top_list(row, 21, []) is None  # k beyond the list's length
-    _same(model.recommend(row, 21, []), model.search(vector, 21, seen))
-    heavy = model.recommend(HEAVY, 11, [])  # only 10 items exist that this user has not seen
+    _same(_recommend(model, row, 21, []), model.search(vector, 21, seen))
+    heavy = _recommend(model, HEAVY, 11, [])  # only 10 items exist that this user has not seen
     assert sorted(heavy.rows.tolist()) == list(range(N_ITEMS - 10, N_ITEMS))
 
 
@@ -125,22 +143,22 @@ def test_small_batches_build_the_same_table(checkpoint: Path, monkeypatch: pytes
 
 
 def test_top_lists_are_cached_and_a_broken_cache_is_rebuilt(checkpoint: Path, tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    first = _settled(load_model(checkpoint, index_cache=cache, top_n=25))
-    tables = {np.load(f, mmap_mode="r").shape[0]: f for f in cache.glob("*.top-rows.npy")}
+    cache_dir = tmp_path / "cache"
+    first = _settled(load_model(checkpoint, index_cache=cache_dir, top_n=25))
+    tables = {np.load(f, mmap_mode="r").shape[0]: f for f in cache_dir.glob("*.top-rows.npy")}
     assert sorted(tables) == [N_USERS, N_ITEMS]  # one per kind: users and similar items
     rows_file = tables[N_USERS]
-    again = load_model(checkpoint, index_cache=cache, top_n=25)  # another worker, or a restart
+    again = load_model(checkpoint, index_cache=cache_dir, top_n=25)  # another worker, or a restart
     assert again.top is not None and again.top_similar is not None and not again.top_pending  # no rebuild
     assert np.array_equal(again.top.rows, first.top.rows)
-    other_length = load_model(checkpoint, index_cache=cache, top_n=26)  # a different table, its own entry
+    other_length = load_model(checkpoint, index_cache=cache_dir, top_n=26)  # a different table, its own entry
     assert other_length.top is None and other_length.top_pending
     _settled(other_length)
 
     expected = np.array(first.top.rows)  # a copy: the other models map the file replaced below
     rows_file.unlink()  # a new file, never a rewrite in place: live models map the old one
     rows_file.write_bytes(b"\x93NUMPY broken")
-    rebuilt = load_model(checkpoint, index_cache=cache, top_n=25)
+    rebuilt = load_model(checkpoint, index_cache=cache_dir, top_n=25)
     assert rebuilt.top is None and rebuilt.top_pending  # the broken file is ignored, the table rebuilt
     _settled(rebuilt)
     assert np.array_equal(rebuilt.top.rows, expected) and np.array_equal(first.top.rows, expected)
@@ -150,21 +168,21 @@ def test_top_lists_are_cached_and_a_broken_cache_is_rebuilt(checkpoint: Path, tm
 def test_top_lists_can_be_turned_off(checkpoint: Path, tmp_path: Path) -> None:
     model = load_model(checkpoint, index_cache=tmp_path / "cache", top_n=0)
     assert model.top is None and not model.top_pending and not (tmp_path / "cache").exists()
-    got = model.recommend(2, 10, [])
+    got = _recommend(model, 2, 10, [])
     _same(got, model.search(model.user_vector(2), 10, model.seen_rows(2).tolist()))
 
 
 def test_the_cache_keeps_only_the_newest_entries(tmp_path: Path) -> None:
     """Each retrained checkpoint adds entries; the oldest go, all of their files together."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
     for n in range(15):
         for suffix in (".faiss", ".json", ".top-rows.npy", ".top.lock"):
-            path = cache / f"key{n:02d}{suffix}"
+            path = cache_dir / f"key{n:02d}{suffix}"
             path.write_bytes(b"x")
             os.utime(path, (1_000_000 + n, 1_000_000 + n))
-    removed = toplists.prune(cache, keep=12)
+    removed = cache.prune(cache_dir, keep=12)
     assert sorted(removed) == ["key00", "key01", "key02"]
-    left = {p.name.split(".", 1)[0] for p in cache.iterdir()}
-    assert left == {f"key{n:02d}" for n in range(3, 15)} and len(list(cache.iterdir())) == 12 * 4
-    assert toplists.prune(cache, keep=12) == []
+    left = {p.name.split(".", 1)[0] for p in cache_dir.iterdir()}
+    assert left == {f"key{n:02d}" for n in range(3, 15)} and len(list(cache_dir.iterdir())) == 12 * 4
+    assert cache.prune(cache_dir, keep=12) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -51,24 +52,44 @@ def test_final_fit_ships_a_model_of_every_event(app: typer.Typer, small_file: Pa
     assert manifest["metrics"]["test"]["ndcg@10"] > 0  # held-out metrics of the tested model are kept
 
 
-def test_recommend_all_and_some_users(app: typer.Typer, checkpoint: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """RECSYS_DATA_DIR for one test (where `recommend` caches the top lists it ranks with)."""
+    from app.settings import get_settings
+
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def test_recommend_all_and_some_users(app: typer.Typer, checkpoint: Path, data_dir: Path) -> None:
+    """From the checkpoint alone (--no-database): its seen items and explicit negatives are left out, users it
+    does not know get the popular items. The service's lists: tests/api/test_parity.py."""
+    tmp_path = data_dir
     out = tmp_path / "recs.csv"
-    r = CliRunner().invoke(app, ["recommend", "--checkpoint", str(checkpoint), "--all", "--k", "5", "--out", str(out)])
-    assert r.exit_code == 0, r.output
+    root = checkpoint.parent  # a directory of versions, as `train --out` writes it, is accepted too
+    for given in (checkpoint, root):
+        r = CliRunner().invoke(app, ["recommend", "--checkpoint", str(given), "--all", "--k", "5", "--out", str(out),
+                                     "--no-database"])
+        assert r.exit_code == 0, r.output
     recs = pd.read_csv(out, dtype={"user_id": str, "item_id": str})
-    assert list(recs.columns) == ["user_id", "item_id", "rank", "score"] and len(recs) == 300 * 5
+    assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "source"] and len(recs) == 300 * 5
+    assert set(recs.source) == {"model"}
     assert (recs.groupby("user_id")["score"].apply(lambda s: s.is_monotonic_decreasing)).all()
-    manifest_seen = pd.read_csv(out)  # exclude-seen: no recommended item is one the user has
     from trainer.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(checkpoint)
-    for u, i in zip(manifest_seen["user_id"].astype(str), manifest_seen["item_id"].astype(str), strict=True):
-        assert ckpt.seen[ckpt.user_row[u], ckpt.item_row[i]] == 0
+    for u, i in zip(recs["user_id"], recs["item_id"], strict=True):
+        assert ckpt.seen[ckpt.user_row[u], ckpt.item_row[i]] == 0 and ckpt.feedback[ckpt.user_row[u], ckpt.item_row[i]] == 0
     users = tmp_path / "users.txt"
     users.write_text("u1\nu2\nghost\n")
     r = CliRunner().invoke(app, ["recommend", "--checkpoint", str(checkpoint), "--users", str(users), "--k", "3",
-                                 "--out", str(out)])
-    assert r.exit_code == 0 and len(pd.read_csv(out)) == 6
+                                 "--out", str(out), "--no-database"])
+    assert r.exit_code == 0, r.output
+    recs = pd.read_csv(out, dtype={"user_id": str, "item_id": str})
+    assert recs.groupby("user_id")["source"].first().to_dict() == {"u1": "model", "u2": "model", "ghost": "popular"}
+    assert len(recs) == 9
 
 
 def test_evaluate_prints_a_table_with_the_baseline(app: typer.Typer, small_file: Path) -> None:
@@ -78,11 +99,13 @@ def test_evaluate_prints_a_table_with_the_baseline(app: typer.Typer, small_file:
 
 
 def test_negatives_show(app: typer.Typer, checkpoint: Path) -> None:
-    r = CliRunner().invoke(app, ["negatives", "show", "--checkpoint", str(checkpoint), "--user", "u1",
-                                 "--strategy", "hard", "--n", "5", "--json"])
-    assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
-    assert len(out["negatives"]) == 5 and all(n["source"] == "hard" for n in out["negatives"])
+    """The trainer's sampler as the checkpoint records it (mixed: in-batch + uniform), or one source alone."""
+    for strategy, sources in (("trained", {"in-batch", "uniform"}), ("hard", {"hard"})):
+        r = CliRunner().invoke(app, ["negatives", "show", "--checkpoint", str(checkpoint.parent), "--user", "u1",
+                                     "--strategy", strategy, "--n", "5", "--json"])
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.output[r.output.index("{"):])
+        assert len(out["negatives"]) == 5 and {n["source"] for n in out["negatives"]} == sources
 
 
 def test_negatives_compare_writes_report_and_plots(app: typer.Typer, small_file: Path, tmp_path: Path) -> None:

@@ -9,22 +9,16 @@ request searches as before. Measured in bench/serve.py: the search was the large
 recommendation's server CPU. Similar items get the same treatment: each item's list leaves out the item
 itself, and hidden items are skipped per request.
 
-The table is cached under ``RECSYS_DATA_DIR/index-cache`` by a key of the checkpoint's file checksums and
-the serving index's settings, and memory-mapped, so all workers share one copy in the page cache and a
-restart does not search again. Cache files are replaced (written aside, then renamed), never rewritten in
-place: a worker reading a mapped file that shrank under it would die of SIGBUS. Torch-free.
+The table is cached under ``RECSYS_DATA_DIR/index-cache`` (app.serving.cache) by a key of the checkpoint's
+file checksums and the serving index's settings, and memory-mapped, so all workers share one copy in the
+page cache and a restart does not search again. Torch-free.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +27,13 @@ import faiss
 import numpy as np
 from scipy import sparse
 
+from app.serving import cache
+
 log = logging.getLogger("recsys.toplists")
 
 FORMAT = 1
 DEFAULT_N = 100  # items kept per user: k up to this is answered from the list
 MAX_RESULTS = 4_000_000  # (queries × fetched hits) per FAISS call: bounds the build's memory to ~50 MB
-KEEP_CACHE_KEYS = 12  # newest cache entries kept (each checkpoint has up to 3: its IVF index and 2 tables)
 MAX_EXCLUDED = 20_000  # users with more checkpoint exclusions than this are left to the search path
 
 
@@ -48,7 +43,6 @@ class TopLists:
 
     rows: np.ndarray  # (n_users, n) int32
     scores: np.ndarray  # (n_users, n) float32
-    build_seconds: float = 0.0
 
     @property
     def n(self) -> int:
@@ -69,7 +63,6 @@ def build(queries: np.ndarray, excluded: sparse.csr_matrix, index: Any, n: int) 
     Queries are searched in order of how many items they exclude, so each batch fetches only as many
     extra hits as its own heaviest user needs.
     """
-    start = time.perf_counter()
     n_users, n_items = excluded.shape
     counts = np.diff(excluded.indptr)
     out_rows = np.full((n_users, n), -1, dtype=np.int32)
@@ -99,7 +92,7 @@ def build(queries: np.ndarray, excluded: sparse.csr_matrix, index: Any, n: int) 
         slot = rank[r, c] - 1
         out_rows[users[r], slot] = rows[r, c]
         out_scores[users[r], slot] = scores[r, c]
-    return TopLists(out_rows, out_scores, time.perf_counter() - start)
+    return TopLists(out_rows, out_scores)
 
 
 def _paths(base: Path) -> tuple[Path, Path]:
@@ -124,10 +117,16 @@ def _read(base: Path, n_users: int, n: int) -> TopLists | None:
 
 def _write(base: Path, top: TopLists) -> None:
     for path, array in zip(_paths(base), (top.rows, top.scores), strict=True):
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with tmp.open("wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
+        cache.replace_file(path, lambda tmp, a=array: _save(tmp, a))
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:  # a file object: np.save would add ".npy" to a name
+        np.save(f, array)
+
+
+def _rows(ckpt: Any, kind: str) -> int:
+    return len(ckpt.user_ids if kind == "users" else ckpt.item_ids)
 
 
 def cached(
@@ -137,8 +136,7 @@ def cached(
     path)."""
     if cache_dir is None:
         return None
-    n_rows = len(ckpt.user_ids if kind == "users" else ckpt.item_ids)
-    return _read(cache_dir / cache_key(ckpt, n, index_settings, kind), n_rows, n)
+    return _read(cache_dir / cache_key(ckpt, n, index_settings, kind), _rows(ckpt, kind), n)
 
 
 def prepare(
@@ -150,59 +148,21 @@ def prepare(
     index_settings: dict[str, Any],
     cache_dir: Path | None,
 ) -> TopLists:
-    """Read the cached table or build it; one builder per cache entry at a time (other workers wait).
+    """Read the cached table or build it (see app.serving.cache: one builder per entry, others wait).
 
     ``kind`` "users": queries are the user embeddings; "items": the item embeddings (similar items)."""
     faiss.omp_set_num_threads(1)  # a background job: leave the other core to requests
-    queries = np.asarray(ckpt.user_embeddings if kind == "users" else ckpt.item_embeddings, dtype=np.float32)
-    n_rows = len(queries)
-    if cache_dir is None:
-        return build(queries, excluded, index, n)
-    base = cache_dir / cache_key(ckpt, n, index_settings, kind)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        lock = base.with_suffix(".top.lock").open("a")
-    except OSError as exc:  # a read-only data directory: build for this process only
-        log.warning("top-list cache unavailable", extra={"path": str(cache_dir), "reason": str(exc)})
-        return build(queries, excluded, index, n)
-    with lock, contextlib.ExitStack() as stack:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
-        hit = _read(base, n_rows, n)
-        if hit is not None:
-            return hit
-        top = build(queries, excluded, index, n)
-        try:
-            _write(base, top)
-        except OSError as exc:
-            log.warning("could not cache the top lists", extra={"reason": str(exc)})
-            return top
-        prune(cache_dir)
-        mapped = _read(base, n_rows, n)  # the mapped copy: shared with other workers
-        return top if mapped is None else dataclasses.replace(mapped, build_seconds=top.build_seconds)
+    n_rows = _rows(ckpt, kind)
 
+    def make() -> TopLists:
+        source = ckpt.user_embeddings if kind == "users" else ckpt.item_embeddings
+        return build(np.asarray(source, dtype=np.float32), excluded, index, n)
 
-def prune(cache_dir: Path, keep: int = KEEP_CACHE_KEYS) -> list[str]:
-    """Delete all but the ``keep`` most recently written cache entries (IVF indexes and tables alike);
-    returns the keys removed.
-
-    Every retrained checkpoint adds entries (80 MB of tables for 100k users), so the directory would only
-    grow. Unlinking is safe for a worker still serving an old model: its mapped files stay readable until
-    it lets go of them; a restart that needs an entry again rebuilds it.
-    """
-    newest: dict[str, float] = {}
-    try:
-        for path in cache_dir.iterdir():
-            with contextlib.suppress(FileNotFoundError):  # another worker may be pruning too
-                key = path.name.split(".", 1)[0]
-                newest[key] = max(newest.get(key, 0.0), path.stat().st_mtime)
-        old = sorted(newest, key=newest.__getitem__, reverse=True)[keep:]
-        for path in cache_dir.iterdir():
-            if path.name.split(".", 1)[0] in old:
-                path.unlink(missing_ok=True)
-    except OSError as exc:
-        log.warning("could not prune the serving cache", extra={"path": str(cache_dir), "reason": str(exc)})
-        return []
-    if old:
-        log.info("pruned the serving cache", extra={"path": str(cache_dir), "removed": len(old)})
-    return old
+    return cache.shared(
+        cache_dir,
+        cache_key(ckpt, n, index_settings, kind),
+        read=lambda base: _read(base, n_rows, n),
+        build=make,
+        write=_write,
+        what="top-list",
+    )

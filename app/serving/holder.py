@@ -16,12 +16,13 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from app.api import metrics
-from app.api.model import ServedModel, load_model
-from app.api.userdata import hidden_items
 from app.db import registry
 from app.db.items import categories_of, item_categories
-from trainer.checkpoint import CheckpointError, list_checkpoints, read_manifest
+from app.db.userdata import hidden_items
+from app.serving import metrics
+from app.serving.checkpoints import newest_first
+from app.serving.model import ServedModel, load_model
+from trainer.checkpoint import CheckpointError, read_manifest
 
 log = logging.getLogger("recsys.model")
 
@@ -49,8 +50,8 @@ class ModelHolder:
         top_n: int = 100,
     ) -> None:
         self.engine = engine
-        self.index_cache = index_cache  # where built approximate indexes are shared (see app.api.ann)
-        self.top_n = top_n  # items precomputed per model user (see app.api.toplists)
+        self.index_cache = index_cache  # where built indexes and top lists are shared (app.serving.cache)
+        self.top_n = top_n  # items precomputed per model user (see app.serving.toplists)
         self.root = checkpoints_root
         self.pinned = pinned
         self.current: ServedModel | None = None
@@ -69,7 +70,7 @@ class ModelHolder:
         return path
 
     def _newest_on_disk(self) -> Target | None:
-        for path in reversed(list_checkpoints(self.root)):
+        for path in newest_first(self.root):
             if str(path) in self.refused:
                 continue
             try:
@@ -101,19 +102,13 @@ class ModelHolder:
 
     def load(self, path: Path) -> ServedModel:
         """Load a checkpoint without serving it (raises CheckpointError)."""
-        with self.engine.connect() as conn:
-            hidden = hidden_items(conn)
-            categories = item_categories(conn)
         try:
-            return load_model(
-                path, hidden, categories, self.index_cache, on_ann_ready=self._index_ready, top_n=self.top_n
+            return load_served(
+                path, self.engine, self.index_cache, self.top_n, on_ready=self._index_ready
             )
         except CheckpointError as exc:
             self._refuse(path, str(exc))
             raise
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            self._refuse(path, f"{path}: {exc}")
-            raise CheckpointError(f"{path}: {exc}") from exc
 
     def swap(self, model: ServedModel) -> None:
         with self._lock:
@@ -192,3 +187,27 @@ class ModelHolder:
             self.swap(model)
             return RefreshResult(True, model)
         return RefreshResult(False, None, "no valid checkpoint under " + str(self.root))
+
+
+def load_served(
+    path: Path,
+    engine: Engine | None,
+    index_cache: Path | None,
+    top_n: int,
+    *,
+    wait: bool = False,
+    on_ready: Callable[[ServedModel], None] | None = None,
+) -> ServedModel:
+    """Load a checkpoint with the database's hidden items and categories (none without an engine), as the
+    service serves it; any failure is a CheckpointError. ``wait``: build the top lists before returning."""
+    hidden: list[str] = []
+    categories: dict[str, list[str]] = {}
+    if engine is not None:
+        with engine.connect() as conn:
+            hidden, categories = hidden_items(conn), item_categories(conn)
+    try:
+        return load_model(path, hidden, categories, index_cache, on_ann_ready=on_ready, top_n=top_n, wait=wait)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc

@@ -5,8 +5,8 @@ CPU. Above ``ANN_MIN_ITEMS`` items the service clusters the item embeddings (IVF
 and picks the smallest nprobe whose recall@10 against exact search, on a sample of the model's own
 users, reaches ``RECALL_TARGET``; if none does, or the index would not scan clearly fewer vectors than
 exact search, exact search stays. The result (the index with its nprobe, plus a JSON sidecar with the
-measured recall) is cached on disk under a key of the embeddings' checksums, so other workers and
-restarts read it instead of building it. Torch-free.
+measured recall) is cached on disk (app.serving.cache) under a key of the embeddings' checksums, so other
+workers and restarts read it instead of building it. Torch-free.
 
 Why IVF and not HNSW: on embeddings factorised from a clustered interaction log (bench/serve.py), HNSW
 with inner product plateaued at recall@10 0.94 (M=32, efSearch 256, ~4000 distances per query), while
@@ -15,12 +15,9 @@ IVF reached 0.98 at nprobe 32 (~6500 contiguous distances, ~5x faster than exact
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from app.serving import cache
 
 log = logging.getLogger("recsys.ann")
 
@@ -131,14 +130,11 @@ def _read_cached(base: Path) -> tuple[Any | None, AnnInfo] | None:
     return index, info
 
 
-def _write_cached(base: Path, index: Any | None, info: AnnInfo) -> None:
-    if index is not None:
-        tmp = base.with_suffix(f".faiss.{os.getpid()}.tmp")
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, base.with_suffix(".faiss"))
-    tmp = base.with_suffix(f".json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info.as_dict()))
-    os.replace(tmp, base.with_suffix(".json"))
+def _write_cached(base: Path, built: tuple[Any | None, AnnInfo]) -> None:
+    index, info = built
+    if index is not None:  # the index before its sidecar: a reader that finds the sidecar finds the index
+        cache.replace_file(base.with_suffix(".faiss"), lambda tmp: faiss.write_index(index, str(tmp)))
+    cache.replace_file(base.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info.as_dict())))
 
 
 def cached(ckpt: Any, cache_dir: Path | None) -> tuple[Any | None, AnnInfo] | None:
@@ -149,25 +145,12 @@ def cached(ckpt: Any, cache_dir: Path | None) -> tuple[Any | None, AnnInfo] | No
 
 
 def prepare(ckpt: Any, exact: Any, cache_dir: Path | None) -> tuple[Any | None, AnnInfo]:
-    """Read the cached index or build it; one builder at a time per cache entry (other workers wait)."""
-    if cache_dir is None:
-        return build(ckpt, exact)
-    base = cache_dir / cache_key(ckpt)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        lock = base.with_suffix(".lock").open("a")
-    except OSError as exc:  # a read-only data directory: build for this process only
-        log.warning("index cache unavailable", extra={"path": str(cache_dir), "reason": str(exc)})
-        return build(ckpt, exact)
-    with lock, contextlib.ExitStack() as stack:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
-        hit = _read_cached(base)
-        if hit is not None:
-            return hit
-        index, info = build(ckpt, exact)
-        try:
-            _write_cached(base, index, info)
-        except OSError as exc:
-            log.warning("could not cache the serving index", extra={"reason": str(exc)})
-        return index, info
+    """Read the cached index or build it (see app.serving.cache: one builder per entry, others wait)."""
+    return cache.shared(
+        cache_dir,
+        cache_key(ckpt),
+        read=_read_cached,
+        build=lambda: build(ckpt, exact),
+        write=_write_cached,
+        what="index",
+    )

@@ -23,7 +23,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import sparse  # noqa: E402
 
-from app.api import ann, toplists  # noqa: E402
+from app.serving import ann, toplists  # noqa: E402
 from trainer.checkpoint import Checkpoint, CheckpointError, read_checkpoint  # noqa: E402
 
 log = logging.getLogger("recsys.model")
@@ -73,11 +73,11 @@ class ServedModel:
     categories: dict[str, np.ndarray] = field(default_factory=dict)
     _row_categories: dict[int, list[str]] = field(default_factory=dict)
     _edit: threading.Lock = field(default_factory=threading.Lock)
-    # the approximate index unfiltered searches use once built (see app.api.ann); None: exact search
+    # the approximate index unfiltered searches use once built (see app.serving.ann); None: exact search
     ann: Any = None
     ann_info: ann.AnnInfo | None = None
     ann_pending: bool = False  # a background thread is still building ``ann``
-    # every model user's precomputed best items and every item's most similar ones (app.api.toplists);
+    # every model user's precomputed best items and every item's most similar ones (app.serving.toplists);
     # None until built, or when off
     top: toplists.TopLists | None = None
     top_similar: toplists.TopLists | None = None
@@ -132,25 +132,13 @@ class ServedModel:
 
     @property
     def cheap_search(self) -> bool:
-        """An unfiltered search costs tens of microseconds: approximate index, or a small catalogue."""
+        """An unfiltered search costs tens of microseconds: approximate index, or a small catalogue (the
+        serving core's event-loop path searches only then)."""
         return (
             self.ann is not None
             or self.n_items <= ann.ANN_MIN_ITEMS
             or not isinstance(self.index, faiss.IndexFlat)
         )
-
-    def recommend(self, user_row: int, k: int, recent_rows: list[int]) -> Ranked:
-        """A model user's top ``k``: the precomputed list when it holds k valid items, else a search.
-
-        ``recent_rows``: items the user touched since the model was trained (the checkpoint's own seen
-        items and explicit negatives are left out either way).
-        """
-        found = self.from_top_list(user_row, k, recent_rows)
-        if found is not None:
-            return found
-        exclude = list(recent_rows)
-        exclude.extend(self.seen_rows(user_row).tolist())
-        return self.search(self._user_emb[user_row], k, exclude)
 
     def from_top_list(self, user_row: int, k: int, recent_rows: list[int]) -> Ranked | None:
         """The first ``k`` items of the user's precomputed list that are neither hidden nor in
@@ -165,6 +153,9 @@ class ServedModel:
         if top is None or k > top.n:
             return None
         hidden, n_hidden = self.hidden, self.n_hidden
+        if not skip and not n_hidden:  # the common case: the list's first k, if the index found k
+            first = top.rows[row, :k]
+            return Ranked(first.astype(np.int64), top.scores[row, :k]) if first[-1] >= 0 else None
         kept: list[int] = []
         at: list[int] = []
         for i, r in enumerate(top.rows[row].tolist()):
@@ -187,6 +178,9 @@ class ServedModel:
 
     def user_vector(self, user_row: int) -> np.ndarray:
         return self._user_emb[user_row]
+
+    def item_vector(self, item_row: int) -> np.ndarray:
+        return self._item_emb[item_row]
 
     def fold_in(self, item_rows: list[int]) -> np.ndarray | None:
         """A cold user's vector: the mean embedding of the items they interacted with."""
@@ -345,12 +339,6 @@ class ServedModel:
             out.append([(int(history_rows[j]), float(row[j])) for j in best if row[j] > 0])
         return out
 
-    def similar(self, item_row: int, k: int) -> Ranked:
-        found = self.similar_from_list(item_row, k)
-        if found is not None:
-            return found
-        return self.search(self._item_emb[item_row], k, [item_row])
-
     def set_hidden(self, hidden_ids: list[str]) -> None:
         """Replace the hidden mask; a reader that sees a stale count widens its search (see ``search``)."""
         mask = np.zeros(self.n_items, dtype=bool)
@@ -362,6 +350,18 @@ class ServedModel:
             self.n_hidden = int(mask.sum())
 
 
+def open_checkpoint(path: str | Path) -> tuple[Checkpoint, Any]:
+    """The verified checkpoint (memory-mapped) and its FAISS index; CheckpointError when it cannot serve."""
+    ckpt = read_checkpoint(path, mmap=True)
+    try:
+        index = ckpt.load_index()
+    except RuntimeError as exc:  # FAISS reports unreadable files as RuntimeError
+        raise CheckpointError(f"{path}: cannot read the FAISS index ({exc})") from exc
+    if index.ntotal != len(ckpt.item_ids) or index.d != ckpt.dim:
+        raise CheckpointError(f"{path}: FAISS index does not match the item embeddings")
+    return ckpt, index
+
+
 def load_model(
     path: str | Path,
     hidden_ids: list[str] | None = None,
@@ -370,22 +370,18 @@ def load_model(
     ann_min_items: int | None = None,
     on_ann_ready: Callable[[ServedModel], None] | None = None,
     top_n: int = toplists.DEFAULT_N,
+    wait: bool = False,
 ) -> ServedModel:
     """Read, verify and prepare a checkpoint (blocking: call it from a thread, never the event loop).
 
     A catalogue over ``ann_min_items`` (default ``ann.ANN_MIN_ITEMS``) served by an exact index gets an
-    IVF index (see app.api.ann); every user gets a precomputed list of their ``top_n`` items and every
-    item one of its ``top_n`` most similar items (see app.api.toplists; 0: none). Both are read from ``index_cache`` when already built, else built in one
-    background thread while plain search serves, so readiness does not wait for them.
+    IVF index (see app.serving.ann); every user gets a precomputed list of their ``top_n`` items and every
+    item one of its ``top_n`` most similar items (see app.serving.toplists; 0: none). Both are read from
+    ``index_cache`` when already built, else built in one background thread while plain search serves, so
+    readiness does not wait for them; ``wait=True`` builds them before returning (batch use).
     """
     start = time.perf_counter()
-    ckpt = read_checkpoint(path, mmap=True)
-    try:
-        index = ckpt.load_index()
-    except RuntimeError as exc:  # FAISS reports unreadable files as RuntimeError
-        raise CheckpointError(f"{path}: cannot read the FAISS index ({exc})") from exc
-    if index.ntotal != len(ckpt.item_ids) or index.d != ckpt.dim:
-        raise CheckpointError(f"{path}: FAISS index does not match the item embeddings")
+    ckpt, index = open_checkpoint(path)
     item_ids = np.array(ckpt.item_ids, dtype=object)
     pop_order = np.argsort(-np.asarray(ckpt.item_popularity), kind="stable")
     excluded = ckpt.seen
@@ -422,12 +418,11 @@ def load_model(
         wants_top = model.top is None or model.top_similar is None
     if wants_ann or wants_top:
         model.ann_pending, model.top_pending = wants_ann, wants_top
-        threading.Thread(
-            target=_prepare_in_background,
-            args=(model, index_cache, top_n, on_ann_ready),
-            name="serving-prep",
-            daemon=True,
-        ).start()
+        args = (model, index_cache, top_n, on_ann_ready)
+        if wait:
+            _prepare_in_background(*args)
+        else:
+            threading.Thread(target=_prepare_in_background, args=args, name="serving-prep", daemon=True).start()
     model.load_seconds = time.perf_counter() - start
     return model
 
@@ -453,6 +448,7 @@ def _prepare_in_background(
             index, settings = model.search_index()
             itself = sparse.identity(model.n_items, dtype=np.float32, format="csr")  # not similar to itself
             for kind, excluded in (("users", model.excluded), ("items", itself)):
+                t0 = time.perf_counter()
                 top = toplists.prepare(model.ckpt, kind, excluded, index, top_n, settings, index_cache)
                 if kind == "users":
                     model.top = top
@@ -465,7 +461,7 @@ def _prepare_in_background(
                         "kind": kind,
                         "rows": len(top.rows),
                         "per_row": top.n,
-                        "build_seconds": round(top.build_seconds, 3),
+                        "seconds": round(time.perf_counter() - t0, 3),  # built, or waited for and read
                     },
                 )
         except Exception:  # searching per request keeps serving
