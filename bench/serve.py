@@ -317,6 +317,8 @@ def wrk_load(base: str, endpoint: str, concurrency: int, seconds: float, n_users
                 "-t1",
                 f"-c{concurrency}",
                 f"-d{max(1, round(seconds))}s",
+                "--timeout",
+                "10s",  # wrk's default of 2 s counted slow batches of 1000 events as errors, not as latency
                 "-s",
                 str(script),
                 base,
