@@ -5,7 +5,9 @@ the cost of every event. Here each worker has one committer thread: a request ha
 over (a deque append under a lock, on the event loop) and awaits a future; the thread takes everything
 queued, writes it in one transaction and resolves each request's future only after that commit has
 returned. An acknowledged event is exactly as durable as before (SQLite WAL with ``synchronous=FULL``,
-PostgreSQL synchronous commit); a request waits at most one commit plus its own.
+PostgreSQL synchronous commit); a request waits for the commit in progress and its own (on SQLite also
+for other workers' commits, which take turns on the write lock: a committer takes the lock first and
+its group second, so what arrives meanwhile joins the group).
 
 Per request, all or nothing, and the counts stay exact: within a group the first request to carry an
 ``event_id`` owns it, and the insert names the ids it stored. When a group's transaction fails for a
@@ -23,7 +25,7 @@ import logging
 import threading
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -77,7 +79,7 @@ class _Pending:
     future: asyncio.Future[int]
     loop: asyncio.AbstractEventLoop
     accepted: int = 0
-    error: Refused | None = field(default=None)
+    error: Refused | None = None
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -39,7 +39,7 @@ EVENTS_PER_COMMIT = Histogram(
 )
 EVENTS_COMMIT_SECONDS = Histogram(
     "recsys_events_commit_seconds",
-    "Duration of one group commit of events (lock wait, inserts and the durable commit)",
+    "Duration of one group commit of events: the inserts and the durable commit (not the wait for the SQLite write lock)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 EVENTS_QUEUE_DEPTH = Gauge(
