@@ -55,7 +55,7 @@ def _queue_full() -> Refused:
 
 
 def _unavailable() -> Refused:
-    return Refused(503, "database_unavailable", "the database is unavailable; the events were not stored")
+    return Refused(503, "database_unavailable", "the database is unavailable; retry with the same event_ids")
 
 
 def _timeout(seconds: float) -> Refused:
