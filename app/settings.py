@@ -44,6 +44,23 @@ class Settings(BaseSettings):
         "recommendations with k up to this come from the list instead of a search. 0 turns it off.",
     )
     max_batch_events: int = Field(1000, description="Largest batch accepted by POST /v1/events.")
+    events_queue_max: int = Field(
+        20_000,
+        ge=1,
+        description="Events waiting for a group commit in one worker at most; past it POST /v1/events "
+        "answers 503 events_queue_full with Retry-After (a request always fits an empty queue).",
+    )
+    events_group_max: int = Field(
+        5000,
+        ge=1,
+        description="Events written by one group commit at most (a request is never split across commits).",
+    )
+    events_max_wait_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How long an event request waits for the commit that holds it before 503 "
+        "commit_timeout (its events may still be stored: retrying with the same event_ids is safe).",
+    )
     log_level: str = "info"
     keep_checkpoints: int = Field(
         5, description="Checkpoints kept on disk by retraining (the promoted one always)."

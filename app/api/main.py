@@ -2,7 +2,8 @@
 
 Start-up refuses a stale schema (SchemaError with the fix command), then loads the model in a
 thread so /healthz answers at once and /readyz turns 200 when the model is in. A poller follows
-newly promoted versions every RECSYS_RELOAD_POLL_SECONDS. Shutdown drains the impression queue.
+newly promoted versions every RECSYS_RELOAD_POLL_SECONDS. Shutdown commits the queued events and drains
+the impression queue.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from app.api import admin, catalog, errors, events, logs, routes
+from app.api.ingest import GroupCommitter
 from app.api.middleware import RequestContext
 from app.api.recent import RecentEventsView
 from app.dashboard import install as install_dashboard
@@ -118,6 +120,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine, write_lock=app.state.write_lock, batch=IMPRESSION_BATCH, interval=0.1
     )
     app.state.impressions.start()
+    app.state.ingest = GroupCommitter(
+        engine,
+        app.state.write_lock,
+        max_queue=settings.events_queue_max,
+        max_group=settings.events_group_max,
+        max_wait=settings.events_max_wait_seconds,
+    )
+    app.state.ingest.start()
     app.state.recent = RecentEventsView(engine)
     app.state.recommender = Recommender(engine, settings.negative_types, recent=app.state.recent)
     app.state.holder.on_swap.append(lambda model: app.state.recent.follow(model.watermark))
@@ -132,6 +142,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await run_in_threadpool(app.state.ingest.close)
         await run_in_threadpool(app.state.impressions.close)
         await run_in_threadpool(app.state.recent.close)
         engine.dispose()
@@ -152,9 +163,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.list_cache = catalog.ListCache()
     errors.install(app)
-    app.include_router(catalog.router)  # first: /v1/items/popular before /v1/items/{item_id}
+    app.include_router(events.router)  # first: the busiest route, and routes are matched in order
+    app.include_router(catalog.router)  # before routes: /v1/items/popular before /v1/items/{item_id}
     app.include_router(routes.router)
-    app.include_router(events.router)
     app.include_router(admin.router)
     install_dashboard(app)
     app.add_middleware(RequestContext)

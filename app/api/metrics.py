@@ -32,6 +32,27 @@ LATENCY = Histogram(
 )
 EVENTS_WRITTEN = Counter("recsys_events_written_total", "Events committed (new, not duplicates)")
 EVENTS_DUPLICATE = Counter("recsys_events_duplicate_total", "Events ignored as already recorded")
+EVENTS_PER_COMMIT = Histogram(
+    "recsys_events_per_commit",
+    "Events written by one group commit of POST /v1/events (the requests that arrived during the last one)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+)
+EVENTS_COMMIT_SECONDS = Histogram(
+    "recsys_events_commit_seconds",
+    "Duration of one group commit of events: the inserts and the durable commit (not the wait for the SQLite write lock)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+EVENTS_QUEUE_DEPTH = Gauge(
+    "recsys_events_queue_depth",
+    "Events waiting for a group commit (summed over workers)",
+    multiprocess_mode="livesum",
+)
+EVENTS_REFUSED = Counter(
+    "recsys_events_refused_total",
+    "POST /v1/events requests not acknowledged, by error code (events_queue_full, commit_timeout, "
+    "database_unavailable, shutting_down, rejected_by_database)",
+    ["code"],
+)
 RECENT_VIEW_READY = Gauge(
     "recsys_recent_events_view_ready",
     "1 when this worker's in-memory view of events since the model's watermark answers; 0 while it is "

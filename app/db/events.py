@@ -7,7 +7,8 @@ Inserts use ``ON CONFLICT DO NOTHING`` on the unique keys, so a retried write ne
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,9 @@ from sqlalchemy import Connection, Engine, Table, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.db.models import Event, Item, User
+
+if TYPE_CHECKING:
+    from app.db.impressions import IdCache  # which imports this module
 
 CHUNK = 5000
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "type", "value", "event_id")
@@ -89,34 +93,78 @@ def insert_event_rows(
         return 0
     users = upsert_users(conn, {r["user_id"] for r in rows})
     items = upsert_items(conn, {r["item_id"] for r in rows})
-    records = [
-        {
-            "event_id": r["event_id"],
-            "user_id": users[r["user_id"]],
-            "item_id": items[r["item_id"]],
-            "type": r["type"],
-            "value": r["value"],
-            "timestamp": float(r["timestamp"]),
-        }
+    return _insert_records(conn, _records(rows, users, items), progress, None)
+
+
+def insert_new_events(conn: Connection, rows: list[dict[str, Any]], ids: IdCache) -> set[str]:
+    """``insert_event_rows`` that names the ``event_id``s it stored (the others were there already).
+
+    The group commit of POST /v1/events writes several requests in one transaction and needs each
+    request's own count of new events. ``ids`` caches internal user and item ids across transactions
+    (the caller drops it when a transaction rolls back): most events name known users and items, and
+    looking them up again would cost more than the insert.
+    """
+    if not rows:
+        return set()
+    ids.resolve(conn, {r["user_id"] for r in rows}, {r["item_id"] for r in rows})
+    new: set[str] = set()
+    _insert_records(conn, _records(rows, ids.users, ids.items), None, new)
+    return new
+
+
+_COPY_COLUMNS = ("event_id", "user_id", "item_id", "type", "value", "timestamp")
+Record = tuple[str, int, int, str, float | None, float]  # _COPY_COLUMNS, internal ids
+
+
+def _records(rows: list[dict[str, Any]], users: dict[str, int], items: dict[str, int]) -> list[Record]:
+    return [
+        (r["event_id"], users[r["user_id"]], items[r["item_id"]], r["type"], r["value"], float(r["timestamp"]))
         for r in rows
     ]
+
+
+@lru_cache(maxsize=256)
+def _values_sql(rows: int, mark: str) -> str:
+    """One multi-row INSERT … ON CONFLICT DO NOTHING RETURNING event_id (the driver caches it by its text)."""
+    one = "(" + ", ".join([mark] * len(_COPY_COLUMNS)) + ")"
+    return (
+        f"INSERT INTO events ({', '.join(_COPY_COLUMNS)}) VALUES {', '.join([one] * rows)} "
+        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    )
+
+
+def _insert_records(
+    conn: Connection,
+    records: list[Record],
+    progress: Callable[[int], None] | None,
+    new: set[str] | None,
+) -> int:
+    """Insert events in the caller's transaction; the new ``event_id``s go into ``new`` when given.
+
+    Plain driver SQL, one statement per ``CHUNK`` rows: SQLAlchemy's per-row parameter handling cost
+    more than the database's own work for the HTTP path's small groups.
+    """
     if conn.dialect.name == "postgresql" and len(records) > 100:
-        return _copy_events_postgres(conn, records, progress)
-    table = Event.__table__
+        return _copy_events_postgres(conn, records, progress, new)
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     inserted = 0
     for start in range(0, len(records), CHUNK):
         part = records[start : start + CHUNK]
-        inserted += _insert_ignore(conn, table, part, "event_id")
+        flat = tuple(value for record in part for value in record)
+        stored = conn.exec_driver_sql(_values_sql(len(part), mark), flat).scalars().all()
+        inserted += len(stored)
+        if new is not None:
+            new.update(stored)
         if progress:
             progress(len(part))
     return inserted
 
 
-_COPY_COLUMNS = ("event_id", "user_id", "item_id", "type", "value", "timestamp")
-
-
 def _copy_events_postgres(
-    conn: Connection, records: list[dict[str, Any]], progress: Callable[[int], None] | None
+    conn: Connection,
+    records: list[Record],
+    progress: Callable[[int], None] | None,
+    new: set[str] | None,
 ) -> int:
     """COPY into a temporary table, then one INSERT … ON CONFLICT: several times faster than executemany."""
     cols = ", ".join(f'"{c}"' for c in _COPY_COLUMNS)
@@ -131,14 +179,19 @@ def _copy_events_postgres(
             for start in range(0, len(records), CHUNK):
                 part = records[start : start + CHUNK]
                 for row in part:
-                    copy.write_row([row[c] for c in _COPY_COLUMNS])
+                    copy.write_row(row)
                 if progress:
                     progress(len(part))
+        returning = " RETURNING event_id" if new is not None else ""
         cursor.execute(
             f"INSERT INTO events ({cols}) SELECT {cols} FROM _incoming_events "
-            "ORDER BY timestamp ON CONFLICT (event_id) DO NOTHING"
+            f"ORDER BY timestamp ON CONFLICT (event_id) DO NOTHING{returning}"
         )
-        return max(cursor.rowcount, 0)
+        if new is None:
+            return max(cursor.rowcount, 0)
+        stored = [row[0] for row in cursor.fetchall()]
+        new.update(stored)
+        return len(stored)
     finally:
         cursor.close()
 

@@ -1,41 +1,95 @@
-"""Acknowledged means committed: every event answered 200 survives a kill -9 of the server."""
+"""Acknowledged means committed: every event answered 200 survives a kill -9 of the server, and a
+database that goes away mid-load costs 503s, never an acknowledged event or a hang.
+
+The writers are concurrent, so the service's group committer puts several requests in each commit
+(checked on its metrics before the kill).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import shutil
 import signal
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from api_support import Server, deploy
+import pytest
+from api_support import Server, deploy, free_port
 from sqlalchemy import select
 
 from app.db.engine import make_engine
 from app.db.models import Event, Impression
 
 
-def _writer(base: str, prefix: str, acked: list[str], stop: threading.Event) -> None:
-    with httpx.Client(base_url=base, timeout=10.0) as c:
+@dataclass
+class Answer:
+    start: float
+    end: float
+    status: int  # 0: no answer (connection refused or reset)
+    code: str | None
+    retry_after: str | None
+    ids: list[str]
+
+
+def _writer(base: str, prefix: str, batch: int, answers: list[Answer], stop: threading.Event) -> None:
+    """Post new events (one per request, or batches) until told to stop or the server dies."""
+    with httpx.Client(base_url=base, timeout=30.0) as c:
         n = 0
         while not stop.is_set():
-            batch = [
-                {
-                    "event_id": f"{prefix}-{n + j}",
-                    "user_id": f"u{j % 30}",
-                    "item_id": f"i{(n + j) % 400}",
-                    "type": "view",
-                }
-                for j in range(20)
+            events = [
+                {"event_id": f"{prefix}-{n + j}", "user_id": f"u{j % 30}", "item_id": f"i{(n + j) % 400}", "type": "view"}
+                for j in range(batch)
             ]
-            n += 20
+            n += batch
+            start = time.monotonic()
             try:
-                r = c.post("/v1/events", json=batch)
+                r = c.post("/v1/events", json=events[0] if batch == 1 else events)
             except httpx.HTTPError:
-                return  # the server died mid-request: that batch was never acknowledged
-            if r.status_code == 200:
-                acked.extend(e["event_id"] for e in batch)
+                answers.append(Answer(start, time.monotonic(), 0, None, None, []))
+                if stop.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            code = r.json()["error"]["code"] if r.status_code != 200 else None
+            ids = [e["event_id"] for e in events]
+            answers.append(Answer(start, time.monotonic(), r.status_code, code, r.headers.get("retry-after"), ids))
+
+
+def _stored(url: str, prefix: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return set(conn.execute(select(Event.event_id).where(Event.event_id.like(f"{prefix}%"))).scalars())
+    finally:
+        engine.dispose()
+
+
+def _commits_and_posts(base: str) -> tuple[float, float]:
+    """Group commits so far, and event POSTs answered 200 (single-worker server)."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    commits = re.search(r"^recsys_events_per_commit_count (\S+)$", text, re.M)
+    posts = re.search(r'^recsys_http_requests_total\{[^}]*route="/v1/events"[^}]*status="200"[^}]*\} (\S+)$', text, re.M)
+    return float(commits.group(1)) if commits else 0.0, float(posts.group(1)) if posts else 0.0
+
+
+def _start_writers(base: str, prefix: str, answers: list[Answer], stop: threading.Event) -> list[threading.Thread]:
+    """Six concurrent writers: three post single events, three batches of 20."""
+    threads = [
+        threading.Thread(target=_writer, args=(base, f"{prefix}{i}", 1 if i < 3 else 20, answers, stop))
+        for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    return threads
 
 
 def test_acknowledged_events_survive_kill_9(fresh_url: str, tmp_path: Path) -> None:
@@ -43,28 +97,115 @@ def test_acknowledged_events_survive_kill_9(fresh_url: str, tmp_path: Path) -> N
     srv = Server(dep)
     srv.wait_ready()
     stop = threading.Event()
-    acked: list[str] = []
+    answers: list[Answer] = []
     prefix = uuid.uuid4().hex[:8]
-    threads = [
-        threading.Thread(target=_writer, args=(srv.base, f"{prefix}{i}", acked, stop)) for i in range(3)
-    ]
-    for t in threads:
-        t.start()
+    threads = _start_writers(srv.base, prefix, answers, stop)
     time.sleep(1.5)
+    commits, posts = _commits_and_posts(srv.base)
     srv.stop(signal.SIGKILL)
     stop.set()
     for t in threads:
         t.join()
+    acked = {i for a in answers if a.status == 200 for i in a.ids}
     assert len(acked) >= 100, "the writers should have been acknowledged many times before the kill"
-    engine = make_engine(dep.url)
+    assert 0 < commits < posts, f"{commits} commits for {posts} requests: the writes were not grouped"
+    missing = acked - _stored(dep.url, prefix)
+    assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:5]}"
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    return versions[-1].parent if versions else None
+
+
+class OwnPostgres:
+    """A throwaway PostgreSQL cluster on a free port in a temporary directory: ours to stop and start,
+    so the shared server other tests use is never touched. As root, it runs as the ``postgres`` user
+    (initdb refuses root)."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin = bin_dir
+        self.root = Path(tempfile.mkdtemp(prefix="recsys-own-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.root, "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("needs the PostgreSQL server binaries (initdb, pg_ctl) to run a cluster of its own")
+    pg = OwnPostgres(bin_dir)
     try:
-        with engine.connect() as conn:
-            stored = set(
-                conn.execute(select(Event.event_id).where(Event.event_id.like(f"{prefix}%"))).scalars()
-            )
+        pg.start()
+        yield pg
     finally:
-        engine.dispose()
-    missing = set(acked) - stored
+        pg.remove()
+
+
+def test_postgres_stopped_mid_load_means_503s_then_recovery(own_postgres: OwnPostgres, tmp_path: Path) -> None:
+    """Stop PostgreSQL under six writers and start it again: while it is down the service answers only 503
+    (with Retry-After, within the configured wait), resumes by itself, and loses nothing it acknowledged."""
+    dep = deploy(own_postgres.url, tmp_path)
+    srv = Server(dep, extra_env={"RECSYS_EVENTS_MAX_WAIT_SECONDS": "2"})
+    try:
+        srv.wait_ready()
+        stop = threading.Event()
+        answers: list[Answer] = []
+        prefix = uuid.uuid4().hex[:8]
+        threads = _start_writers(srv.base, prefix, answers, stop)
+        time.sleep(1.5)
+        own_postgres.stop()
+        down = time.monotonic()
+        time.sleep(2.5)
+        restarting = time.monotonic()
+        own_postgres.start()
+        up = time.monotonic()
+        deadline = up + 30
+        while not any(a.status == 200 and a.start > up for a in answers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert srv.proc.poll() is None, "the service died"
+    finally:
+        srv.stop()
+    assert {a.status for a in answers} <= {200, 503}, sorted({a.status for a in answers})
+    refused = [a for a in answers if a.status == 503]
+    assert refused, "no request fell into the outage"
+    assert {a.code for a in refused} <= {"database_unavailable", "commit_timeout"}, {a.code for a in refused}
+    assert all(a.retry_after == "1" for a in refused)
+    assert max(a.end - a.start for a in answers) < 2 + 3, "a request hung past the configured wait"
+    assert not [a for a in answers if a.status == 200 and a.start > down and a.end < restarting], (
+        "acknowledged while the database was down"
+    )
+    assert any(a.status == 200 and a.start > up for a in answers), "ingestion did not resume by itself"
+    acked = {i for a in answers if a.status == 200 for i in a.ids}
+    missing = acked - _stored(dep.url, prefix)
     assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:5]}"
 
 
