@@ -62,6 +62,23 @@ def test_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ids[0], expected)
 
 
+def test_tower_tables_round_trip_and_a_wrong_shape_is_refused(tmp_path: Path) -> None:
+    from trainer.towers import UserTower
+
+    tower = UserTower(temperature=0.2, free=True, pooled=True, bias=True)
+    rng = np.random.default_rng(3)
+    history, free = rng.normal(size=(20, 7)), rng.normal(size=(30, 7))
+    path, _ = _write(tmp_path, tower=tower, history_embeddings=history, user_free_embeddings=free)
+    ckpt = read_checkpoint(path, mmap=True)
+    assert ckpt.tower == tower
+    np.testing.assert_allclose(ckpt.history_embeddings, history.astype(np.float32))
+    np.testing.assert_allclose(ckpt.user_free_embeddings, free.astype(np.float32))
+    plain = read_checkpoint(_write(tmp_path, version="v2")[0])
+    assert plain.history_embeddings is None and plain.tower == UserTower.from_manifest({})
+    with pytest.raises(CheckpointError, match="history_embeddings.npy must have 20 rows"):
+        _write(tmp_path, version="v3", history_embeddings=history[:5])
+
+
 def test_memory_mapped_read_gives_the_same_arrays(tmp_path: Path) -> None:
     path, _ = _write(tmp_path)
     loaded, mapped = read_checkpoint(path), read_checkpoint(path, mmap=True)

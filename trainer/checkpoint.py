@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from trainer.towers import UserTower
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -38,6 +40,10 @@ SEEN_INDICES = "seen_indices.npy"
 FEEDBACK_INDPTR = "feedback_indptr.npy"  # optional: explicit negatives, never recommended to their user
 FEEDBACK_INDICES = "feedback_indices.npy"
 INDEX = "index.faiss"
+# optional, written when the user tower has them (trainer/towers.py): the pooled history table and,
+# when a tower both pools and keeps free vectors, the free part alone
+HISTORY_EMB = "history_embeddings.npy"
+USER_FREE_EMB = "user_free_embeddings.npy"
 REQUIRED = (USER_EMB, ITEM_EMB, USER_IDS, ITEM_IDS, POPULARITY, SEEN_INDPTR, SEEN_INDICES, INDEX)
 
 
@@ -58,6 +64,8 @@ class Checkpoint:
     item_popularity: np.ndarray
     seen: sparse.csr_matrix
     feedback: sparse.csr_matrix | None = None
+    history_embeddings: np.ndarray | None = None  # (n_items, tower dim) when the tower pools history
+    user_free_embeddings: np.ndarray | None = None  # (n_users, tower dim) when it pools and has free vectors
     user_row: dict[str, int] = field(default_factory=dict)
     item_row: dict[str, int] = field(default_factory=dict)
 
@@ -80,6 +88,11 @@ class Checkpoint:
     @property
     def watermark(self) -> int | None:
         return self.manifest.get("watermark")
+
+    @property
+    def tower(self) -> UserTower:
+        """How a user's query vector is made from their items (trainer/towers.py)."""
+        return UserTower.from_manifest(self.manifest)
 
     @property
     def index_settings(self) -> dict[str, Any] | None:
@@ -163,13 +176,18 @@ def write_checkpoint(
     extra_files: Mapping[str, bytes] | None = None,
     extra_manifest: Mapping[str, Any] | None = None,
     index_settings: Mapping[str, Any] | None = None,
+    tower: UserTower | None = None,
+    history_embeddings: np.ndarray | None = None,
+    user_free_embeddings: np.ndarray | None = None,
 ) -> Path:
     """Write a complete checkpoint to ``root/version`` atomically and return its path.
 
     ``index`` is a FAISS index over ``item_embeddings`` (exact inner product when None); its settings
     (kind, nlist, nprobe, M, efSearch, efConstruction) go into the manifest as ``index_settings``, read
     from the index unless given.
-    ``extra_files`` maps file names to bytes (e.g. the torch state ``model.pt``).
+    ``extra_files`` maps file names to bytes (e.g. the torch state ``model.pt``). ``tower`` (recorded in
+    the manifest) says how ``user_embeddings`` were made, with its tables when it has them, so that the
+    service can make the same vectors from newer events.
     """
     if not VERSION_RE.match(version):
         raise CheckpointError(f"invalid model version {version!r}: use letters, digits, '.', '_' or '-'")
@@ -191,6 +209,11 @@ def write_checkpoint(
         if feedback.shape != (n_users, n_items):
             raise CheckpointError(f"feedback matrix shape {feedback.shape} != {(n_users, n_items)}")
 
+    tables = {HISTORY_EMB: (history_embeddings, n_items), USER_FREE_EMB: (user_free_embeddings, n_users)}
+    for name, (table, rows) in tables.items():
+        if table is not None and (table.ndim != 2 or table.shape[0] != rows):
+            raise CheckpointError(f"{name} must have {rows} rows, got shape {table.shape}")
+
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / version
@@ -205,6 +228,9 @@ def write_checkpoint(
         _save_npy(tmp / POPULARITY, np.asarray(item_popularity, dtype=np.int64))
         _save_npy(tmp / SEEN_INDPTR, seen.indptr.astype(np.int64))
         _save_npy(tmp / SEEN_INDICES, seen.indices.astype(np.int32))
+        for name, (table, _) in tables.items():
+            if table is not None:
+                _save_npy(tmp / name, np.ascontiguousarray(table, dtype=np.float32))
         if feedback is not None:
             _save_npy(tmp / FEEDBACK_INDPTR, feedback.indptr.astype(np.int64))
             _save_npy(tmp / FEEDBACK_INDICES, feedback.indices.astype(np.int32))
@@ -223,7 +249,7 @@ def write_checkpoint(
             except ValueError:  # an index type the chooser does not make: the class name says enough
                 index_settings = None
         for name, data in (extra_files or {}).items():
-            if "/" in name or name in REQUIRED or name == MANIFEST:
+            if "/" in name or name in REQUIRED or name in tables or name == MANIFEST:
                 raise CheckpointError(f"invalid extra file name {name!r}")
             _write_file(tmp / name, data)
 
@@ -246,6 +272,8 @@ def write_checkpoint(
             "diagnostics": list(diagnostics or []),
             "files": files,
         }
+        if tower is not None:
+            manifest["user_tower"] = tower.to_dict()
         manifest.update(extra_manifest or {})
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
         _fsync_dir(tmp)
@@ -339,9 +367,21 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False, verify: bool = True
         feedback = sparse.csr_matrix(
             (np.ones(f_indices.size, dtype=np.float32), f_indices, f_indptr), shape=(n_users, n_items)
         )
+    tables = {}
+    for name, rows in ((HISTORY_EMB, n_items), (USER_FREE_EMB, n_users)):
+        if name not in manifest["files"]:
+            continue
+        try:
+            tables[name] = np.load(path / name, mmap_mode=mode, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot read {name} ({exc})") from exc
+        if tables[name].ndim != 2 or tables[name].shape[0] != rows:
+            raise CheckpointError(f"{path}: {name} has shape {tables[name].shape}, expected {rows} rows")
     return Checkpoint(
         path=path,
         manifest=manifest,
+        history_embeddings=tables.get(HISTORY_EMB),
+        user_free_embeddings=tables.get(USER_FREE_EMB),
         user_embeddings=user_emb,
         item_embeddings=item_emb,
         user_ids=user_ids,
