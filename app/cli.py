@@ -231,7 +231,7 @@ def models_list(
     typer.echo(f"{'version':<28} {'status':<10} {'ndcg@10':>8} {'watermark':>10}  on disk  gate")
     for v in versions:
         metrics = v["metrics"] or {}
-        ndcg = metrics.get("test", {}).get("ndcg@10")
+        ndcg = (metrics.get("held_out") or metrics.get("test") or {}).get("ndcg@10")
         gate = metrics.get("gate", {}).get("reason", "")
         typer.echo(
             f"{v['version']:<28} {v['status']:<10} {'' if ndcg is None else f'{ndcg:.4f}':>8} "
@@ -329,7 +329,7 @@ def retrain_cmd(
     from app.db.engine import SchemaError
     from app.db.lock import LockHeld
     from app.jobs.retrain import RetrainError, RetrainOptions, retrain
-    from trainer.train import TrainConfig
+    from trainer.config import TrainConfig
 
     settings = get_settings()
     try:

@@ -13,37 +13,72 @@ from typing import Annotated, Any
 
 import typer
 
-STRATEGY_CHOICES = ("uniform", "popularity", "in-batch", "hard", "feedback", "mixed")
-LOSS_CHOICES = ("softmax", "nce", "bpr")
+from trainer.config import LOSSES, STRATEGIES, TOWERS, SamplerConfig, TrainConfig
 
 negatives_app = typer.Typer(help="Compare negative-sampling strategies and inspect drawn negatives.",
                             no_args_is_help=True)
+T, S = TrainConfig(), SamplerConfig()  # the defaults every option below falls back to
+
+
+def _d(value: object) -> str:
+    return f" [default: {value}]"
+
 
 EventsOpt = Annotated[Path | None, typer.Option("--events", help="Event file (MovieLens u.data/ratings.csv, "
                                                  "CSV, Parquet); default: the database.")]
 FormatOpt = Annotated[str | None, typer.Option("--format", help="Force the file format (default: detected).")]
-StrategyOpt = Annotated[str, typer.Option("--strategy", help=f"Negatives: {', '.join(STRATEGY_CHOICES)}.")]
-LossOpt = Annotated[str, typer.Option("--loss", help="softmax (sampled softmax), nce (binary NS) or bpr.")]
-DimOpt = Annotated[int, typer.Option("--dim", min=2, max=1024, help="Embedding dimension.")]
-EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Maximum epochs (early stopping on validation).")]
+StrategyOpt = Annotated[str | None, typer.Option(
+    "--strategy", help=f"Negatives: {', '.join(STRATEGIES)}; mixed blends {' + '.join(S.mixed)}." + _d(S.strategy),
+    show_default=False)]
+LossOpt = Annotated[str | None, typer.Option(
+    "--loss", help="softmax (sampled softmax), nce (binary NS) or bpr." + _d(T.loss), show_default=False)]
+TowerOpt = Annotated[str | None, typer.Option(
+    "--tower", help="User vectors: pooled (from the user's history items; new events move them without "
+    "retraining), free (one trained vector per user) or both." + _d(T.tower), show_default=False)]
+BiasOpt = Annotated[bool | None, typer.Option(
+    "--item-bias/--no-item-bias", help="Learn an item bias beside the cosine score." + _d(T.item_bias),
+    show_default=False)]
+DimOpt = Annotated[int | None, typer.Option("--dim", min=2, max=1024, help="Embedding dimension." + _d(T.dim),
+                                            show_default=False)]
+EpochsOpt = Annotated[int | None, typer.Option(
+    "--epochs", min=1, help="Most epochs; training stops earlier when validation stops improving." + _d(T.epochs),
+    show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (runs are deterministic).")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="torch/FAISS threads.")]
-LrOpt = Annotated[float, typer.Option("--lr", min=1e-6, help="Adam learning rate.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=2, help="Positives per batch.")]
-NegOpt = Annotated[int, typer.Option("--negatives", min=1, help="Shared uniform/popularity negatives per batch.")]
-TempOpt = Annotated[float, typer.Option("--temperature", min=1e-3, help="Softmax temperature of the cosine scores.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch/FAISS threads." + _d(T.threads),
+                                                show_default=False)]
+LrOpt = Annotated[float | None, typer.Option("--lr", min=1e-6, help="Adam learning rate." + _d(T.lr),
+                                             show_default=False)]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=2, help="Positives per batch." + _d(T.batch_size),
+                                              show_default=False)]
+NegOpt = Annotated[int | None, typer.Option(
+    "--negatives", min=1, help="Shared uniform/popularity negatives per batch." + _d(S.n_negatives),
+    show_default=False)]
+TempOpt = Annotated[float | None, typer.Option(
+    "--temperature", min=1e-3, help="Softmax temperature of the cosine scores." + _d(T.temperature),
+    show_default=False)]
 LogqOpt = Annotated[bool, typer.Option("--logq/--no-logq", help="Apply the logQ correction.")]
-RefitOpt = Annotated[bool, typer.Option("--refit/--no-refit", help="Retrain on train+validation for the chosen epochs.")]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+ShipOpt = Annotated[str, typer.Option(
+    "--ship", help="all: after choosing the epochs on each user's newest 20%, fit every event and ship that "
+    "model; tested: ship the model that was tested (it never saw the newest 20%).")]
+ProgressOpt = Annotated[bool, typer.Option(
+    "--progress/--no-progress", help="Progress bar on a terminal (a line per epoch elsewhere).")]
 EventWeightsOpt = Annotated[bool, typer.Option(
     "--event-weights/--no-event-weights",
     help="Weight positives by event type (RECSYS_EVENT_WEIGHTS); --no-event-weights trains unweighted.")]
-AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Popularity exponent (popularity).")]
-PoolOpt = Annotated[int, typer.Option("--pool", min=2, help="Hard: top items searched per user.")]
-SkipOpt = Annotated[int, typer.Option("--skip", min=0, help="Hard: top non-positive ranks skipped.")]
-RefreshOpt = Annotated[int, typer.Option("--refresh-every", min=1, help="Hard: steps between index rebuilds.")]
-IndexOpt = Annotated[str, typer.Option("--index-type", help="Hard: flat, ivf, hnsw or auto (flat up to 20k items).")]
-WarmupOpt = Annotated[int, typer.Option("--hard-warmup", min=0, help="Hard: epochs on easy negatives first.")]
+AlphaOpt = Annotated[float | None, typer.Option(
+    "--alpha", min=0.0, max=1.0, help="Popularity exponent (popularity)." + _d(S.alpha), show_default=False)]
+PoolOpt = Annotated[int | None, typer.Option("--pool", min=2, help="Hard: top items searched per user." + _d(S.pool),
+                                             show_default=False)]
+SkipOpt = Annotated[int | None, typer.Option(
+    "--skip", min=0, help="Hard: top non-positive ranks skipped." + _d(S.skip), show_default=False)]
+RefreshOpt = Annotated[int | None, typer.Option(
+    "--refresh-every", min=1, help="Hard: steps between index rebuilds." + _d(S.refresh_every), show_default=False)]
+IndexOpt = Annotated[str | None, typer.Option(
+    "--index-type", help="Hard: flat, ivf, hnsw or auto (flat up to 20k items)." + _d(S.index_type),
+    show_default=False)]
+WarmupOpt = Annotated[int | None, typer.Option(
+    "--hard-warmup", min=0, help="Hard: epochs on easy negatives first." + _d(T.hard_warmup_epochs),
+    show_default=False)]
 NprocOpt = Annotated[int, typer.Option(
     "--nproc", min=1, max=256,
     help="Training processes on this machine (DistributedDataParallel under torchrun; see docs/scaling.md).")]
@@ -55,26 +90,30 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+def _check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=name)
 
 
-def _config(strategy: str, loss: str, dim: int, epochs: int, seed: int, threads: int, lr: float, batch_size: int,
-            negatives: int, temperature: float, logq: bool, progress: bool, alpha: float = 0.75, pool: int = 100,
-            skip: int = 5, refresh_every: int = 200, index_type: str = "auto", hard_warmup: int = 3) -> Any:
-    from trainer.samplers import SamplerConfig
-    from trainer.train import TrainConfig
+SAMPLER_OPTIONS = {"strategy": "strategy", "negatives": "n_negatives", "alpha": "alpha", "pool": "pool",
+                   "skip": "skip", "refresh_every": "refresh_every", "index_type": "index_type"}
 
-    _check_choice("--strategy", strategy, STRATEGY_CHOICES)
-    _check_choice("--loss", loss, LOSS_CHOICES)
-    _check_choice("--index-type", index_type, ("flat", "ivf", "hnsw", "auto"))
-    if pool <= skip:
-        raise typer.BadParameter(f"--pool ({pool}) must exceed --skip ({skip})", param_hint="--pool")
-    return TrainConfig(dim=dim, epochs=epochs, seed=seed, threads=threads, lr=lr, batch_size=batch_size,
-                       loss=loss, logq=logq, temperature=temperature, progress=progress, hard_warmup_epochs=hard_warmup,
-                       sampler=SamplerConfig(strategy=strategy, n_negatives=negatives, alpha=alpha, pool=pool,
-                                             skip=skip, refresh_every=refresh_every, index_type=index_type))
+
+def _config(seed: int, logq: bool, progress: bool, **given: Any) -> TrainConfig:
+    """``TrainConfig()`` with what was given on the command line (an option left out is None: the default)."""
+    _check_choice("--strategy", given.get("strategy"), STRATEGIES)
+    _check_choice("--loss", given.get("loss"), LOSSES)
+    _check_choice("--tower", given.get("tower"), TOWERS)
+    _check_choice("--index-type", given.get("index_type"), ("flat", "ivf", "hnsw", "auto"))
+    given = {k: v for k, v in given.items() if v is not None}
+    sampler = replace(S, **{SAMPLER_OPTIONS[k]: given.pop(k) for k in list(given) if k in SAMPLER_OPTIONS})
+    if sampler.pool <= sampler.skip:
+        raise typer.BadParameter(f"--pool ({sampler.pool}) must exceed --skip ({sampler.skip})", param_hint="--pool")
+    if "hard_warmup" in given:
+        given["hard_warmup_epochs"] = given.pop("hard_warmup")
+    if "item_bias" in given:
+        given["item_bias"] = bool(given["item_bias"])
+    return replace(T, seed=seed, logq=logq, progress=progress, sampler=sampler, **given)
 
 
 def _load(events: Path | None, fmt: str | None) -> tuple[Any, int | None]:
@@ -121,13 +160,14 @@ def _event_weights(enabled: bool) -> dict[str, float] | None:
     return dict(getattr(get_settings(), "event_weights", None) or {}) or None
 
 
-def _run(frame: Any, cfg: Any, refit: bool, init_state: Any = None, watermark: int | None = None,
-         final_fit: bool = False) -> Any:
-    from trainer.pipeline import run
+def _run(frame: Any, cfg: TrainConfig, *, ship: str = "all", init_state: Any = None,
+         watermark: int | None = None) -> Any:
+    from trainer.pipeline import SHIP, run
 
+    _check_choice("--ship", ship, SHIP)
     try:
-        return run(frame, cfg, refit=refit, init_state=init_state, watermark=watermark,
-                   negative_types=_negative_types(), final_fit=final_fit)
+        return run(frame, cfg, ship=ship, init_state=init_state, watermark=watermark,
+                   negative_types=_negative_types())
     except ValueError as exc:
         raise _fail(str(exc)) from None
 
@@ -136,35 +176,35 @@ def train(
     out: Annotated[Path | None, typer.Option("--out", help="Checkpoint root (default: settings.checkpoints_path).")] = None,
     events: EventsOpt = None,
     fmt: FormatOpt = None,
-    strategy: StrategyOpt = "mixed",
-    loss: LossOpt = "softmax",
-    dim: DimOpt = 64,
-    epochs: EpochsOpt = 30,
+    strategy: StrategyOpt = None,
+    loss: LossOpt = None,
+    tower: TowerOpt = None,
+    item_bias: BiasOpt = None,
+    dim: DimOpt = None,
+    epochs: EpochsOpt = None,
     seed: SeedOpt = 0,
-    threads: ThreadsOpt = 2,
-    lr: LrOpt = 0.005,
-    batch_size: BatchOpt = 1024,
-    negatives: NegOpt = 512,
-    temperature: TempOpt = 0.2,
+    threads: ThreadsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchOpt = None,
+    negatives: NegOpt = None,
+    temperature: TempOpt = None,
     logq: LogqOpt = True,
-    alpha: AlphaOpt = 0.75,
-    pool: PoolOpt = 100,
-    skip: SkipOpt = 5,
-    refresh_every: RefreshOpt = 200,
-    index_type: IndexOpt = "auto",
-    hard_warmup: WarmupOpt = 3,
-    refit: RefitOpt = True,
+    alpha: AlphaOpt = None,
+    pool: PoolOpt = None,
+    skip: SkipOpt = None,
+    refresh_every: RefreshOpt = None,
+    index_type: IndexOpt = None,
+    hard_warmup: WarmupOpt = None,
     progress: ProgressOpt = True,
     event_weights: EventWeightsOpt = True,
+    ship: ShipOpt = "all",
     warm_start: Annotated[Path | None, typer.Option("--warm-start", help="Checkpoint to start from.")] = None,
     version: Annotated[str | None, typer.Option("--version", help="Model version (default: time-based).")] = None,
-    final_fit: Annotated[bool, typer.Option(
-        "--final-fit/--no-final-fit",
-        help="After testing, fit every event (the held-out newest ones too) and ship that model.")] = False,
     nproc: NprocOpt = 1,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Train a model and write a checkpoint directory (split, early stopping, refit, test metrics).
+    """Train a model and write a checkpoint: the epochs are chosen on each user's newest 20% (the held-out
+    metrics go into the manifest), then every event is fit for that many epochs and that model ships.
 
     With --nproc N the command re-runs itself as N ranks under torchrun; rank 0 writes the checkpoint.
     """
@@ -172,9 +212,12 @@ def train(
 
     from trainer import distributed as dist
 
-    cfg = _config(strategy, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress,
-                  alpha, pool, skip, refresh_every, index_type, hard_warmup)
-    cfg = replace(cfg, event_weights=_event_weights(event_weights), device=device)
+    cfg = _config(seed, logq, progress, strategy=strategy, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
+                  epochs=epochs, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
+                  index_type=index_type, hard_warmup=hard_warmup)
+    cfg = replace(cfg, event_weights=_event_weights(event_weights))
+    cfg = replace(cfg, device=device)
     if nproc > 1 and not dist.in_torchrun():
         raise typer.Exit(dist.launch(nproc, "app.cli", dist.strip_option(sys.argv[1:], "--nproc")))
     try:
@@ -187,11 +230,11 @@ def train(
         from trainer.train import load_model_state
 
         try:
-            init_state = load_model_state(read_checkpoint(warm_start).extra_file("model.pt").read_bytes())
+            init_state = load_model_state(read_checkpoint(_checkpoint(warm_start)).extra_file("model.pt").read_bytes())
         except CheckpointError as exc:
             raise _fail(str(exc)) from None
     frame, watermark = _load(events, fmt)
-    result = _run(frame, cfg, refit, init_state, watermark, final_fit)
+    result = _run(frame, cfg, ship=ship, init_state=init_state, watermark=watermark)
     if not dist.is_main():  # rank 0 writes the checkpoint and reports
         dist.shutdown()
         return
@@ -206,47 +249,60 @@ def train(
         path = save(result, out, version=version)
     except CheckpointError as exc:
         raise _fail(str(exc)) from None
-    t = result.test
-    typer.echo(f"checkpoint {path}" + (" (fit on every event after testing)" if final_fit else ""))
-    typer.echo(f"test NDCG@10 {t['ndcg@10']:.4f} recall@10 {t['recall@10']:.4f} "
-               f"(most-popular NDCG@10 {result.baseline['ndcg@10']:.4f}); {result.seconds:.1f}s")
+    h, p = result.held_out, result.baseline
+    shipped = "fit on every event" if ship == "all" else "the tested model"
+    typer.echo(f"checkpoint {path} ({shipped}, {result.selection.best_epoch} epochs)")
+    if h:
+        typer.echo(f"held-out NDCG@10 {h['ndcg@10']:.4f} recall@10 {h['recall@10']:.4f} "
+                   f"(most-popular NDCG@10 {p['ndcg@10']:.4f}); {result.seconds:.1f}s")
     dist.shutdown()
 
 
 def evaluate_cmd(
     events: Annotated[Path, typer.Option("--events", help="Event file to split, train on and test.")],
     fmt: FormatOpt = None,
-    strategy: StrategyOpt = "mixed",
-    loss: LossOpt = "softmax",
-    dim: DimOpt = 64,
-    epochs: EpochsOpt = 30,
+    strategy: StrategyOpt = None,
+    loss: LossOpt = None,
+    tower: TowerOpt = None,
+    item_bias: BiasOpt = None,
+    dim: DimOpt = None,
+    epochs: EpochsOpt = None,
     seed: SeedOpt = 0,
-    threads: ThreadsOpt = 2,
-    lr: LrOpt = 0.005,
-    batch_size: BatchOpt = 1024,
-    negatives: NegOpt = 512,
-    temperature: TempOpt = 0.2,
+    threads: ThreadsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchOpt = None,
+    negatives: NegOpt = None,
+    temperature: TempOpt = None,
     logq: LogqOpt = True,
-    alpha: AlphaOpt = 0.75,
-    pool: PoolOpt = 100,
-    skip: SkipOpt = 5,
-    refresh_every: RefreshOpt = 200,
-    index_type: IndexOpt = "auto",
-    hard_warmup: WarmupOpt = 3,
-    refit: RefitOpt = True,
+    alpha: AlphaOpt = None,
+    pool: PoolOpt = None,
+    skip: SkipOpt = None,
+    refresh_every: RefreshOpt = None,
+    index_type: IndexOpt = None,
+    hard_warmup: WarmupOpt = None,
     progress: ProgressOpt = True,
     event_weights: EventWeightsOpt = True,
 ) -> None:
-    """Split by the protocol, train, and print the test metrics next to most-popular."""
+    """The protocol's test: hold out each user's newest 20%, run `recsys train` on the rest, and print the
+    shipped model's test metrics next to most-popular."""
+    from trainer.evaluate import popularity_scores
+    from trainer.pipeline import evaluate_run, merged_train, score_held_out
     from trainer.report import metric_table
 
-    cfg = _config(strategy, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress,
-                  alpha, pool, skip, refresh_every, index_type, hard_warmup)
+    cfg = _config(seed, logq, progress, strategy=strategy, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
+                  epochs=epochs, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
+                  index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
     frame, _ = _load(events, fmt)
-    result = _run(frame, cfg, refit)
-    typer.echo(metric_table([(f"{strategy}/{loss}", result.test, result.seconds),
-                             ("most-popular", result.baseline, None)]))
+    try:
+        result = evaluate_run(frame, cfg, negative_types=_negative_types())
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    train = merged_train(result.data)
+    popular = score_held_out(train, popularity_scores(train.popularity()), result.data.test_u, result.data.test_i)
+    typer.echo(metric_table([(f"{cfg.sampler.strategy}/{cfg.loss}", result.test, result.seconds),
+                             ("most-popular", popular, None)]))
 
 
 CheckpointOpt = Annotated[Path, typer.Option(
@@ -347,53 +403,52 @@ def compare(
     strategies: Annotated[str, typer.Option("--strategies", help="Comma-separated strategies.")] =
     "uniform,popularity,in-batch,hard,mixed",
     fmt: FormatOpt = None,
-    loss: LossOpt = "softmax",
-    dim: DimOpt = 64,
-    epochs: EpochsOpt = 30,
+    loss: LossOpt = None,
+    tower: TowerOpt = None,
+    dim: DimOpt = None,
+    epochs: EpochsOpt = None,
     seed: SeedOpt = 0,
-    threads: ThreadsOpt = 2,
-    lr: LrOpt = 0.005,
-    batch_size: BatchOpt = 1024,
-    negatives: NegOpt = 512,
-    temperature: TempOpt = 0.2,
+    threads: ThreadsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchOpt = None,
+    negatives: NegOpt = None,
+    temperature: TempOpt = None,
     logq: LogqOpt = True,
-    alpha: AlphaOpt = 0.75,
-    pool: PoolOpt = 100,
-    skip: SkipOpt = 5,
-    refresh_every: RefreshOpt = 200,
-    index_type: IndexOpt = "auto",
-    hard_warmup: WarmupOpt = 3,
     progress: ProgressOpt = False,
 ) -> None:
-    """Train every strategy on the same split; write REPORT_DIR/report.md, results.json and plots."""
+    """Run the protocol's test of every strategy on the same split; write REPORT_DIR/report.md,
+    results.json and per-epoch plots of each source's informative and false-negative rates."""
     from trainer.data import build_dataset
+    from trainer.evaluate import popularity_scores
+    from trainer.pipeline import evaluate_run, merged_train, score_held_out
     from trainer.report import diagnostics_table, metric_table, plot_histories
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     for name in names:
-        _check_choice("--strategies", name, STRATEGY_CHOICES)
+        _check_choice("--strategies", name, STRATEGIES)
     frame, _ = _load(events, fmt)
     try:
         types = _negative_types()
         data = build_dataset(frame, **({} if types is None else {"negative_types": types}))
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    train = merged_train(data)
+    baseline = score_held_out(train, popularity_scores(train.popularity()), data.test_u, data.test_i)
     rows, histories, results = [], {}, {}
-    baseline = None
     for name in names:
-        cfg = _config(name, loss, dim, epochs, seed, threads, lr, batch_size, negatives, temperature, logq, progress,
-                  alpha, pool, skip, refresh_every, index_type, hard_warmup)
+        cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs,
+                      threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature)
         typer.echo(f"training {name} ...", err=True)
-        r = _run(data, cfg, refit=True)
+        r = evaluate_run(data, cfg)
         rows.append((name, r.test, r.seconds))
         histories[name] = r.diagnostics()
         results[name] = {"test": r.test, "seconds": r.seconds, "diagnostics": r.diagnostics()}
-        baseline = r.baseline
-    rows.append(("most-popular", baseline or {}, None))
+    rows.append(("most-popular", baseline, None))
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_histories(histories, out)
-    text = (f"# Negative-sampling comparison\n\nData: `{events}` ({data.describe()}), loss {loss}, "
-            f"logQ {'on' if logq else 'off'}, seed {seed}.\n\n## Test metrics\n\n{metric_table(rows)}\n\n"
+    text = (f"# Negative-sampling comparison\n\nData: `{events}` ({data.describe()}), seed {seed}, logQ "
+            f"{'on' if logq else 'off'}; each strategy is `recsys train` on the train split, tested on the "
+            f"protocol's test split.\n\n## Test metrics\n\n{metric_table(rows)}\n\n"
             f"## Sampling diagnostics (last selection epoch)\n\n{diagnostics_table(histories)}\n\n"
             + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
     (out / "report.md").write_text(text)

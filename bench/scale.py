@@ -329,7 +329,7 @@ def train_one(args: argparse.Namespace, path: Path, events: int, items: int, npr
         return row | {"error": "`recsys train` has no --nproc option yet (distributed training not merged)"}
     with tempfile.TemporaryDirectory(prefix="scale-", dir=args.work_dir) as tmp:
         cmd = [*recsys_cmd(), "train", "--events", str(path), "--out", str(Path(tmp) / "ckpt"),
-               "--strategy", "hard", "--epochs", "1", "--hard-warmup", "0", "--no-refit", "--no-progress",
+               "--strategy", "hard", "--epochs", "1", "--hard-warmup", "0", "--ship", "tested", "--no-progress",
                "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--seed", "0",
                "--version", "scale"]
         if has_nproc:

@@ -103,14 +103,13 @@ def test_old_manifest_without_settings_still_reads(tmp_path, catalogue: tuple) -
 
 
 def test_pipeline_saves_the_serving_index_the_chooser_picks(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from trainer.config import SamplerConfig, TrainConfig
     from trainer.pipeline import run, save
-    from trainer.samplers import SamplerConfig
     from trainer.synth import SynthSpec, generate
-    from trainer.train import TrainConfig
 
     events = generate(SynthSpec(users=100, items=60, events=1000, seed=3))
     result = run(events, TrainConfig(epochs=1, progress=False, threads=1, sampler=SamplerConfig("uniform")),
-                 refit=False)
+                 ship="tested")
     monkeypatch.setattr(indexes, "SERVING_EXACT_MAX", 10)  # a "large" catalogue: past the threshold
     ckpt = read_checkpoint(save(result, tmp_path, version="served"))
     assert ckpt.index_settings == choose_index(ckpt.manifest["n_items"], "hnsw").to_dict()

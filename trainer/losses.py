@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from trainer.config import LOSSES
+
 
 def _reduce(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     if weight is None:
         return rows.mean()
     return (rows * weight).sum() / weight.sum()
 
-LOSSES = ("softmax", "nce", "bpr")
 
 
 def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,

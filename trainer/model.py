@@ -1,13 +1,18 @@
-"""The embedding model: one vector per user and per item, scored by (cosine / τ) or plain dot product.
+"""The model: item vectors and a user tower, scored by one inner product (what FAISS serves).
 
-Cosine scores with a temperature make the softmax sharpness a setting rather than something the
-embedding norms drift into, and they need no weight decay. Side features would enter as extra
-item/user towers summed into these vectors; they are not built yet.
+Items are ``[normalize(e_j), b_j]``: a cosine part and, by default, a learned bias that carries popularity
+and quality, which a cosine alone cannot (measured: +35% NDCG@10 on gowalla, +1% on ml-100k). Users are
+queries made by the rule in trainer/towers.py from a pooled history of their items and/or a free
+trained vector; training leaves each positive out of its own user's history, so the model learns to
+predict an item from the *other* items, which is what it must do for items the user has not had yet.
+Cosine scores with a temperature make the softmax sharpness a setting rather than something the norms
+drift into, and need no weight decay.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core box spinning threads starve each
 # other and a training step got 7x slower (measured); set before torch loads its OpenMP runtime.
@@ -15,44 +20,125 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from scipy import sparse  # noqa: E402
 from torch import nn  # noqa: E402
 
+from trainer import towers  # noqa: E402
+from trainer.towers import UserTower  # noqa: E402
 
-class EmbeddingModel(nn.Module):
-    def __init__(self, n_users: int, n_items: int, dim: int = 64, *, cosine: bool = True,
-                 temperature: float = 0.2, init_std: float = 0.1, sparse: bool = True) -> None:
+
+@dataclass
+class Histories:
+    """The history bags of one batch of users, as EmbeddingBag arguments.
+
+    ``items``/``offsets`` hold each distinct user's history once; ``inverse`` maps batch rows to them;
+    ``leave_out`` (optional) is one item per row removed from that row's bag (its positive)."""
+
+    items: torch.Tensor
+    offsets: torch.Tensor
+    inverse: torch.Tensor
+    counts: torch.Tensor  # history length per batch row, after leaving out
+    leave_out: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, positives: sparse.csr_matrix, users: np.ndarray, leave_out: np.ndarray | None = None,
+           device: torch.device | str = "cpu") -> Histories:
+        """Bags of ``users``' rows of ``positives``; ``leave_out[b]`` must be one of row b's items."""
+        uniq, inverse = np.unique(np.asarray(users, dtype=np.int64), return_inverse=True)
+        starts = positives.indptr[uniq].astype(np.int64)
+        lens = positives.indptr[uniq + 1].astype(np.int64) - starts
+        offsets = np.concatenate(([0], np.cumsum(lens)[:-1])).astype(np.int64)
+        flat = np.repeat(starts - offsets, lens) + np.arange(int(lens.sum()), dtype=np.int64)
+        counts = lens[inverse] - (0 if leave_out is None else 1)
+
+        def t(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+        return cls(t(positives.indices[flat].astype(np.int64)), t(offsets), t(inverse.astype(np.int64)),
+                   t(counts.astype(np.float32)), None if leave_out is None else t(np.asarray(leave_out, np.int64)))
+
+
+class TowerModel(nn.Module):
+    def __init__(self, n_users: int, n_items: int, dim: int = 64, *, tower: UserTower | None = None,
+                 init_std: float = 0.1, sparse: bool = True) -> None:
         super().__init__()
-        if temperature <= 0:
+        self.tower = tower or UserTower(temperature=0.2, free=True, pooled=False, bias=False)
+        if self.tower.temperature <= 0:
             raise ValueError("temperature must be positive")
-        # sparse gradients: a step touches a few thousand rows, not the whole table (lazy Adam, trainer/optim.py)
-        self.user = nn.Embedding(n_users, dim, sparse=sparse)
-        self.item = nn.Embedding(n_items, dim, sparse=sparse)
-        nn.init.normal_(self.user.weight, std=init_std)
-        nn.init.normal_(self.item.weight, std=init_std)
-        self.cosine = cosine
-        self.temperature = temperature
+        if not (self.tower.free or self.tower.pooled):
+            raise ValueError("a user tower needs a free vector, a pooled history, or both")
+        self.dim = dim
 
-    def users(self, rows: torch.Tensor) -> torch.Tensor:
-        """User query vectors, already divided by τ, so that users(u) @ items(i).T are logits."""
-        v = self.user(rows)
-        if self.cosine:
-            v = nn.functional.normalize(v, dim=-1) / self.temperature
-        return v
+        def table(rows: int, width: int = dim, std: float = init_std) -> nn.Embedding:
+            # sparse gradients: a step touches a few thousand rows, not the whole table (trainer/optim.py)
+            emb = nn.Embedding(rows, width, sparse=sparse)
+            nn.init.normal_(emb.weight, std=std)
+            return emb
+
+        self.item = table(n_items)
+        self.bias = table(n_items, 1, 0.0) if self.tower.bias else None
+        self.history = table(n_items) if self.tower.pooled else None
+        self.user = table(n_users) if self.tower.free else None
+        self.positives: sparse.csr_matrix | None = None  # the histories export() pools by default
+
+    def users(self, rows: torch.Tensor, histories: Histories | None = None) -> torch.Tensor:
+        """Query vectors (already divided by τ, with the bias's 1), so that users @ items.T are logits."""
+        parts = []
+        if self.history is not None:
+            if histories is None:
+                raise ValueError("a pooled tower needs the users' histories")
+            s = F.embedding_bag(histories.items, self.history.weight, histories.offsets, mode="sum",
+                                sparse=self.history.sparse)[histories.inverse]
+            if histories.leave_out is not None:
+                s = s - self.history(histories.leave_out)
+            n = histories.counts
+            scale = torch.where(n > 0, n.clamp(min=1.0) ** -self.tower.pool_exponent, torch.zeros_like(n))
+            parts.append(s * scale[:, None])
+        if self.user is not None:
+            parts.append(self.user(rows))
+        if self.tower.normalize_parts:
+            parts = [F.normalize(p, dim=-1) for p in parts]
+        q = F.normalize(sum(parts), dim=-1) / self.tower.temperature
+        if self.bias is not None:
+            q = torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
+        return q
 
     def items(self, rows: torch.Tensor) -> torch.Tensor:
-        v = self.item(rows)
-        return nn.functional.normalize(v, dim=-1) if self.cosine else v
+        v = F.normalize(self.item(rows), dim=-1)
+        return torch.cat([v, self.bias(rows)], dim=1) if self.bias is not None else v
 
-    def forward(self, user_rows: torch.Tensor, item_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, user_rows: torch.Tensor, histories: Histories | None,
+                item_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """User and item vectors of one step in one call: DistributedDataParallel syncs through forward."""
-        return self.users(user_rows), self.items(item_rows)
+        return self.users(user_rows, histories), self.items(item_rows)
 
     @torch.no_grad()
-    def export(self) -> tuple[np.ndarray, np.ndarray]:
-        """(user, item) float32 tables whose dot products equal the training logits."""
-        dev = self.user.weight.device
-        u = self.users(torch.arange(self.user.num_embeddings, device=dev)).cpu().numpy().astype(np.float32)
-        return u, self.item_table()
+    def tables(self) -> dict[str, np.ndarray | None]:
+        """The raw tables a checkpoint stores for the service to make fresh vectors (trainer/towers.py)."""
+        def get(emb: nn.Embedding | None) -> np.ndarray | None:
+            return None if emb is None else emb.weight.detach().cpu().numpy().astype(np.float32)
+
+        return {"history": get(self.history), "free": get(self.user)}
+
+    @torch.no_grad()
+    def export(self, positives: sparse.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(user queries, item vectors) float32, whose dot products equal the training logits.
+
+        Queries are made by trainer/towers.py from the raw tables, the same rule the service applies,
+        over ``positives`` (default: the histories the model was trained with)."""
+        positives = self.positives if positives is None else positives
+        t = self.tables()
+        parts = []
+        if self.history is not None:
+            if positives is None:
+                raise ValueError("a pooled tower needs the users' histories to export")
+            parts.append(towers.pool_all(t["history"], positives, self.tower.pool_exponent))
+        if self.user is not None:
+            parts.append(t["free"])
+        if self.tower.normalize_parts:
+            parts = [p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), towers.EPS) for p in parts]
+        return towers.finish(self.tower, np.sum(parts, axis=0)), self.item_table()
 
     @torch.no_grad()
     def item_table(self) -> np.ndarray:

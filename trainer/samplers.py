@@ -10,12 +10,13 @@ have fewer candidates than requested. The HTTP service imports this module for i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import sparse
 
+from trainer.config import STRATEGIES, SamplerConfig
 from trainer.indexes import build_index
 
 
@@ -365,27 +366,6 @@ class MixedSampler(Sampler):
 
     def find(self, name: str) -> Sampler | None:
         return next((c.sampler for c in self.components if c.sampler.name == name), None)
-
-
-STRATEGIES = ("uniform", "popularity", "in-batch", "hard", "feedback", "mixed")
-
-
-@dataclass
-class SamplerConfig:
-    """Knobs of every strategy; ``make_sampler`` reads the ones its strategy needs."""
-
-    strategy: str = "mixed"
-    n_negatives: int = 512  # shared uniform/popularity negatives per batch
-    alpha: float = 0.75
-    n_hard: int = 16
-    pool: int = 100
-    skip: int = 5
-    refresh_every: int = 200
-    index_type: str = "auto"
-    hard_warmup_steps: int = 0
-    hard_rows: int | None = 256  # rows per batch that get hard negatives (None: every row)
-    n_feedback: int = 4
-    mixed: tuple[str, ...] = field(default=("in-batch", "uniform"))
 
 
 def make_sampler(

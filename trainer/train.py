@@ -12,7 +12,7 @@ import io
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/faiss load OpenMP: see trainer/model.py
@@ -21,65 +21,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from trainer import distributed as dist  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import Dataset  # noqa: E402
 from trainer.evaluate import dot_scores, evaluate  # noqa: E402
 from trainer.losses import get_loss  # noqa: E402
-from trainer.model import EmbeddingModel  # noqa: E402
+from trainer.model import Histories, TowerModel  # noqa: E402
 from trainer.optim import RowAdam  # noqa: E402
-from trainer.samplers import (  # noqa: E402
-    HardSampler,
-    MixedSampler,
-    PairIndex,
-    Sampler,
-    SamplerConfig,
-    make_sampler,
-)
+from trainer.samplers import HardSampler, MixedSampler, PairIndex, Sampler, make_sampler  # noqa: E402
 
 INFORMATIVE_MARGIN = 1.0  # a negative is informative when its logit is within this of the positive's
 
 
 @dataclass
-class TrainConfig:
-    dim: int = 64
-    epochs: int = 30
-    batch_size: int = 1024
-    lr: float = 0.005
-    loss: str = "softmax"
-    logq: bool = True
-    cosine: bool = True
-    temperature: float = 0.2
-    seed: int = 0
-    threads: int = 2
-    patience: int = 3
-    sparse: bool = True  # sparse embedding gradients + lazy Adam (trainer/optim.py): cost ∝ rows touched
-    hard_warmup_epochs: int = 3
-    val_max_users: int = 5000
-    diag_every: int = 10  # measure the false-negative rate on every n-th step
-    progress: bool = True
-    device: str = "cpu"  # "cuda" or "cuda:N" trains on a GPU; everything else stays on the CPU
-    # {event type: weight} applied when the dataset is built (trainer.data.build_dataset); recorded here so
-    # the checkpoint manifest says what the model was trained with. None or all-1: unweighted.
-    event_weights: dict[str, float] | None = None
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["sampler"]["mixed"] = list(self.sampler.mixed)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        s = dict(d.pop("sampler", {}))
-        if "mixed" in s:
-            s["mixed"] = tuple(s["mixed"])
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known}, sampler=SamplerConfig(**s))
-
-
-@dataclass
 class TrainResult:
-    model: EmbeddingModel
+    model: TowerModel
     config: TrainConfig
     history: list[dict[str, Any]]
     best_epoch: int
@@ -114,15 +69,19 @@ class _Stats:
             col += width
 
 
-def _warm_start(model: EmbeddingModel, state: dict[str, Any], data: Dataset) -> int:
-    """Copy rows of a previous model by external id; new users/items keep their fresh init."""
+def _warm_start(model: TowerModel, state: dict[str, Any], data: Dataset) -> int:
+    """Copy rows of a previous model's tables by external id; new users/items and tables the previous
+    model lacked keep their fresh init."""
     copied = 0
+    old_tables = state["state_dict"]
     with torch.no_grad():
-        for table, old_ids, new_ids in (
-            (model.user.weight, state["user_ids"], data.user_ids),
-            (model.item.weight, state["item_ids"], data.item_ids),
-        ):
-            old = state["state_dict"]["user.weight" if table is model.user.weight else "item.weight"]
+        for name, emb in (("user", model.user), ("item", model.item), ("bias", model.bias),
+                          ("history", model.history)):
+            key = f"{name}.weight"
+            if emb is None or key not in old_tables:
+                continue
+            table, old = emb.weight, old_tables[key]
+            old_ids, new_ids = (state["user_ids"], data.user_ids) if name == "user" else (state["item_ids"], data.item_ids)
             if old.shape[1] != table.shape[1]:
                 raise ValueError(f"warm start: previous dim {old.shape[1]} != {table.shape[1]}")
             row = {x: i for i, x in enumerate(old_ids)}
@@ -184,8 +143,8 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     if device.type == "cuda":
         for h in hard:  # FAISS GPU search when the GPU build is installed; CPU search otherwise
             h.use_gpu(device.index or 0)
-    model = EmbeddingModel(data.n_users, data.n_items, cfg.dim, cosine=cfg.cosine, temperature=cfg.temperature,
-                           sparse=cfg.sparse)
+    model = TowerModel(data.n_users, data.n_items, cfg.dim, tower=cfg.user_tower(), sparse=cfg.sparse)
+    model.positives = train_csr
     if init_state is not None:
         _warm_start(model, init_state, data)
     model.to(device)
@@ -216,6 +175,8 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
                 idx = np.array_split(idx, world)[rank]  # the global batch, shared between the ranks
             users_np, pos_np = data.train_u[idx], data.train_i[idx]
             users, pos_items = torch.from_numpy(users_np), torch.from_numpy(pos_np)
+            # each positive is left out of its own user's history: predict it from the other items
+            bags = Histories.of(train_csr, users_np, pos_np, device) if model.history is not None else None
 
             ts = time.perf_counter()
             sampler.on_step(step, model.item_table)
@@ -223,7 +184,7 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
             query = None
             if any(s.name == "hard" for s in active):  # the current user vectors search the index
                 with torch.no_grad():
-                    query = model.users(users.to(device)).cpu().numpy()
+                    query = model.users(users.to(device), bags).cpu().numpy()
             draws = sampler.sample(users_np, pos_np, draw_rng, query, step)
             globals_ = [s for s in active if s.prob(pos_np[:1]) is not None]
 
@@ -245,7 +206,7 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
                 live = torch.nonzero(valid.any(1)).squeeze(1)
                 lookup.append(items_u[live].reshape(-1).numpy())
             # one forward through DDP: every embedding row this step touches
-            u, iv = net(users.to(device), torch.from_numpy(np.concatenate(lookup)).to(device))
+            u, iv = net(users.to(device), bags, torch.from_numpy(np.concatenate(lookup)).to(device))
             p, rest = iv[:idx.size], iv[idx.size:]
             pos = (u * p).sum(1)
             vecs = []
@@ -314,6 +275,8 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
         diag = _diagnostics(epoch, stats, sampler, train_seconds, t_sampling, n_train, val)
         diag["processes"] = world
         history.append(diag)
+        if rank == 0:
+            _epoch_line(cfg, diag)
         score = val.get("ndcg@10", float(epoch))  # without validation the last epoch is the best
         if score > best[0] or epoch == 1:
             best = (score, epoch, copy.deepcopy(model.state_dict()), val)
@@ -346,7 +309,7 @@ def _pairs_csr(u: np.ndarray, i: np.ndarray, n_users: int, n_items: int) -> Any:
     return csr(u, i, n_users, n_items)
 
 
-def _validate(model: EmbeddingModel, data: Dataset, train_csr: Any, candidates: np.ndarray,
+def _validate(model: TowerModel, data: Dataset, train_csr: Any, candidates: np.ndarray,
               cfg: TrainConfig) -> dict[str, float]:
     users, items = model.export()
     return evaluate(dot_scores(users, items), train_csr, data.val_u, data.val_i, candidates,
@@ -376,11 +339,21 @@ def _diagnostics(epoch: int, s: _Stats, sampler: Sampler, seconds: float, sampli
 
 
 def _progress(cfg: TrainConfig, total: int, epoch: int) -> Any:
-    if not cfg.progress:
+    """A bar that redraws only on a terminal; redirected output gets the epoch's summary line instead."""
+    if not cfg.progress or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"epoch {epoch}", leave=False, unit="step", file=sys.stderr)
+
+
+def _epoch_line(cfg: TrainConfig, diag: dict[str, Any]) -> None:
+    """One line per epoch on stderr (a log file or a container's log gets this, never bar redraws)."""
+    if not cfg.progress:
+        return
+    val = f", validation NDCG@10 {diag['val_ndcg@10']:.4f}" if "val_ndcg@10" in diag else ""
+    print(f"epoch {diag['epoch']}: loss {diag['loss']:.4f}{val}, informative negatives "
+          f"{diag['informative_rate']:.1%}, {diag['train_seconds']:.1f}s", file=sys.stderr, flush=True)
 
 
 def model_state_bytes(result: TrainResult, data: Dataset) -> bytes:

@@ -44,15 +44,20 @@ def field(mapping: Any, *keys: str) -> dict[str, Any]:
     return mapping if isinstance(mapping, dict) else {}
 
 
+def held_out(metrics: Any) -> dict[str, Any]:
+    """The run's held-out metrics (each user's newest 20%); older runs recorded them as "test"."""
+    return field(metrics, "held_out") or field(metrics, "test")
+
+
 def with_metrics(row: dict[str, Any]) -> dict[str, Any]:
-    """A registry row with its gate, test and most-popular figures as dicts, for the templates."""
-    return {**row, "gate": field(row, "metrics", "gate"), "test": field(row, "metrics", "test"),
+    """A registry row with its gate, held-out and most-popular figures as dicts, for the templates."""
+    return {**row, "gate": field(row, "metrics", "gate"), "test": held_out(row.get("metrics")),
             "baseline": field(row, "metrics", "most_popular")}
 
 
 def compare(metrics: Any) -> list[dict[str, Any]]:
-    """Test metrics of the model against the most-popular baseline of the same run."""
-    test, pop = field(metrics, "test"), field(metrics, "most_popular")
+    """Held-out metrics of the model against the most-popular baseline of the same run."""
+    test, pop = held_out(metrics), field(metrics, "most_popular")
     rows = []
     for name in METRICS:
         m, p = test.get(name), pop.get(name)

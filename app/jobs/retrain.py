@@ -34,10 +34,12 @@ from trainer.checkpoint import (
     new_version,
     read_checkpoint,
 )
+from trainer.config import TrainConfig
 from trainer.data import Dataset, build_dataset, csr
-from trainer.evaluate import ScoreFn, dot_scores, evaluate, popularity_scores
-from trainer.pipeline import RunResult, everything, save
-from trainer.train import TrainConfig, fit, load_model_state
+from trainer.evaluate import ScoreFn, dot_scores
+from trainer.pipeline import RunResult, run, save, score_held_out
+from trainer.towers import finish, pool_all
+from trainer.train import load_model_state
 
 STALE_TMP_SECONDS = 3600.0
 
@@ -66,7 +68,9 @@ class RetrainOutcome:
 
 
 def checkpoint_scores(ckpt: Checkpoint, data: Dataset) -> ScoreFn:
-    """Score data's users x items with an older model: unseen items rank last, unknown users get its popularity."""
+    """Score data's users x items with an older model as the service would: a pooled tower pools each
+    user's training items (those the older model knows), a free one uses its stored vectors; unknown
+    users get its popularity, items it does not know rank last."""
     user_map = np.array([ckpt.user_row.get(u, -1) for u in data.user_ids], dtype=np.int64)
     item_map = np.array([ckpt.item_row.get(i, -1) for i in data.item_ids], dtype=np.int64)
     known_item = item_map >= 0
@@ -74,12 +78,28 @@ def checkpoint_scores(ckpt: Checkpoint, data: Dataset) -> ScoreFn:
     items[known_item] = ckpt.item_embeddings[item_map[known_item]]
     pop = np.full(data.n_items, -np.inf, dtype=np.float32)
     pop[known_item] = ckpt.item_popularity[item_map[known_item]]
+    tower = ckpt.tower
+    queries = None
+    if tower.pooled and ckpt.history_embeddings is not None:
+        history = np.zeros((data.n_items, ckpt.history_embeddings.shape[1]), dtype=np.float32)
+        history[known_item] = ckpt.history_embeddings[item_map[known_item]]
+        train = csr(data.train_u, data.train_i, data.n_users, data.n_items)
+        train = train[:, np.flatnonzero(known_item)]  # its history is what it knows of each user
+        parts = [pool_all(history[known_item], train, tower.pool_exponent)]
+        if tower.free and ckpt.user_free_embeddings is not None:
+            free = np.zeros_like(parts[0])
+            known_user = user_map >= 0
+            free[known_user] = ckpt.user_free_embeddings[user_map[known_user]]
+            parts.append(free)
+        if tower.normalize_parts:
+            parts = [p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12) for p in parts]
+        queries = finish(tower, np.sum(parts, axis=0))
 
     def score(rows: np.ndarray) -> np.ndarray:
         mapped = user_map[rows]
         out = np.empty((rows.size, data.n_items), dtype=np.float32)
-        known = mapped >= 0
-        out[known] = np.asarray(ckpt.user_embeddings)[mapped[known]] @ items.T
+        known = mapped >= 0 if queries is None else np.ones(rows.size, dtype=bool)
+        out[known] = (np.asarray(ckpt.user_embeddings)[mapped[known]] if queries is None else queries[rows]) @ items.T
         out[~known] = pop
         out[:, ~known_item] = -np.inf
         return out
@@ -90,16 +110,16 @@ def checkpoint_scores(ckpt: Checkpoint, data: Dataset) -> ScoreFn:
 def _new_pairs_mask(
     events: Any, data: Dataset, negative_types: frozenset[str], watermark: int | None
 ) -> np.ndarray:
-    """For each test pair of ``data``: True if no positive event of that pair is at or below ``watermark``."""
+    """For each held-out pair of ``data``: True if no positive event of that pair is at or below ``watermark``."""
     if watermark is None:
-        return np.ones(data.test_u.size, dtype=bool)
+        return np.ones(data.val_u.size, dtype=bool)
     positive = ~events["type"].astype(str).str.lower().isin(negative_types).to_numpy()
     old = positive & (events["id"].to_numpy() <= watermark)
     user_row, item_row = data.user_row(), data.item_row()
     u = events["user_id"][old].map(user_row).to_numpy(dtype=np.int64)
     i = events["item_id"][old].map(item_row).to_numpy(dtype=np.int64)
     old_keys = np.unique(u * data.n_items + i)
-    return ~np.isin(data.test_u * data.n_items + data.test_i, old_keys)
+    return ~np.isin(data.val_u * data.n_items + data.val_i, old_keys)
 
 
 def ignored_impressions(engine: Any, data: Dataset) -> Any:
@@ -181,6 +201,38 @@ def _current_model(
     )
 
 
+def _gate(result: RunResult, current: Checkpoint | None, events: Any, negative_types: frozenset[str],
+          options: RetrainOptions, old_watermark: int | None) -> dict[str, Any]:
+    """Candidate (the selection model) against the current model on the held-out pairs newer than the
+    current model: promoted unless worse by more than the tolerance."""
+    gate: dict[str, Any] = {"metric": options.metric, "tolerance": options.tolerance, "against": None,
+                            "decision": "promoted", "reason": "first model"}
+    if current is None:
+        return gate
+    data = result.data
+    mask = _new_pairs_mask(events, data, negative_types, old_watermark)
+    slice_note = "pairs newer than the current model"
+    if not mask.any():
+        mask[:] = True
+        slice_note = "whole held-out slice (no held-out pair is newer than the current model)"
+    held_u, held_i = data.val_u[mask], data.val_i[mask]
+    users, items = result.selection.model.export()
+    cand = score_held_out(data, dot_scores(users, items), held_u, held_i)
+    cur = score_held_out(data, checkpoint_scores(current, data), held_u, held_i)
+    c_val, p_val = cand[options.metric], cur[options.metric]
+    gate.update(against=current.version, slice=slice_note, held_out_pairs=int(held_u.size), users=cand["users"],
+                candidate=cand, current=cur)
+    if c_val >= p_val - options.tolerance:
+        gate["reason"] = f"{options.metric} {c_val:.4f} vs current {p_val:.4f} (tolerance {options.tolerance})"
+    elif options.force:
+        gate["reason"] = f"forced: {options.metric} {c_val:.4f} vs current {p_val:.4f}"
+    else:
+        gate["decision"] = "rejected"
+        gate["reason"] = (f"{options.metric} {c_val:.4f} is worse than the current model's {p_val:.4f} "
+                          f"by more than the tolerance {options.tolerance}")
+    return gate
+
+
 def _retrain_locked(
     engine: Any, settings: Settings, options: RetrainOptions, log: Callable[[str], None]
 ) -> RetrainOutcome:
@@ -215,6 +267,7 @@ def _retrain_locked(
     try:
         data = build_dataset(
             events,
+            validation=False,  # the pipeline holds each user's newest 20% out to choose the epochs
             watermark=watermark,
             negative_types=settings.negative_types,
             event_weights=config.event_weights,
@@ -228,69 +281,21 @@ def _retrain_locked(
         # Users' own negatives are the point of a feedback loop: blend them in when there are any.
         config = replace(config, sampler=replace(config.sampler, mixed=(*mix, "feedback")))
         log(f"negatives: {' + '.join(config.sampler.mixed)}")
-    # Selection: early stopping on validation; the model the gate judges.
-    selection = fit(data, config, init_state=init_state, impressions=ignored)
+    # The pipeline `recsys train` runs: selection on the held-out newest 20%, then the fit of every event.
+    result = run(data, config, init_state=init_state, impressions=ignored)
     t_train = time.perf_counter()
-
-    exclude = csr(data.train_u, data.train_i, data.n_users, data.n_items)
-    candidates = data.candidates()
-    users, items = selection.model.export()
-    test = evaluate(dot_scores(users, items), exclude, data.test_u, data.test_i, candidates)
-    baseline = evaluate(popularity_scores(data.popularity()), exclude, data.test_u, data.test_i, candidates)
-    gate: dict[str, Any] = {"metric": options.metric, "tolerance": options.tolerance, "against": None}
-    status, reason = "promoted", "first model"
-    if current_ckpt is not None:
-        mask = _new_pairs_mask(events, data, settings.negative_types, old_watermark)
-        slice_note = "pairs newer than the current model"
-        if not mask.any():
-            mask[:] = True
-            slice_note = "whole test slice (no held-out pair is newer than the current model)"
-        held_u, held_i = data.test_u[mask], data.test_i[mask]
-        cand = evaluate(dot_scores(users, items), exclude, held_u, held_i, candidates)
-        cur = evaluate(checkpoint_scores(current_ckpt, data), exclude, held_u, held_i, candidates)
-        c_val, p_val = cand[options.metric], cur[options.metric]
-        gate.update(
-            against=current_ckpt.version,
-            slice=slice_note,
-            held_out_pairs=int(held_u.size),
-            users=cand["users"],
-            candidate=cand,
-            current=cur,
-        )
-        if c_val >= p_val - options.tolerance:
-            status, reason = (
-                "promoted",
-                f"{options.metric} {c_val:.4f} vs current {p_val:.4f} (tolerance {options.tolerance})",
-            )
-        elif options.force:
-            status, reason = "promoted", f"forced: {options.metric} {c_val:.4f} vs current {p_val:.4f}"
-        else:
-            status = "rejected"
-            reason = (
-                f"{options.metric} {c_val:.4f} is worse than the current model's {p_val:.4f} "
-                f"by more than the tolerance {options.tolerance}"
-            )
+    gate = _gate(result, current_ckpt, events, settings.negative_types, options, old_watermark)
+    status, reason = gate["decision"], gate["reason"]
     if note:
         gate["note"], reason = note, f"{reason} ({note})"
-    gate["decision"], gate["reason"] = status, reason
+        gate["reason"] = reason
     t_gate = time.perf_counter()
-
-    # The model that ships learns from everything, the newest events included, for the chosen epochs.
-    final = fit(
-        everything(data),
-        replace(config, epochs=max(selection.best_epoch, 1)),
-        init_state=init_state,
-        impressions=ignored,
-    )
-    result = RunResult(data, selection, final, test, baseline, time.perf_counter() - t_read, final_phase="all")
-    t_final = time.perf_counter()
 
     version = new_version()
     timing = {
         "read_s": round(t_read - t0, 2),
         "train_s": round(t_train - t_read, 2),
         "gate_s": round(t_gate - t_train, 2),
-        "final_fit_s": round(t_final - t_gate, 2),
     }
     path = save(
         result,

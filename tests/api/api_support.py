@@ -143,9 +143,8 @@ def train_checkpoint(
     url: str, root: Path, version: str, *, strategy: str = "mixed", epochs: int = 6
 ) -> tuple[Path, int]:
     """A real model: the trainer's pipeline on the events in the database (a few seconds on this data)."""
+    from trainer.config import SamplerConfig, TrainConfig
     from trainer.pipeline import run, save  # torch, in the test process only; the server stays torch-free
-    from trainer.samplers import SamplerConfig
-    from trainer.train import TrainConfig
 
     engine = make_engine(url)
     try:
@@ -155,7 +154,7 @@ def train_checkpoint(
     finally:
         engine.dispose()
     config = TrainConfig(epochs=epochs, progress=False, threads=1, seed=0, sampler=SamplerConfig(strategy=strategy))
-    result = run(events, config, watermark=watermark, refit=epochs > 1)
+    result = run(events, config, watermark=watermark, ship="all" if epochs > 1 else "tested")
     return save(result, root, version=version), watermark
 
 

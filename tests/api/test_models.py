@@ -38,7 +38,7 @@ def test_admin_models_reload_and_promote(server: Server) -> None:
         models = a.get("/admin/models").json()
         assert models["served_version"] == "v1"
         (v1,) = [m for m in models["models"] if m["version"] == "v1"]
-        assert v1["served"] and v1["status"] == "promoted" and "ndcg@10" in v1["metrics"]["test"]
+        assert v1["served"] and v1["status"] == "promoted" and "ndcg@10" in v1["metrics"]["held_out"]
         assert v1["diagnostics"] and {"epoch", "informative_rate"} <= set(v1["diagnostics"][0])
         assert a.post("/admin/reload").json() == {
             "model_version": "v1",

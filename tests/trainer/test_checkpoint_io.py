@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 
 from trainer.checkpoint import CheckpointError, read_checkpoint
+from trainer.config import TrainConfig
 from trainer.inspect_negatives import draw_negatives
 from trainer.pipeline import run, save
-from trainer.train import TrainConfig, fit, load_model_state
+from trainer.train import fit, load_model_state
 
 FAST = dict(epochs=3, batch_size=256, threads=1, progress=False)
 
@@ -33,12 +34,14 @@ def test_round_trip(trained) -> None:  # noqa: ANN001
     assert ckpt.item_popularity.sum() == result.data.all_u.size
     assert ckpt.feedback.nnz == result.data.feedback.nnz > 0  # dislike/skip events, kept for serving
     m = ckpt.manifest
-    assert m["metrics"]["test"]["ndcg@10"] == result.test["ndcg@10"]
-    assert m["config"]["temperature"] == 0.2 and "cosine" in m["config"]["score"]
-    assert {d["phase"] for d in m["diagnostics"]} == {"selection", "refit"}
-    # stored scores are the training logits: cosine / temperature
-    assert np.allclose(np.linalg.norm(ckpt.item_embeddings, axis=1), 1, atol=1e-5)
-    assert np.allclose(np.linalg.norm(ckpt.user_embeddings, axis=1), 1 / 0.2, atol=1e-4)
+    assert m["metrics"]["held_out"]["ndcg@10"] == result.held_out["ndcg@10"]
+    assert m["config"]["temperature"] == 0.2 and m["config"]["shipped"] == "all"
+    assert {d["phase"] for d in m["diagnostics"]} == {"selection", "all"}
+    # stored scores are the training logits: [cosine / temperature, 1] . [unit item vector, item bias]
+    assert ckpt.tower.bias and ckpt.tower == result.final.model.tower
+    assert np.allclose(np.linalg.norm(ckpt.item_embeddings[:, :-1], axis=1), 1, atol=1e-5)
+    assert np.allclose(np.linalg.norm(ckpt.user_embeddings[:, :-1], axis=1), 1 / 0.2, atol=1e-4)
+    assert np.all(ckpt.user_embeddings[:, -1] == 1)
     index = ckpt.load_index()
     _, top = index.search(ckpt.user_embeddings[:3], 5)
     assert np.array_equal(top, np.argsort(-(ckpt.user_embeddings[:3] @ ckpt.item_embeddings.T), axis=1)[:, :5])

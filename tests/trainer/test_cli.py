@@ -28,7 +28,7 @@ def checkpoint(app: typer.Typer, small_file: Path, tmp_path_factory: pytest.Temp
     out = tmp_path_factory.mktemp("ckpts")
     r = CliRunner().invoke(app, ["train", "--events", str(small_file), "--out", str(out), "--version", "v1", *FAST])
     assert r.exit_code == 0, r.output
-    assert "test NDCG@10" in r.output
+    assert "held-out NDCG@10" in r.output and "fit on every event" in r.output
     return out / "v1"
 
 
@@ -37,19 +37,25 @@ def test_train_writes_a_checkpoint(checkpoint: Path) -> None:
     assert manifest["config"]["sampler"]["strategy"] == "mixed" and manifest["n_users"] == 300
 
 
-def test_final_fit_ships_a_model_of_every_event(app: typer.Typer, small_file: Path, tmp_path: Path) -> None:
-    r = CliRunner().invoke(app, ["train", "--events", str(small_file), "--out", str(tmp_path), "--version", "all",
-                                 "--final-fit", *FAST])
-    assert r.exit_code == 0, r.output
-    manifest = json.loads((tmp_path / "all" / "manifest.json").read_text())
-    assert manifest["config"]["final_fit"] is True
+def test_the_default_ships_a_model_fit_on_every_event(checkpoint: Path) -> None:
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["config"]["shipped"] == "all"
     phases = [d["phase"] for d in manifest["diagnostics"]]
-    assert phases.count("all") == manifest["metrics"]["best_epoch"] and "refit" not in phases
-    data = manifest["metrics"]["data"]  # the final fit trained on train + validation + test positives
+    assert phases.count("all") == manifest["metrics"]["best_epoch"]
+    data = manifest["metrics"]["data"]  # the final fit trained on the held-out newest events too
     last = manifest["diagnostics"][-1]
     trained = last["events_per_s"] * last["train_seconds"]
-    assert data["test"] > 0 and abs(trained - (data["train"] + data["validation"] + data["test"])) < 0.02 * trained
-    assert manifest["metrics"]["test"]["ndcg@10"] > 0  # held-out metrics of the tested model are kept
+    assert data["validation"] > 0 and abs(trained - (data["train"] + data["validation"])) < 0.02 * trained
+    assert manifest["metrics"]["held_out"]["ndcg@10"] > 0  # held-out metrics of the selection run are kept
+
+
+def test_ship_tested_keeps_the_selection_model(app: typer.Typer, small_file: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["train", "--events", str(small_file), "--out", str(tmp_path), "--version", "t",
+                                 "--ship", "tested", *FAST])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["config"]["shipped"] == "tested"
+    assert {d["phase"] for d in manifest["diagnostics"]} == {"selection"}
 
 
 @pytest.fixture
@@ -161,3 +167,19 @@ def test_train_from_the_database_records_the_watermark(app: typer.Typer, small_e
         assert manifest["watermark"] == 3000 and manifest["metrics"]["data"]["train"] > 0
     finally:
         get_settings.cache_clear()
+
+
+def test_progress_in_a_log_file_is_a_line_per_epoch(small_file: Path, tmp_path: Path) -> None:
+    """Redirected output (a cron job, a container log) gets no bar redraws: one line per epoch and stage."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "train.log"
+    with log.open("w") as f:
+        done = subprocess.run([sys.executable, "-m", "app.cli", "train", "--events", str(small_file), "--out",
+                               str(tmp_path / "ck"), "--epochs", "3", "--batch-size", "256", "--threads", "1"],
+                              stdout=f, stderr=subprocess.STDOUT, check=False)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert "\r" not in text and len(text.splitlines()) <= 2 * 3 + 4, text
+    assert text.count("epoch ") >= 2 and "held-out NDCG@10" in text

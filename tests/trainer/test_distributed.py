@@ -46,8 +46,8 @@ def test_two_processes_match_one(events: Path, tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "two").iterdir()] == ["p2"]  # one checkpoint, no leftovers
     assert {h["processes"] for h in two.manifest["diagnostics"]} == {2}
     assert {h["processes"] for h in one.manifest["diagnostics"]} == {1}
-    n1 = one.manifest["metrics"]["test"]["ndcg@10"]
-    n2 = two.manifest["metrics"]["test"]["ndcg@10"]
+    n1 = one.manifest["metrics"]["held_out"]["ndcg@10"]
+    n2 = two.manifest["metrics"]["held_out"]["ndcg@10"]
     popular = two.manifest["metrics"]["most_popular"]["ndcg@10"]
     assert abs(n1 - n2) <= TOLERANCE, (n1, n2)
     assert n2 > 1.4 * popular, (n2, popular)

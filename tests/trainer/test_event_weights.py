@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 
 from app.settings import RECOMMENDED_EVENT_WEIGHTS, Settings
 from app.train_cli import register
+from trainer.config import SamplerConfig, TrainConfig
 from trainer.data import build_dataset, csr
 from trainer.evaluate import dot_scores, evaluate
 from trainer.losses import get_loss
-from trainer.samplers import SamplerConfig
 from trainer.synth import SynthSpec, generate
-from trainer.train import TrainConfig, fit
+from trainer.train import fit
 
 WEIGHTS = {"purchase": 3.0, "view": 0.3}
 
@@ -133,7 +133,7 @@ def test_cli_records_weights_in_the_manifest_and_can_switch_them_off(
     get_settings.cache_clear()
     app = typer.Typer()
     register(app)
-    fast = ["--epochs", "1", "--batch-size", "512", "--threads", "1", "--no-progress", "--no-refit",
+    fast = ["--epochs", "1", "--batch-size", "512", "--threads", "1", "--no-progress", "--ship", "tested",
             "--negatives", "32", "--out", str(tmp_path)]
     try:
         for version, flags, expected in (("on", [], {"purchase": 4.0, "view": 0.5}),

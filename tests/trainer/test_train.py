@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from trainer.config import SamplerConfig, TrainConfig
 from trainer.data import build_dataset
 from trainer.pipeline import run
-from trainer.samplers import SamplerConfig
-from trainer.train import TrainConfig, fit
+from trainer.train import fit
 
 FAST = dict(epochs=6, batch_size=256, threads=1, progress=False, patience=2)
 
@@ -21,11 +21,12 @@ def data(small_events: pd.DataFrame):  # noqa: ANN201
 
 def test_model_recovers_planted_clusters_well_above_popularity(small_events: pd.DataFrame) -> None:
     result = run(small_events, TrainConfig(**{**FAST, "epochs": 20, "patience": 3}))
-    assert result.test["recall@10"] > 1.4 * result.baseline["recall@10"]
+    assert result.held_out["recall@10"] > 1.4 * result.baseline["recall@10"]
     # the learned item vectors group by planted cluster: same-cluster pairs are closer than cross-cluster ones
     _, items = result.final.model.export()
     cluster = small_events.attrs["item_cluster"][[int(i[1:]) for i in result.data.item_ids]]
-    sim = items @ items.T
+    taste = items[:, :-1]  # the cosine part; the last column is the item bias
+    sim = taste @ taste.T
     same = cluster[:, None] == cluster[None, :]
     off_diag = ~np.eye(len(cluster), dtype=bool)
     assert sim[same & off_diag].mean() > sim[~same].mean() + 0.1
@@ -62,3 +63,23 @@ def test_logq_changes_in_batch_training(data) -> None:  # noqa: ANN001
     on = fit(data, TrainConfig(**base, sampler=SamplerConfig(strategy="in-batch")))
     off = fit(data, TrainConfig(**base, logq=False, sampler=SamplerConfig(strategy="in-batch")))
     assert not np.allclose(on.model.export()[1], off.model.export()[1])
+
+
+@pytest.mark.parametrize("tower", ["pooled", "both", "free"])
+def test_exported_queries_are_the_training_logits_by_the_shared_rule(data, tower: str) -> None:  # noqa: ANN001
+    """The torch forward (what training optimises) and trainer/towers.py (what the service applies to
+    fresh events) make the same query vectors."""
+    import torch
+
+    from trainer.model import Histories
+
+    result = fit(data, TrainConfig(**{**FAST, "epochs": 2, "tower": tower}))
+    model = result.model
+    rows = np.arange(0, data.n_users, 7)
+    with torch.no_grad():
+        q = model.users(torch.from_numpy(rows), Histories.of(model.positives, rows)).numpy()
+    users, items = model.export()
+    np.testing.assert_allclose(q, users[rows], atol=1e-5)
+    assert items.shape[1] == users.shape[1] == 65 and np.all(users[:, -1] == 1)  # the item-bias column
+    if tower != "free":
+        assert result.best_val["ndcg@10"] > 0.1  # pooled histories learn the planted clusters too

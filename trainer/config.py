@@ -1,0 +1,86 @@
+"""Every knob of a training run, in one torch-free place (the CLI reads its defaults from here).
+
+Defaults are the product: `recsys train` with no flags trains exactly ``TrainConfig()``. Anything that
+has to depend on the data follows a rule of the data's size documented beside the field, or is chosen on
+validation inside the run (the epoch count: training stops when validation stops improving).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trainer.towers import UserTower
+
+LOSSES = ("softmax", "nce", "bpr")
+TOWERS = ("pooled", "free", "both")
+STRATEGIES = ("uniform", "popularity", "in-batch", "hard", "feedback", "mixed")
+
+
+@dataclass
+class SamplerConfig:
+    """Knobs of every strategy; ``make_sampler`` reads the ones its strategy needs."""
+
+    strategy: str = "mixed"
+    n_negatives: int = 512  # shared uniform/popularity negatives per batch
+    alpha: float = 0.75
+    n_hard: int = 16
+    pool: int = 100
+    skip: int = 5
+    refresh_every: int = 200
+    index_type: str = "auto"
+    hard_warmup_steps: int = 0
+    hard_rows: int | None = 256  # rows per batch that get hard negatives (None: every row)
+    n_feedback: int = 4
+    mixed: tuple[str, ...] = field(default=("in-batch", "uniform"))
+
+
+
+@dataclass
+class TrainConfig:
+    dim: int = 64
+    epochs: int = 30
+    batch_size: int = 1024
+    lr: float = 0.005
+    loss: str = "softmax"
+    logq: bool = True
+    temperature: float = 0.2
+    tower: str = "free"  # user vectors: "pooled" history items, "free" trained vectors, or "both"
+    item_bias: bool = True
+    pool_exponent: float = 0.5
+    seed: int = 0
+    threads: int = 2
+    patience: int = 3
+    sparse: bool = True  # sparse embedding gradients + lazy Adam (trainer/optim.py): cost ∝ rows touched
+    hard_warmup_epochs: int = 3
+    val_max_users: int = 5000
+    diag_every: int = 10  # measure the false-negative rate on every n-th step
+    progress: bool = True
+    device: str = "cpu"  # "cuda" or "cuda:N" trains on a GPU; everything else stays on the CPU
+    # {event type: weight} applied when the dataset is built (trainer.data.build_dataset); recorded here so
+    # the checkpoint manifest says what the model was trained with. None or all-1: unweighted.
+    event_weights: dict[str, float] | None = None
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def user_tower(self) -> UserTower:
+        if self.tower not in TOWERS:
+            raise ValueError(f"unknown tower {self.tower!r}; choose one of {', '.join(TOWERS)}")
+        return UserTower(temperature=self.temperature, free=self.tower in ("free", "both"),
+                         pooled=self.tower in ("pooled", "both"), pool_exponent=self.pool_exponent,
+                         bias=self.item_bias, normalize_parts=self.tower == "both")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sampler"]["mixed"] = list(self.sampler.mixed)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        s = dict(d.pop("sampler", {}))
+        if "mixed" in s:
+            s["mixed"] = tuple(s["mixed"])
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known}, sampler=SamplerConfig(**s))
+
+
