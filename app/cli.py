@@ -299,6 +299,9 @@ def retrain_cmd(
     epochs: Annotated[
         int | None, typer.Option(min=1, help="Maximum epochs (early stopping on validation).")
     ] = None,
+    patience: Annotated[
+        int | None, typer.Option(min=1, help="Epochs without a better validation score before training stops.")
+    ] = None,
     lr: Annotated[float | None, typer.Option(min=1e-7, help="Adam learning rate.")] = None,
     dim: Annotated[int | None, typer.Option(min=2, max=1024, help="Embedding dimension.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
@@ -334,7 +337,7 @@ def retrain_cmd(
     settings = get_settings()
     try:
         # Only what was given on the command line overrides the trainer's defaults.
-        given = {"dim": dim, "epochs": epochs, "lr": lr, "seed": seed, "threads": threads}
+        given = {"dim": dim, "epochs": epochs, "patience": patience, "lr": lr, "seed": seed, "threads": threads}
         cfg = replace(TrainConfig(), progress=progress, **{k: v for k, v in given.items() if v is not None})
         if strategy is not None:
             cfg = replace(cfg, sampler=replace(cfg.sampler, strategy=strategy))

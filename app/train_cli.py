@@ -43,6 +43,9 @@ DimOpt = Annotated[int | None, typer.Option("--dim", min=2, max=1024, help="Embe
 EpochsOpt = Annotated[int | None, typer.Option(
     "--epochs", min=1, help="Most epochs; training stops earlier when validation stops improving." + _d(T.epochs),
     show_default=False)]
+PatienceOpt = Annotated[int | None, typer.Option(
+    "--patience", min=1, help="Epochs without a better validation score before training stops." + _d(T.patience),
+    show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (runs are deterministic).")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch/FAISS threads." + _d(T.threads),
                                                 show_default=False)]
@@ -182,6 +185,7 @@ def train(
     item_bias: BiasOpt = None,
     dim: DimOpt = None,
     epochs: EpochsOpt = None,
+    patience: PatienceOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -213,7 +217,7 @@ def train(
     from trainer import distributed as dist
 
     cfg = _config(seed, logq, progress, strategy=strategy, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
-                  epochs=epochs, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  epochs=epochs, patience=patience, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
@@ -267,6 +271,7 @@ def evaluate_cmd(
     item_bias: BiasOpt = None,
     dim: DimOpt = None,
     epochs: EpochsOpt = None,
+    patience: PatienceOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -290,7 +295,7 @@ def evaluate_cmd(
     from trainer.report import metric_table
 
     cfg = _config(seed, logq, progress, strategy=strategy, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
-                  epochs=epochs, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  epochs=epochs, patience=patience, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
@@ -407,6 +412,7 @@ def compare(
     tower: TowerOpt = None,
     dim: DimOpt = None,
     epochs: EpochsOpt = None,
+    patience: PatienceOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -436,7 +442,7 @@ def compare(
     baseline = score_held_out(train, popularity_scores(train.popularity()), data.test_u, data.test_i)
     rows, histories, results = [], {}, {}
     for name in names:
-        cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs,
+        cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs, patience=patience,
                       threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature)
         typer.echo(f"training {name} ...", err=True)
         r = evaluate_run(data, cfg)

@@ -1,138 +1,149 @@
-"""Training quality and time of every negative-sampling strategy, with and without logQ, vs most-popular.
+"""Quality and cost of `recsys train` with its defaults against the strongest peers, on real catalogues.
 
-Runs the evaluation protocol on the MovieLens sets in ../shared/datasets (never copied into the repo),
-averages a few seeds, prints a Markdown table and writes JSON. ``--scale`` instead times one epoch with
-hard negatives on a 5M-event synthetic log (100k users, 50k items) and reports the index's share.
+For each data set in ../shared/datasets (never copied into the repo) the benchmark splits the events
+by the protocol (bench/protocol.py, written independently of the trainer), writes the train split to a
+file and runs exactly what README tells a user to run: `recsys train --events FILE` (defaults; other
+rows add one flag each), then `recsys recommend --all` on the checkpoint it wrote. The served lists are
+scored against the held-out test split. Peers (bench/peers.py: most-popular, iALS, EASE, LightFM WARP)
+run on the same split in the same run, their hyper-parameters chosen on a validation split of the train
+split. The project's rows are the mean of several seeds. Prints a Markdown table (NDCG@10 and its ratio to
+the best peer, wall time) and writes JSON.
 
-    .venv/bin/python bench/quality.py                       # MovieLens table -> bench/results/quality.json
-    .venv/bin/python bench/quality.py --scale               # 5M-event timing -> bench/results/scale.json
+    .venv/bin/python bench/quality.py                                  # all four data sets, 3 seeds
+    .venv/bin/python bench/quality.py --datasets ml-100k --seeds 0 --rows default
+    .venv/bin/python bench/quality.py --rows default,hard --peers iALS # fewer peers, a hard-negative row
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import resource
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from app.eventfiles import read_event_file as load_event_file  # noqa: E402
-from trainer.data import build_dataset  # noqa: E402
-from trainer.pipeline import run  # noqa: E402
-from trainer.samplers import SamplerConfig  # noqa: E402
-from trainer.train import TrainConfig, fit  # noqa: E402
+import peers  # noqa: E402
+from protocol import Split, score, split  # noqa: E402
 
-DATASETS = {"ml-100k": "ml-100k/u.data", "ml-latest-small": "ml-latest-small/ratings.csv"}
-STRATEGIES = ("uniform", "popularity", "in-batch", "hard", "mixed", "mixed+hard")
-# strategy name -> sampler settings; "mixed+hard" adds FAISS hard negatives to the default mix
-SAMPLERS = {"mixed+hard": {"strategy": "mixed", "mixed": ("in-batch", "uniform", "hard")}}
+from app.eventfiles import read_event_file  # noqa: E402
 
-
-def quality(args: argparse.Namespace) -> dict:
-    seeds = [int(s) for s in args.seeds.split(",")]
-    strategies = args.strategies.split(",")
-    out: dict = {"seeds": seeds, "datasets": {}}
-    for name in args.datasets.split(","):
-        path = Path(args.data_root) / DATASETS[name]
-        data = build_dataset(load_event_file(path))
-        rows: dict = {}
-        baseline = None
-        for strategy in strategies:
-            for logq in (True, False):
-                if strategy == "uniform" and not logq:
-                    continue  # log(n·q) is one constant for every logit: identical to the corrected run
-                key = f"{strategy}{'' if logq else ' (no logQ)'}"
-                runs = []
-                for seed in seeds:
-                    cfg = TrainConfig(seed=seed, logq=logq, progress=False, threads=args.threads,
-                                      sampler=SamplerConfig(**SAMPLERS.get(strategy, {"strategy": strategy})))
-                    r = run(data, cfg)
-                    baseline = r.baseline
-                    runs.append({"ndcg@10": r.test["ndcg@10"], "recall@10": r.test["recall@10"],
-                                 "hitrate@10": r.test["hitrate@10"], "coverage@10": r.test["coverage@10"],
-                                 "seconds": r.seconds, "best_epoch": r.selection.best_epoch,
-                                 "false_negative_rate": r.selection.history[-1]["false_negative_rate"]})
-                    print(f"{name} {key} seed {seed}: NDCG@10 {r.test['ndcg@10']:.4f} in {r.seconds:.1f}s",
-                          file=sys.stderr, flush=True)
-                rows[key] = {"runs": runs, **{m: statistics.mean(x[m] for x in runs) for m in runs[0]},
-                             "ndcg@10_sd": statistics.pstdev(x["ndcg@10"] for x in runs)}
-        out["datasets"][name] = {"data": data.describe(), "most_popular": baseline, "strategies": rows}
-    return out
+DATASETS = {"ml-100k": "ml-100k/u.data", "ml-latest-small": "ml-latest-small/ratings.csv",
+            "gowalla": "gowalla/interactions.csv", "yelp2018": "yelp2018/interactions.csv"}
+# row name -> extra `recsys train` flags (the default row has none: it is what a user gets)
+ROWS = {
+    "default": [],
+    "free vectors": ["--tower", "free"],
+    "pooled + free": ["--tower", "both"],
+    "hard": ["--strategy", "hard"],
+    "uniform": ["--strategy", "uniform"],
+    "popularity": ["--strategy", "popularity"],
+    "in-batch": ["--strategy", "in-batch"],
+    "in-batch, no logQ": ["--strategy", "in-batch", "--no-logq"],
+}
+RECSYS = [sys.executable, "-m", "app.cli"]
 
 
-def quality_table(res: dict) -> str:
-    lines = []
-    for name, d in res["datasets"].items():
-        lines += [f"### {name} ({d['data']['users']} users, {d['data']['items']} items; mean of seeds {res['seeds']})",
-                  "", "| strategy | NDCG@10 | ± sd | Recall@10 | HitRate@10 | Coverage@10 | FN rate | train s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for key, r in d["strategies"].items():
-            lines.append(f"| {key} | {r['ndcg@10']:.4f} | {r['ndcg@10_sd']:.4f} | {r['recall@10']:.4f} | "
-                         f"{r['hitrate@10']:.4f} | {r['coverage@10']:.4f} | {r['false_negative_rate']:.4f} | "
-                         f"{r['seconds']:.1f} |")
-        p = d["most_popular"]
-        lines += [f"| most-popular | {p['ndcg@10']:.4f} | | {p['recall@10']:.4f} | {p['hitrate@10']:.4f} | "
-                  f"{p['coverage@10']:.4f} | | |", ""]
-    return "\n".join(lines)
-
-
-def scale(args: argparse.Namespace) -> dict:
-    from trainer.synth import SynthSpec, generate
-
+def run_ours(sp: Split, train_file: Path, work: Path, flags: list[str], seed: int) -> dict:
+    """`recsys train` on the train split, `recsys recommend --all`, the lists scored under the protocol."""
+    out = work / f"ckpt-{seed}"
+    recs = work / f"recs-{seed}.csv"
+    env = {**os.environ, "RECSYS_DATA_DIR": str(work / "var")}
     t = time.perf_counter()
-    events = generate(SynthSpec(users=100_000, items=50_000, events=5_000_000, seed=0))
-    data = build_dataset(events)
-    del events
-    prep = time.perf_counter() - t
-    cfg = TrainConfig(epochs=1, hard_warmup_epochs=0, progress=False, threads=args.threads, val_max_users=2000,
-                      batch_size=args.batch_size,
-                      sampler=SamplerConfig(strategy="hard", index_type=args.index, refresh_every=args.refresh_every,
-                                            hard_rows=args.hard_rows))
-    h = fit(data, cfg).history[0]
-    uniform = fit(data, replace(cfg, sampler=SamplerConfig(strategy="uniform"))).history[0]
-    return {"events": 5_000_000, "data": data.describe(), "prepare_s": round(prep, 1), "index_type": args.index,
-            "refresh_every": args.refresh_every, "batch_size": args.batch_size, "hard_rows": args.hard_rows,
-            "threads": args.threads, "hard_epoch": {k: v for k, v in h.items() if k != "sources"},
-            "uniform_epoch_s": uniform["train_seconds"],
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    subprocess.run([*RECSYS, "train", "--events", str(train_file), "--out", str(out), "--seed", str(seed), *flags],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    train_s = time.perf_counter() - t
+    subprocess.run([*RECSYS, "recommend", "--checkpoint", str(out), "--all", "--k", "20", "--no-database",
+                    "--out", str(recs)],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    lists: dict[str, list[str]] = {}
+    with recs.open() as f:
+        for row in csv.DictReader(f):
+            lists.setdefault(row["user_id"], []).append(row["item_id"])
+    manifest = json.loads(next(out.rglob("manifest.json")).read_text())
+    return {"metrics": score(lists, sp), "train_s": round(train_s, 2),
+            "held_out": manifest.get("metrics", {}).get("held_out", {}).get("ndcg@10"),
+            "epochs": manifest.get("metrics", {}).get("best_epoch")}
+
+
+def bench_dataset(name: str, args: argparse.Namespace) -> dict:
+    events = read_event_file(Path(args.data_root) / DATASETS[name])
+    sp = split(events)
+    res: dict = {"events": len(events), "train_events": len(sp.train), "test_users": len(sp.test),
+                 "items": len(sp.catalogue), "peers": {}, "rows": {}}
+    for peer in args.peers:
+        r = peers.run_peer(peer, sp)
+        res["peers"][peer] = {"metrics": r.metrics, "params": r.params, "fit_s": r.fit_seconds, "note": r.note}
+        shown = f"NDCG@10 {r.metrics['ndcg@10']:.4f} fit {r.fit_seconds:.1f}s {r.params}" if r.metrics else r.note
+        print(f"{name} {peer}: {shown}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix=f"quality-{name}-") as tmp:
+        work = Path(tmp)
+        train_file = work / "train.csv"
+        peers.train_frame(sp).to_csv(train_file, index=False)
+        for row in args.rows:
+            runs = []
+            for seed in args.seeds:
+                runs.append(run_ours(sp, train_file, work / row.replace(" ", "_").replace(",", ""), ROWS[row], seed))
+                print(f"{name} {row} seed {seed}: NDCG@10 {runs[-1]['metrics']['ndcg@10']:.4f} "
+                      f"in {runs[-1]['train_s']:.1f}s", file=sys.stderr, flush=True)
+            ndcg = [r["metrics"]["ndcg@10"] for r in runs]
+            res["rows"][row] = {"runs": runs, "ndcg@10": statistics.mean(ndcg),
+                                "ndcg@10_sd": statistics.pstdev(ndcg),
+                                "recall@10": statistics.mean(r["metrics"]["recall@10"] for r in runs),
+                                "coverage@10": statistics.mean(r["metrics"]["coverage@10"] for r in runs),
+                                "train_s": statistics.median(r["train_s"] for r in runs)}
+    return res
+
+
+def table(results: dict) -> str:
+    lines = ["| data set | items | " + " | ".join(["most-popular", "iALS", "EASE", "LightFM WARP"]) +
+             " | best peer | `recsys train` rows (NDCG@10 ± sd, × best peer, wall s) |",
+             "|---|---:|" + "---:|" * 4 + "---|---|"]
+    for name, r in results["datasets"].items():
+        cells = []
+        best_name, best = None, -1.0
+        for peer in ("most-popular", "iALS", "EASE", "LightFM WARP"):
+            m = r["peers"].get(peer, {}).get("metrics")
+            cells.append(f"{m['ndcg@10']:.4f} ({r['peers'][peer]['fit_s']:.1f}s)" if m else "–")
+            if m and peer != "most-popular" and m["ndcg@10"] > best:
+                best_name, best = peer, m["ndcg@10"]
+        ours = "; ".join(f"{row}: {x['ndcg@10']:.4f} ± {x['ndcg@10_sd']:.4f}, "
+                         f"{x['ndcg@10'] / best:.2f}x, {x['train_s']:.1f}s" if best > 0 else f"{row}: {x['ndcg@10']:.4f}"
+                         for row, x in r["rows"].items())
+        lines.append(f"| {name} | {r['items']:,} | " + " | ".join(cells) + f" | {best_name} | {ours} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "datasets"))
     p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None, help="JSON output (default bench/results/quality.json or scale.json)")
-    p.add_argument("--scale", action="store_true", help="time one hard-negative epoch on a 5M-event log")
-    p.add_argument("--index", default="auto", help="FAISS index for --scale: flat, ivf, hnsw, auto")
-    p.add_argument("--refresh-every", type=int, default=SamplerConfig.refresh_every)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
-                   help="--scale: positives per batch (default: the trainer's)")
-    p.add_argument("--hard-rows", type=int, default=SamplerConfig.hard_rows,
-                   help="--scale: rows per batch given hard negatives (default: the trainer's)")
+    p.add_argument("--rows", default="default", help=f"comma-separated: {', '.join(ROWS)}")
+    p.add_argument("--peers", default=",".join(peers.PEERS), help="comma-separated; '' for none")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     args = p.parse_args()
-    res = scale(args) if args.scale else quality(args)
-    out = Path(args.out or ROOT / "bench" / "results" / ("scale.json" if args.scale else "quality.json"))
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.rows = [r for r in args.rows.split(",") if r]
+    args.peers = [x for x in args.peers.split(",") if x]
+    unknown = [r for r in args.rows if r not in ROWS] + [x for x in args.peers if x not in peers.PEERS]
+    if unknown:
+        p.error(f"unknown rows or peers: {unknown}")
+    results = {"seeds": args.seeds, "datasets": {}}
+    for name in args.datasets.split(","):
+        results["datasets"][name] = bench_dataset(name, args)
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=str))
-    if args.scale:
-        h = res["hard_epoch"]
-        print(f"batch {res['batch_size']}, hard negatives for {res['hard_rows']} rows per batch, "
-              f"index {res['index_type']} refreshed every {res['refresh_every']} steps, {res['threads']} threads\n")
-        print("| log | train positives | hard epoch s | index+search share | events/s | uniform epoch s | peak RSS GiB |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        print(f"| 5M events, 100k users, 50k items | {res['data']['train']} | {h['train_seconds']:.1f} | "
-              f"{h['index_share']:.1%} | {h['events_per_s']:.0f} | {res['uniform_epoch_s']:.1f} | {res['peak_rss_gib']} |")
-    else:
-        print(quality_table(res))
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print(table(results))
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -180,7 +180,7 @@ def test_second_run_refused_while_first_holds_the_lock_and_a_killed_run_leaves_n
 ) -> None:
     dep, env = site
     slow = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "retrain", "--epochs", "200", "--no-progress"],
+        [sys.executable, "-m", "app.cli", "retrain", "--epochs", "200", "--patience", "200", "--no-progress"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,

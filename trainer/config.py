@@ -45,7 +45,7 @@ class TrainConfig:
     loss: str = "softmax"
     logq: bool = True
     temperature: float = 0.2
-    tower: str = "free"  # user vectors: "pooled" history items, "free" trained vectors, or "both"
+    tower: str = "pooled"  # user vectors: "pooled" history items, "free" trained vectors, or "both"
     item_bias: bool = True
     pool_exponent: float = 0.5
     seed: int = 0
