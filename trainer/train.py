@@ -21,13 +21,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from trainer import distributed as dist  # noqa: E402
+from trainer.batch import Columns, assemble  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import Dataset  # noqa: E402
 from trainer.evaluate import dot_scores, evaluate  # noqa: E402
 from trainer.losses import get_loss  # noqa: E402
 from trainer.model import Histories, TowerModel  # noqa: E402
 from trainer.optim import RowAdam  # noqa: E402
-from trainer.samplers import HardSampler, MixedSampler, PairIndex, Sampler, make_sampler  # noqa: E402
+from trainer.samplers import Draw, HardSampler, MixedSampler, PairIndex, Sampler, make_sampler  # noqa: E402
 
 INFORMATIVE_MARGIN = 1.0  # a negative is informative when its logit is within this of the positive's
 
@@ -49,6 +50,7 @@ class _Stats:
         self.n_pos = self.n_neg = self.n_inf = self.n_fn = self.n_fn_checked = 0
         self.pos_sum = self.neg_sum = self.loss_sum = 0.0
         self.steps = 0
+        self.sampling_seconds = 0.0
         self.by_source: dict[str, list[float]] = {}
 
     def add(self, pos: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor, sources: list[tuple[str, int]]) -> None:
@@ -105,24 +107,48 @@ def _active(sampler: Sampler, step: int) -> list[Sampler]:
     return sampler.active(step) if isinstance(sampler, MixedSampler) else [sampler]
 
 
+@dataclass
+class _Run:
+    """What one fit carries from step to step."""
+
+    data: Dataset
+    cfg: TrainConfig
+    model: TowerModel
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    opt: torch.optim.Optimizer
+    sampler: Sampler
+    hard: list[HardSampler]
+    train_csr: Any
+    val_pairs: PairIndex
+    loss_fn: Any
+    device: torch.device
+    draw_rng: np.random.Generator
+    step: int = 0
+
+
+class EarlyStopping:
+    """Keeps the best epoch's weights; says stop after ``patience`` epochs without a better score."""
+
+    def __init__(self, model: TowerModel, patience: int) -> None:
+        self.model, self.patience = model, patience
+        self.score, self.epoch, self.val, self.bad = -1.0, 0, {}, 0
+        self.state: dict[str, Any] = copy.deepcopy(model.state_dict())
+
+    def update(self, epoch: int, score: float, val: dict[str, float]) -> bool:
+        """Record an epoch's score; True when training should stop."""
+        if score > self.score or epoch == 1:
+            self.score, self.epoch, self.val, self.bad = score, epoch, val, 0
+            self.state = copy.deepcopy(self.model.state_dict())
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+
 def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = None,
         impressions: Any = None) -> TrainResult:
     """Train on data.train_*, early-stop on validation NDCG@10, return the best model and the history."""
     t_start = time.perf_counter()
     rank, world = dist.rank(), dist.world_size()
-    device = _device(cfg.device)
-    torch.manual_seed(cfg.seed)  # the same initial tables on every rank (DDP also broadcasts rank 0's)
-    threads = max(1, cfg.threads // dist.local_world_size())  # ranks on one machine share its cores
-    torch.set_num_threads(threads)
-    import faiss
-
-    # Mining searches a few hundred users per step: one FAISS thread searched faster than two in every
-    # combination measured on a shared 2-core box (0.06-0.10 s against 0.12-0.37 s of search per epoch;
-    # a second OpenMP thread waits at the barrier when the core is busy), so FAISS stays single-threaded.
-    faiss.omp_set_num_threads(1)
-    rng = np.random.default_rng(cfg.seed)  # batch order: the same on every rank
-    draw_rng = rng if world == 1 else np.random.default_rng((cfg.seed, rank))  # negatives: each rank its own
-    loss_fn = get_loss(cfg.loss)
     n_train = data.train_u.size
     if n_train == 0:
         raise ValueError("no training interactions after the split")
@@ -131,13 +157,49 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     steps_per_epoch = (n_train + cfg.batch_size - 1) // cfg.batch_size
     if world > 1 and n_train - (steps_per_epoch - 1) * cfg.batch_size < world:
         steps_per_epoch -= 1  # a last batch smaller than the world would leave a rank without rows
-    train_w = data.train_w
+    rng = np.random.default_rng(cfg.seed)  # batch order: the same on every rank
+    run = _setup(data, cfg, steps_per_epoch, rng, init_state, impressions)
+    candidates = data.candidates()
+    has_val = data.val_u.size > 0
+    history: list[dict[str, Any]] = []
+    stopper = EarlyStopping(run.model, cfg.patience)
+    for epoch in range(1, cfg.epochs + 1):
+        stats, seconds, sampling = _epoch(run, rng.permutation(n_train), steps_per_epoch, epoch, rank, world)
+        run.model.eval()
+        # rank 0 validates and tells the others, so that every rank stops at the same epoch
+        val = dist.broadcast(_validate(run.model, data, run.train_csr, candidates, cfg)
+                             if has_val and rank == 0 else {})
+        diag = _diagnostics(epoch, stats, run.sampler, seconds, sampling, n_train, val)
+        diag["processes"] = world
+        history.append(diag)
+        if rank == 0:
+            _epoch_line(cfg, diag)
+        if stopper.update(epoch, val.get("ndcg@10", float(epoch)), val):  # no validation: the last is best
+            break
+    run.model.load_state_dict(stopper.state)
+    run.model.to("cpu").eval()
+    return TrainResult(run.model, cfg, history, stopper.epoch, stopper.val, time.perf_counter() - t_start)
+
+
+def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random.Generator,
+           init_state: dict[str, Any] | None, impressions: Any) -> _Run:
+    """Threads, sampler, model, optimiser: everything a step needs."""
+    rank, world = dist.rank(), dist.world_size()
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same initial tables on every rank (DDP also broadcasts rank 0's)
+    torch.set_num_threads(max(1, cfg.threads // dist.local_world_size()))  # ranks on one machine share cores
+    import faiss
+
+    # Mining searches a few hundred users per step: one FAISS thread searched faster than two in every
+    # combination measured on a shared 2-core box (0.06-0.10 s against 0.12-0.37 s of search per epoch;
+    # a second OpenMP thread waits at the barrier when the core is busy), so FAISS stays single-threaded.
+    faiss.omp_set_num_threads(1)
+    draw_rng = rng if world == 1 else np.random.default_rng((cfg.seed, rank))  # negatives: each rank its own
     hard_rows = cfg.sampler.hard_rows  # per global batch: each rank mines its share of the rows
     scfg = replace(cfg.sampler, hard_warmup_steps=cfg.hard_warmup_epochs * steps_per_epoch,
                    hard_rows=None if hard_rows is None else max(1, -(-hard_rows // world)))
-    popularity = data.popularity()
     train_csr = data.train_csr()
-    sampler = make_sampler(scfg, popularity=popularity, known=train_csr, feedback=data.feedback,
+    sampler = make_sampler(scfg, popularity=data.popularity(), known=train_csr, feedback=data.feedback,
                            impressions=impressions)
     hard = _hard_samplers(sampler)
     if device.type == "cuda":
@@ -153,141 +215,103 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     opt = (RowAdam(list(model.parameters()), lr=cfg.lr) if cfg.sparse
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
     val_pairs = PairIndex(_pairs_csr(data.val_u, data.val_i, data.n_users, data.n_items))
-    candidates = data.candidates()
-    has_val = data.val_u.size > 0
+    return _Run(data, cfg, model, net, opt, sampler, hard, train_csr, val_pairs, get_loss(cfg.loss), device,
+                draw_rng)
 
-    history: list[dict[str, Any]] = []
-    best = (-1.0, 0, copy.deepcopy(model.state_dict()), {})
-    step = 0
-    bad_epochs = 0
-    for epoch in range(1, cfg.epochs + 1):
-        for h in hard:
-            h.reset_stats()
-        stats = _Stats()
-        t_epoch = time.perf_counter()
-        t_sampling = 0.0
-        perm = rng.permutation(n_train)
-        bar = _progress(cfg, steps_per_epoch, epoch) if rank == 0 else None
-        model.train()
-        for b in range(steps_per_epoch):
-            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            if world > 1:
-                idx = np.array_split(idx, world)[rank]  # the global batch, shared between the ranks
-            users_np, pos_np = data.train_u[idx], data.train_i[idx]
-            users, pos_items = torch.from_numpy(users_np), torch.from_numpy(pos_np)
-            # each positive is left out of its own user's history: predict it from the other items
-            bags = Histories.of(train_csr, users_np, pos_np, device) if model.history is not None else None
 
-            ts = time.perf_counter()
-            sampler.on_step(step, model.item_table)
-            active = _active(sampler, step)
-            query = None
-            if any(s.name == "hard" for s in active):  # the current user vectors search the index
-                with torch.no_grad():
-                    query = model.users(users.to(device), bags).cpu().numpy()
-            draws = sampler.sample(users_np, pos_np, draw_rng, query, step)
-            globals_ = [s for s in active if s.prob(pos_np[:1]) is not None]
-
-            def expected(items: np.ndarray, batch: int = idx.size, globals_: list[Sampler] = globals_) -> np.ndarray:
-                return sum((batch if s.name == "in-batch" else s.n) * s.prob(items) for s in globals_)
-
-            t_sampling += time.perf_counter() - ts
-            draws = [d for d in draws if d.shared] + [d for d in draws if not d.shared]  # shared columns first
-            shared = [d for d in draws if d.shared]
-            per_user = [d for d in draws if not d.shared]
-            sources = [(d.source, d.items.shape[-1]) for d in draws]
-            s_items = np.concatenate([d.items for d in shared])
-            own = [d.items for d in shared if d.source != "in-batch"]  # in-batch reuses the positives' rows
-            lookup = [pos_np, *own]
-            if per_user:
-                items_u = torch.from_numpy(np.concatenate([d.items for d in per_user], axis=1))
-                valid = torch.from_numpy(np.concatenate([d.valid for d in per_user], axis=1))
-                # score only rows that have per-user negatives (hard mining may cover part of the batch)
-                live = torch.nonzero(valid.any(1)).squeeze(1)
-                lookup.append(items_u[live].reshape(-1).numpy())
-            # one forward through DDP: every embedding row this step touches
-            u, iv = net(users.to(device), bags, torch.from_numpy(np.concatenate(lookup)).to(device))
-            p, rest = iv[:idx.size], iv[idx.size:]
-            pos = (u * p).sum(1)
-            vecs = []
-            for d in shared:
-                if d.source == "in-batch":
-                    vecs.append(p)
-                else:
-                    vecs.append(rest[:d.items.size])
-                    rest = rest[d.items.size:]
-            # shared negatives: one (B, C) matmul against the stacked item vectors
-            neg = u @ torch.cat(vecs).T
-            s_items_t = torch.from_numpy(s_items).to(device)
-            mask = s_items_t[None, :] != pos_items.to(device)[:, None]  # accidental hits (the in-batch diagonal)
-            if globals_:
-                s_logq = np.log(expected(s_items))
-            else:
-                s_logq = np.concatenate([np.log(d.n * d.q) for d in shared])
-            neg_logq = torch.from_numpy(s_logq.astype(np.float32)).to(device)[None, :]
-            if per_user:
-                width = items_u.shape[1]
-                block = torch.zeros(idx.size, width, device=device)
-                live_d = live.to(device)
-                block = block.index_put((live_d,), torch.einsum("bd,bnd->bn", u[live_d],
-                                                                rest.reshape(live.numel(), width, -1)))
-                neg = torch.cat([neg, block], 1)
-                mask = torch.cat([mask, (valid & (items_u != pos_items[:, None])).to(device)], 1)
-                u_logq = np.concatenate([np.log(d.n * d.q) for d in per_user], axis=1).astype(np.float32)
-                neg_logq = torch.cat([neg_logq.expand(idx.size, -1), torch.from_numpy(u_logq).to(device)], 1)
-            if cfg.logq:
-                pos_logq = (torch.from_numpy(np.log(expected(pos_np)).astype(np.float32))
-                            if globals_ else torch.zeros(idx.size)).to(device)
-            else:
-                neg_logq, pos_logq = torch.zeros(1, 1, device=device), torch.zeros(idx.size, device=device)
-            # pair weights enter as per-row loss weights: measured better than drawing pairs in proportion
-            # to their weight (a planted log, all three losses, two seeds; see docs/operations.md)
-            row_w = None if train_w is None else torch.from_numpy(train_w[idx].astype(np.float32)).to(device)
-            loss = loss_fn(pos, neg, pos_logq, neg_logq, mask, row_w)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-            stats.loss_sum += float(loss.detach())
-            stats.steps += 1
-            if b % cfg.diag_every == 0:  # diagnostics on a fixed share of steps and rows keep them cheap
-                with torch.no_grad():
-                    rows = slice(0, min(idx.size, 256))  # a slice of a shuffled batch is a fair sample
-                    m_rows = mask[rows].cpu()
-                    stats.add(pos.detach()[rows].cpu(), neg.detach()[rows].cpu(), m_rows, sources)
-                    if has_val:
-                        cols = np.concatenate(
-                            [np.broadcast_to(d.items, (idx.size, d.items.shape[-1]))[rows] for d in draws], axis=1)
-                        fn = val_pairs.contains(users_np[rows, None], cols) & m_rows.numpy()
-                        stats.n_fn += int(fn.sum())
-                        stats.n_fn_checked += int(m_rows.sum())
-            step += 1
-            if bar is not None:
-                done = (b + 1) * cfg.batch_size
-                bar.set_postfix(loss=f"{loss.item():.4f}", ev_s=f"{done / (time.perf_counter() - t_epoch):.0f}")
-                bar.update(1)
+def _epoch(run: _Run, perm: np.ndarray, steps: int, epoch: int, rank: int,
+           world: int) -> tuple[_Stats, float, float]:
+    """One pass over the training pairs; the epoch's statistics, seconds and seconds spent sampling."""
+    for h in run.hard:
+        h.reset_stats()
+    stats = _Stats()
+    t_epoch = time.perf_counter()
+    bar = _progress(run.cfg, steps, epoch) if rank == 0 else None
+    run.model.train()
+    bs = run.cfg.batch_size
+    for b in range(steps):
+        idx = perm[b * bs:(b + 1) * bs]
+        if world > 1:
+            idx = np.array_split(idx, world)[rank]  # the global batch, shared between the ranks
+        loss = _step(run, idx, stats, measure=b % run.cfg.diag_every == 0)
         if bar is not None:
-            bar.close()
-        train_seconds = time.perf_counter() - t_epoch
-        model.eval()
-        # rank 0 validates and tells the others, so that every rank stops at the same epoch
-        val = dist.broadcast(_validate(model, data, train_csr, candidates, cfg) if has_val and rank == 0 else {})
-        diag = _diagnostics(epoch, stats, sampler, train_seconds, t_sampling, n_train, val)
-        diag["processes"] = world
-        history.append(diag)
-        if rank == 0:
-            _epoch_line(cfg, diag)
-        score = val.get("ndcg@10", float(epoch))  # without validation the last epoch is the best
-        if score > best[0] or epoch == 1:
-            best = (score, epoch, copy.deepcopy(model.state_dict()), val)
-            bad_epochs = 0
+            bar.set_postfix(loss=f"{loss:.4f}", ev_s=f"{(b + 1) * bs / (time.perf_counter() - t_epoch):.0f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return stats, time.perf_counter() - t_epoch, stats.sampling_seconds
+
+
+def _step(run: _Run, idx: np.ndarray, stats: _Stats, measure: bool) -> float:
+    """Draw negatives for the rows ``idx``, score them, one optimiser step; returns the loss."""
+    data, device = run.data, run.device
+    users_np, pos_np = data.train_u[idx], data.train_i[idx]
+    users = torch.from_numpy(users_np).to(device)
+    # each positive is left out of its own user's history: predict it from the other items
+    bags = Histories.of(run.train_csr, users_np, pos_np, device) if run.model.history is not None else None
+    ts = time.perf_counter()
+    run.sampler.on_step(run.step, run.model.item_table)
+    active = _active(run.sampler, run.step)
+    query = None
+    if any(s.name == "hard" for s in active):  # the current user vectors search the index
+        with torch.no_grad():
+            query = run.model.users(users, bags).cpu().numpy()
+    draws = run.sampler.sample(users_np, pos_np, run.draw_rng, query, run.step)
+    cols = assemble(pos_np, draws, [s for s in active if s.prob(pos_np[:1]) is not None], run.cfg.logq)
+    stats.sampling_seconds += time.perf_counter() - ts
+    # one forward through DDP: every embedding row this step touches
+    u, iv = run.net(users, bags, torch.from_numpy(cols.lookup).to(device))
+    pos, neg = _logits(u, iv, cols, idx.size)
+    mask = torch.from_numpy(cols.mask).to(device)
+    # pair weights enter as per-row loss weights: measured better than drawing pairs in proportion
+    # to their weight (a planted log, all three losses, two seeds; see docs/operations.md)
+    row_w = None if data.train_w is None else torch.from_numpy(data.train_w[idx].astype(np.float32)).to(device)
+    loss = run.loss_fn(pos, neg, torch.from_numpy(cols.pos_logq).to(device),
+                       torch.from_numpy(cols.neg_logq).to(device), mask, row_w)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    run.step += 1
+    stats.loss_sum += float(loss.detach())
+    stats.steps += 1
+    if measure:  # diagnostics on a fixed share of steps and rows keep them cheap
+        _measure(run, stats, users_np, draws, pos.detach(), neg.detach(), cols)
+    return float(loss.detach())
+
+
+def _logits(u: torch.Tensor, iv: torch.Tensor, cols: Columns, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positives' logits (B,) and the negatives' (B, C + W), from the vectors of ``cols.lookup``."""
+    p, rest = iv[:b], iv[b:]
+    vecs = []
+    for source, width in cols.shared:
+        if source == "in-batch":
+            vecs.append(p)
         else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
-    model.load_state_dict(best[2])
-    model.to("cpu").eval()
-    return TrainResult(model, cfg, history, best[1], best[3], time.perf_counter() - t_start)
+            vecs.append(rest[:width])
+            rest = rest[width:]
+    neg = u @ torch.cat(vecs).T if vecs else u.new_zeros(b, 0)  # shared: one (B, C) matmul
+    if cols.width:
+        live = torch.from_numpy(cols.live).to(u.device)
+        block = torch.zeros(b, cols.width, device=u.device)
+        block = block.index_put((live,), torch.einsum("bd,bnd->bn", u[live],
+                                                      rest.reshape(live.numel(), cols.width, -1)))
+        neg = torch.cat([neg, block], 1)
+    return (u * p).sum(1), neg
+
+
+def _measure(run: _Run, stats: _Stats, users_np: np.ndarray, draws: list[Draw], pos: torch.Tensor,
+             neg: torch.Tensor, cols: Columns) -> None:
+    """Scores, informative and false-negative rates on the first 256 rows (a fair sample: rows are shuffled)."""
+    rows = slice(0, min(users_np.size, 256))
+    m_rows = torch.from_numpy(cols.mask[rows])
+    stats.add(pos[rows].cpu(), neg[rows].cpu(), m_rows, cols.sources)
+    if run.data.val_u.size:
+        order = [d for d in draws if d.shared] + [d for d in draws if not d.shared]  # the columns' order
+        items = np.concatenate([np.broadcast_to(d.items, (users_np.size, d.items.shape[-1]))[rows]
+                                for d in order], axis=1)
+        fn = run.val_pairs.contains(users_np[rows, None], items) & cols.mask[rows]
+        stats.n_fn += int(fn.sum())
+        stats.n_fn_checked += int(cols.mask[rows].sum())
 
 
 def _device(name: str) -> torch.device:

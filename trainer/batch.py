@@ -1,0 +1,86 @@
+"""One step's negatives as the loss sees them: which item rows to embed, which logits are valid, and the
+log expected count each logit is corrected by. Pure numpy: testable without a model.
+
+A batch has B rows (user, positive). Its draws (trainer/samplers.py) are *shared* columns (one set for
+the whole batch: uniform, popularity, in-batch) and *per-user* columns (hard, feedback: their own items
+per row, with a validity mask). ``assemble`` lays them out as C shared columns followed by W per-user
+columns and computes, for every logit, ``log E[count of that item in the row's negatives]`` summed over
+every source that could have drawn it (the balance heuristic of multiple importance sampling):
+
+- a shared column or a positive: Σ over the shared sources of ``n_s q_s(j)`` (in-batch: ``B q(j)``);
+- a per-user column: its own source's ``n q(j | u)`` plus the shared sources' expected count of ``j``.
+
+A shared column can also be in a row's per-user window; that share is left out (an item must land in
+both, and finding it costs a (B, C) membership test per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainer.samplers import Draw, Sampler
+
+_TINY = 1e-30  # log of an impossible count stays finite; masked columns never reach the loss anyway
+
+
+@dataclass
+class Columns:
+    """What one step scores. ``lookup`` is every item row to embed, in the order ``scores`` reads it."""
+
+    lookup: np.ndarray  # positives (B), then the shared draws that are not in-batch, then per-user rows
+    shared: list[tuple[str, int]]  # (source, width) of the shared blocks, in column order
+    mask: np.ndarray  # (B, C + W): False for accidental hits (a row's own positive) and invalid slots
+    neg_logq: np.ndarray  # (1, C) without per-user columns, else (B, C + W)
+    pos_logq: np.ndarray  # (B,)
+    live: np.ndarray  # rows that have per-user negatives (their W columns are embedded)
+    width: int  # W
+    sources: list[tuple[str, int]]  # (source, width) of every block, shared first
+
+
+def expected_counts(items: np.ndarray, shared: Sequence[Sampler], batch: int) -> np.ndarray:
+    """Σ over shared samplers of the expected number of draws of each item in one batch."""
+    total = np.zeros(np.shape(items), dtype=np.float64)
+    for s in shared:
+        total += (batch if s.name == "in-batch" else s.n) * s.prob(items)
+    return total
+
+
+def assemble(positives: np.ndarray, draws: Sequence[Draw], shared_samplers: Sequence[Sampler],
+             logq: bool = True) -> Columns:
+    """Lay out one batch's draws; ``shared_samplers`` are the active samplers whose q is global."""
+    b = positives.size
+    shared = [d for d in draws if d.shared]
+    per_user = [d for d in draws if not d.shared]
+    s_items = np.concatenate([d.items for d in shared]) if shared else np.zeros(0, dtype=np.int64)
+    lookup = [positives, *[d.items for d in shared if d.source != "in-batch"]]  # in-batch reuses positives
+    mask = s_items[None, :] != positives[:, None]
+    if shared_samplers:
+        s_count = expected_counts(s_items, shared_samplers, b)
+        pos_count = expected_counts(positives, shared_samplers, b)
+    else:  # no global q (a per-user source alone): each shared draw by its own q, positives uncorrected
+        s_count = np.concatenate([d.n * d.q for d in shared]) if shared else np.zeros(0)
+        pos_count = np.ones(b)
+    neg_logq = np.log(np.maximum(s_count, _TINY))[None, :]
+    live, width = np.zeros(0, dtype=np.int64), 0
+    if per_user:
+        u_items = np.concatenate([d.items for d in per_user], axis=1)
+        valid = np.concatenate([d.valid for d in per_user], axis=1)
+        width = u_items.shape[1]
+        live = np.flatnonzero(valid.any(1))  # hard mining may cover part of the batch
+        lookup.append(u_items[live].reshape(-1))
+        u_count = np.concatenate([d.n * d.q for d in per_user], axis=1)
+        if shared_samplers:
+            u_count = u_count + expected_counts(u_items, shared_samplers, b)
+        mask = np.concatenate([mask, valid & (u_items != positives[:, None])], axis=1)
+        neg_logq = np.concatenate([np.broadcast_to(neg_logq, (b, neg_logq.shape[1])),
+                                   np.log(np.maximum(u_count, _TINY))], axis=1)
+    if logq:
+        pos_logq = np.log(np.maximum(pos_count, _TINY)) if shared_samplers else np.zeros(b)
+    else:
+        neg_logq, pos_logq = np.zeros((1, 1)), np.zeros(b)
+    return Columns(np.concatenate(lookup).astype(np.int64), [(d.source, d.items.shape[-1]) for d in shared],
+                   mask, neg_logq.astype(np.float32), pos_logq.astype(np.float32), live, width,
+                   [(d.source, d.items.shape[-1]) for d in (*shared, *per_user)])
