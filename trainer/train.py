@@ -115,7 +115,7 @@ class _Run:
     cfg: TrainConfig
     model: TowerModel
     net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
-    opt: torch.optim.Optimizer
+    opt: Any  # RowAdam, or torch's Adam with dense gradients
     sampler: Sampler
     hard: list[HardSampler]
     train_csr: Any
