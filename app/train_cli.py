@@ -43,6 +43,9 @@ DimOpt = Annotated[int | None, typer.Option("--dim", min=2, max=1024, help="Embe
 EpochsOpt = Annotated[int | None, typer.Option(
     "--epochs", min=1, help="Most epochs; training stops earlier when validation stops improving." + _d(T.epochs),
     show_default=False)]
+HistoryCapOpt = Annotated[int | None, typer.Option(
+    "--history-cap", min=0, help="Pooled tower: at most this many of a user's items per training row "
+    "(drawn at random; the service pools them all); 0: the whole history." + _d(T.history_cap), show_default=False)]
 PatienceOpt = Annotated[int | None, typer.Option(
     "--patience", min=1, help="Epochs without a better validation score before training stops." + _d(T.patience),
     show_default=False)]
@@ -114,6 +117,8 @@ def _config(seed: int, logq: bool, progress: bool, **given: Any) -> TrainConfig:
         raise typer.BadParameter(f"--pool ({sampler.pool}) must exceed --skip ({sampler.skip})", param_hint="--pool")
     if "hard_warmup" in given:
         given["hard_warmup_epochs"] = given.pop("hard_warmup")
+    if given.get("history_cap") == 0:
+        given["history_cap"] = None
     if "item_bias" in given:
         given["item_bias"] = bool(given["item_bias"])
     return replace(T, seed=seed, logq=logq, progress=progress, sampler=sampler, **given)
@@ -186,6 +191,7 @@ def train(
     dim: DimOpt = None,
     epochs: EpochsOpt = None,
     patience: PatienceOpt = None,
+    history_cap: HistoryCapOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -217,7 +223,7 @@ def train(
     from trainer import distributed as dist
 
     cfg = _config(seed, logq, progress, strategy=strategy, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
-                  epochs=epochs, patience=patience, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  epochs=epochs, patience=patience, history_cap=history_cap, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
@@ -272,6 +278,7 @@ def evaluate_cmd(
     dim: DimOpt = None,
     epochs: EpochsOpt = None,
     patience: PatienceOpt = None,
+    history_cap: HistoryCapOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -295,7 +302,7 @@ def evaluate_cmd(
     from trainer.report import metric_table
 
     cfg = _config(seed, logq, progress, strategy=strategy, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
-                  epochs=epochs, patience=patience, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  epochs=epochs, patience=patience, history_cap=history_cap, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
@@ -413,6 +420,7 @@ def compare(
     dim: DimOpt = None,
     epochs: EpochsOpt = None,
     patience: PatienceOpt = None,
+    history_cap: HistoryCapOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -442,7 +450,7 @@ def compare(
     baseline = score_held_out(train, popularity_scores(train.popularity()), data.test_u, data.test_i)
     rows, histories, results = [], {}, {}
     for name in names:
-        cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs, patience=patience,
+        cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs, patience=patience, history_cap=history_cap,
                       threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature)
         typer.echo(f"training {name} ...", err=True)
         r = evaluate_run(data, cfg)

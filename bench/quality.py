@@ -12,6 +12,7 @@ the best peer, wall time) and writes JSON.
     .venv/bin/python bench/quality.py                                  # all four data sets, 3 seeds
     .venv/bin/python bench/quality.py --datasets ml-100k --seeds 0 --rows default
     .venv/bin/python bench/quality.py --rows default,hard --peers iALS # fewer peers, a hard-negative row
+    .venv/bin/python bench/quality.py --row "dim 128=--dim 128"        # an experiment beside the default
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ DATASETS = {"ml-100k": "ml-100k/u.data", "ml-latest-small": "ml-latest-small/rat
 # row name -> extra `recsys train` flags (the default row has none: it is what a user gets)
 ROWS = {
     "default": [],
+    "whole history": ["--history-cap", "0"],
     "free vectors": ["--tower", "free"],
     "pooled + free": ["--tower", "both"],
     "hard": ["--strategy", "hard"],
     "uniform": ["--strategy", "uniform"],
     "popularity": ["--strategy", "popularity"],
     "in-batch": ["--strategy", "in-batch"],
-    "in-batch, no logQ": ["--strategy", "in-batch", "--no-logq"],
+    "in-batch without logQ": ["--strategy", "in-batch", "--no-logq"],
 }
 RECSYS = [sys.executable, "-m", "app.cli"]
 
@@ -127,12 +129,18 @@ def main() -> None:
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "datasets"))
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--rows", default="default", help=f"comma-separated: {', '.join(ROWS)}")
+    p.add_argument("--row", action="append", default=[], metavar="NAME=FLAGS",
+                   help="an extra row: NAME, then the `recsys train` flags it adds (repeatable)")
     p.add_argument("--peers", default=",".join(peers.PEERS), help="comma-separated; '' for none")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.rows = [r for r in args.rows.split(",") if r]
+    for extra in args.row:
+        name, _, flags = extra.partition("=")
+        ROWS[name] = flags.split()
+        args.rows.append(name)
     args.peers = [x for x in args.peers.split(",") if x]
     unknown = [r for r in args.rows if r not in ROWS] + [x for x in args.peers if x not in peers.PEERS]
     if unknown:

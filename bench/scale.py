@@ -357,7 +357,7 @@ def train_one(args: argparse.Namespace, path: Path, events: int, items: int, npr
         "sampling_share": epoch.get("sampling_share"),
         "train_total_s": m["metrics"].get("train_seconds"),
         "val_ndcg@10": epoch.get("val_ndcg@10"),
-        "test_ndcg@10": m["metrics"]["test"].get("ndcg@10"),
+        "held_out_ndcg@10": m["metrics"].get("held_out", {}).get("ndcg@10"),
         "serving_index": m.get("index_settings") or m.get("index_type"),
         "processes_in_diagnostics": epoch.get("processes"),
     })

@@ -48,6 +48,7 @@ class TrainConfig:
     tower: str = "pooled"  # user vectors: "pooled" history items, "free" trained vectors, or "both"
     item_bias: bool = True
     pool_exponent: float = 0.5
+    history_cap: int | None = None  # pooled towers: at most this many history items per row and step
     seed: int = 0
     threads: int = 2
     patience: int = 3

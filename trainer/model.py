@@ -59,6 +59,43 @@ class Histories:
                    t(counts.astype(np.float32)), None if leave_out is None else t(np.asarray(leave_out, np.int64)))
 
 
+class HistorySampler:
+    """Per-row history bags of at most ``cap`` items, each row's positive left out.
+
+    When a user has more than ``cap`` other items, ``cap`` of them are drawn at random (with replacement),
+    so a step's cost no longer grows with the longest histories, and the random subset acts as a dropout
+    on the history. The service pools the whole history; the query is normalised, so only its direction
+    counts. ``cap=None`` gives the whole history (``Histories.of``)."""
+
+    def __init__(self, positives: sparse.csr_matrix, cap: int | None) -> None:
+        self.positives, self.cap = positives, cap
+        if cap is not None:  # positives come from data.csr: canonical, indices sorted within each row
+            row_of = np.repeat(np.arange(positives.shape[0], dtype=np.int64), np.diff(positives.indptr))
+            self.keys = row_of * positives.shape[1] + positives.indices
+
+    def bags(self, users: np.ndarray, leave_out: np.ndarray, rng: np.random.Generator,
+             device: torch.device | str = "cpu") -> Histories:
+        if self.cap is None:
+            return Histories.of(self.positives, users, leave_out, device)
+        p, cap = self.positives, self.cap
+        users = np.asarray(users, dtype=np.int64)
+        starts = p.indptr[users].astype(np.int64)
+        n = p.indptr[users + 1].astype(np.int64) - starts - 1  # items left once the positive is out
+        skip = np.searchsorted(self.keys, users * p.shape[1] + np.asarray(leave_out)) - starts
+        m = np.minimum(n, cap)
+        offsets = np.concatenate(([0], np.cumsum(m)[:-1])).astype(np.int64)
+        j = np.arange(int(m.sum()), dtype=np.int64) - np.repeat(offsets, m)
+        n_rep = np.repeat(n, m)
+        k = np.where(n_rep <= cap, j, (rng.random(j.size) * n_rep).astype(np.int64))
+        k += k >= np.repeat(skip, m)  # step over the left-out positive
+        items = p.indices[np.repeat(starts, m) + k].astype(np.int64)
+
+        def t(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+        return Histories(t(items), t(offsets), t(np.arange(users.size, dtype=np.int64)), t(m.astype(np.float32)))
+
+
 class TowerModel(nn.Module):
     def __init__(self, n_users: int, n_items: int, dim: int = 64, *, tower: UserTower | None = None,
                  init_std: float = 0.1, sparse: bool = True) -> None:

@@ -26,7 +26,7 @@ from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import Dataset  # noqa: E402
 from trainer.evaluate import dot_scores, evaluate  # noqa: E402
 from trainer.losses import get_loss  # noqa: E402
-from trainer.model import Histories, TowerModel  # noqa: E402
+from trainer.model import HistorySampler, TowerModel  # noqa: E402
 from trainer.optim import RowAdam  # noqa: E402
 from trainer.samplers import Draw, HardSampler, MixedSampler, PairIndex, Sampler, make_sampler  # noqa: E402
 
@@ -119,6 +119,7 @@ class _Run:
     sampler: Sampler
     hard: list[HardSampler]
     train_csr: Any
+    histories: HistorySampler
     val_pairs: PairIndex
     loss_fn: Any
     device: torch.device
@@ -215,7 +216,8 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
     opt = (RowAdam(list(model.parameters()), lr=cfg.lr) if cfg.sparse
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
     val_pairs = PairIndex(_pairs_csr(data.val_u, data.val_i, data.n_users, data.n_items))
-    return _Run(data, cfg, model, net, opt, sampler, hard, train_csr, val_pairs, get_loss(cfg.loss), device,
+    return _Run(data, cfg, model, net, opt, sampler, hard, train_csr, HistorySampler(train_csr, cfg.history_cap),
+                val_pairs, get_loss(cfg.loss), device,
                 draw_rng)
 
 
@@ -248,7 +250,7 @@ def _step(run: _Run, idx: np.ndarray, stats: _Stats, measure: bool) -> float:
     users_np, pos_np = data.train_u[idx], data.train_i[idx]
     users = torch.from_numpy(users_np).to(device)
     # each positive is left out of its own user's history: predict it from the other items
-    bags = Histories.of(run.train_csr, users_np, pos_np, device) if run.model.history is not None else None
+    bags = run.histories.bags(users_np, pos_np, run.draw_rng, device) if run.model.history is not None else None
     ts = time.perf_counter()
     run.sampler.on_step(run.step, run.model.item_table)
     active = _active(run.sampler, run.step)
