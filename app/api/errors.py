@@ -11,9 +11,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.jsonresp import JSON
+from app.db.engine import unavailable
 
 log = logging.getLogger("recsys.errors")
 
@@ -80,5 +82,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSON:
+        if isinstance(exc, SQLAlchemyError) and unavailable(exc):  # any route that reads the database while it is away: retry later
+            log.warning("database unavailable: %s", type(exc).__name__)
+            return _respond(503, "database_unavailable", "the database is unavailable; retry shortly", None,
+                            {"Retry-After": "1"})
         log.exception("unhandled error")
         return _respond(500, "internal_error", "internal server error", None)

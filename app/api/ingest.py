@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy import exc as sa_exc
 
 from app.api import metrics
+from app.db.engine import unavailable
 from app.db.events import insert_new_events
 from app.db.impressions import IdCache
 
@@ -84,13 +84,6 @@ class _Pending:
 
 def _is_transient(exc: BaseException) -> bool:
     return str(getattr(getattr(exc, "orig", None), "sqlstate", None) or "").startswith("40")
-
-
-def _is_unavailable(exc: BaseException) -> bool:
-    """Connection trouble, a server shutting down, a locked or broken database file: not the rows' fault."""
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, OSError))
 
 
 class GroupCommitter:
@@ -177,7 +170,7 @@ class GroupCommitter:
             except Exception as exc:  # the lock file, or a bug: answer, and keep the thread alive
                 log.exception("event group commit failed")
                 group = group or self._take()
-                refusal = _unavailable() if _is_unavailable(exc) else Refused(500, "internal_error", "internal error")
+                refusal = _unavailable() if unavailable(exc) else Refused(500, "internal_error", "internal error")
                 for pending in group:
                     pending.error = pending.error or refusal
             self._resolve(group)
@@ -223,7 +216,7 @@ class GroupCommitter:
             return
 
     def _failed(self, group: list[_Pending], exc: Exception) -> None:
-        if _is_unavailable(exc):
+        if unavailable(exc):
             if not self._outage:
                 self._outage = True
                 log.warning("database unavailable; event writes answer 503 until it returns: %s", exc)

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, Form, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -176,3 +177,14 @@ def install_handlers(app: Any) -> None:
     @app.exception_handler(Forbidden)
     async def _forbidden(request: Request, exc: Forbidden) -> Response:
         return page(request, "message.html", {"title": "Refused", "message": exc.message}, status=403)
+
+    api_validation = app.exception_handlers[RequestValidationError]  # the API's JSON error (app.api.errors)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        """A dashboard page with a bad parameter (a hand-edited URL, say) answers a page, not JSON."""
+        if not request.url.path.startswith(PREFIX + "/") and request.url.path != PREFIX:
+            return await api_validation(request, exc)
+        wrong = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', '')}"
+                          for e in exc.errors())
+        return page(request, "message.html", {"title": "Not understood", "message": wrong}, status=422)

@@ -5,8 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 
 from app.settings import Settings, get_settings
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Connection trouble, a server shutting down, a locked or broken database file: not the request's fault
+    (the service answers 503 and retries; it recovers when the database does)."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, OSError))
 
 
 class SchemaError(RuntimeError):

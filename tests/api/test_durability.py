@@ -180,7 +180,10 @@ def test_postgres_stopped_mid_load_means_503s_then_recovery(own_postgres: OwnPos
         time.sleep(1.5)
         own_postgres.stop()
         down = time.monotonic()
-        time.sleep(2.5)
+        time.sleep(1.0)
+        with srv.client() as c:  # a read that needs the database: 503 with the error shape, never a 500
+            outage_read = c.get(f"/v1/users/cold-{prefix}/recommendations")
+        time.sleep(1.5)
         restarting = time.monotonic()
         own_postgres.start()
         up = time.monotonic()
@@ -188,6 +191,8 @@ def test_postgres_stopped_mid_load_means_503s_then_recovery(own_postgres: OwnPos
         while not any(a.status == 200 and a.start > up for a in answers) and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(1.0)
+        with srv.client() as c:  # reads recover by themselves too
+            after_read = c.get(f"/v1/users/cold-{prefix}/recommendations")
         stop.set()
         for t in threads:
             t.join(60)
@@ -204,6 +209,10 @@ def test_postgres_stopped_mid_load_means_503s_then_recovery(own_postgres: OwnPos
         "acknowledged while the database was down"
     )
     assert any(a.status == 200 and a.start > up for a in answers), "ingestion did not resume by itself"
+    assert outage_read.status_code == 503, outage_read.text
+    assert outage_read.json()["error"]["code"] == "database_unavailable"
+    assert outage_read.headers["retry-after"] == "1"
+    assert after_read.status_code == 200, after_read.text
     acked = {i for a in answers if a.status == 200 for i in a.ids}
     missing = acked - _stored(dep.url, prefix)
     assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:5]}"

@@ -147,7 +147,11 @@ def test_odd_ids_and_versions_get_a_clear_page(dash_server: DashServer, signed_i
     assert 'href="/dashboard/models/v0/promote"' not in listing.text
     assert signed_in.get("/dashboard/models/v1/promote?x=1").status_code == 200
     assert signed_in.get("/dashboard/users/u1", params={"strategy": "bogus", "n": 5}).status_code == 200
-    assert signed_in.get("/dashboard/users/u1", params={"n": 0}).status_code == 422
+    bad = signed_in.get("/dashboard/users/u1", params={"n": 0})  # a hand-edited URL gets a page, not JSON
+    assert bad.status_code == 422 and bad.headers["content-type"].startswith("text/html")
+    assert "Not understood" in bad.text and "n: Input should be greater than or equal to 1" in bad.text
+    assert signed_in.get("/v1/users/u1/recommendations", params={"k": 0}).json()["error"]["code"] == (
+        "validation_error")  # the API keeps its JSON errors
 
 
 def test_with_no_admin_token_the_dashboard_is_off(dash_deployment) -> None:  # noqa: ANN001
