@@ -8,7 +8,7 @@ from sqlalchemy import inspect
 from app.db.engine import SchemaError, make_engine
 from app.db.migrate import checked_engine, current_revision, downgrade, head_revision, upgrade
 
-TABLES = {"users", "items", "events", "impressions", "model_versions"}
+TABLES = {"users", "items", "events", "impressions", "model_versions", "dashboard_revocations"}
 
 
 def test_upgrade_creates_schema_and_downgrade_removes_it(db_url: str) -> None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from app.dashboard import login, pages, versions
+from app.dashboard import auth, login, pages, versions
 from app.dashboard.web import DashboardState, install_handlers
 
 
 def install(app: FastAPI) -> None:
     """Mount the dashboard's routes (kept out of the OpenAPI document: they serve HTML, not the API)."""
-    app.state.dashboard = DashboardState()
+    # sign-outs go to the service's database (made at start-up, in the lifespan): every worker sees them
+    app.state.dashboard = DashboardState(revoked=auth.Revoked(lambda: getattr(app.state, "engine", None)))
     install_handlers(app)
     app.include_router(login.router)
     app.include_router(versions.router)

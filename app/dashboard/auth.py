@@ -3,8 +3,8 @@ on wrong tokens.
 
 Sessions are stateless: the cookie holds a random session id and an expiry, signed with HMAC-SHA256 under a
 key derived from RECSYS_ADMIN_TOKEN, so every worker and replica accepts it without shared storage, and
-changing the token ends every session. Sign-out deletes the cookie and revokes its id on the answering
-worker (the id also dies at its expiry). Every form carries a CSRF token that is an HMAC of the session id
+changing the token ends every session. Sign-out deletes the cookie and revokes its id in the database, for
+every worker (the id also dies at its expiry). Every form carries a CSRF token that is an HMAC of the session id
 (the sign-in form's, of a nonce held in a short-lived cookie), so a page of another site cannot post one.
 """
 
@@ -18,7 +18,13 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from app.db.models import DashboardRevocation
 
 SESSION_COOKIE = "recsys_dashboard"
 LOGIN_COOKIE = "recsys_dashboard_login"
@@ -75,7 +81,7 @@ def read_session(
         session = Session(str(data["sid"]), int(data["exp"]))
     except (ValueError, KeyError, TypeError):
         return None
-    if session.expires <= (now or time.time()) or revoked.contains(session.sid):
+    if session.expires <= (now or time.time()) or revoked.contains(session):
         return None
     return session
 
@@ -92,21 +98,42 @@ def csrf_ok(given: str | None, admin_token: str, bound_to: str | None) -> bool:
 
 
 class Revoked:
-    """Session ids signed out on this worker, kept until they would have expired anyway."""
+    """Session ids signed out before their expiry. With an engine they are kept in the database
+    (``dashboard_revocations``), so every worker and replica refuses the cookie; this worker also remembers
+    the ones it saw, so a revoked cookie costs no query twice. Without an engine (unit tests): memory only."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Callable[[], Engine | None] = lambda: None) -> None:
+        self._engine = engine
         self._until: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def add(self, session: Session) -> None:
-        now = time.time()
+        now = int(time.time())
+        engine = self._engine()
+        if engine is not None:
+            try:
+                with engine.begin() as conn:
+                    conn.execute(delete(DashboardRevocation).where(DashboardRevocation.expires_at <= now))
+                    conn.execute(insert(DashboardRevocation).values(sid=session.sid, expires_at=session.expires))
+            except IntegrityError:
+                pass  # signed out twice at once, by two workers: revoked either way
         with self._lock:
             self._until = {sid: exp for sid, exp in self._until.items() if exp > now}
             self._until[session.sid] = session.expires
 
-    def contains(self, sid: str) -> bool:
-        return sid in self._until
-
+    def contains(self, session: Session) -> bool:
+        if session.sid in self._until:
+            return True
+        engine = self._engine()
+        if engine is None:
+            return False
+        with engine.connect() as conn:
+            found = conn.execute(select(DashboardRevocation.sid).where(DashboardRevocation.sid == session.sid))
+            if found.first() is None:
+                return False
+        with self._lock:
+            self._until[session.sid] = session.expires
+        return True
 
 
 class LoginLimiter:

@@ -123,3 +123,14 @@ class ModelVersion(Base):
 
 EVENT_TYPES_POSITIVE = ("view", "click", "like", "purchase", "rating", "add_to_cart", "share")
 EVENT_TYPES_NEGATIVE = ("dislike", "skip", "hide")
+
+
+class DashboardRevocation(Base):
+    """A dashboard session signed out before its expiry. Kept in the database so that every worker and
+    replica refuses its cookie, not only the one that answered the sign-out; rows past ``expires_at`` are
+    deleted by later sign-outs (the cookie's own expiry refuses it by then)."""
+
+    __tablename__ = "dashboard_revocations"
+
+    sid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[int] = mapped_column(BigInteger)

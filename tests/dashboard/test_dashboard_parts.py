@@ -35,6 +35,27 @@ def test_a_session_cookie_is_refused_when_forged_expired_revoked_or_signed_with_
     assert auth.read_session(live, TOKEN, revoked) is None
 
 
+def test_a_revocation_in_the_database_is_seen_by_every_worker(tmp_path) -> None:  # noqa: ANN001
+    from app.db.engine import make_engine
+    from app.db.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'recsys.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    one, two = auth.Revoked(lambda: engine), auth.Revoked(lambda: engine)
+    session, cookie = auth.new_session(TOKEN)
+    assert auth.read_session(cookie, TOKEN, two) == session
+    one.add(session)
+    one.add(session)  # twice (two workers at once) is still one revocation
+    assert auth.read_session(cookie, TOKEN, two) is None
+    old, _ = auth.new_session(TOKEN, now=1000.0)  # long expired: the next sign-out deletes its row
+    one.add(old)
+    one.add(auth.new_session(TOKEN)[0])
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM dashboard_revocations").scalar() == 2
+    engine.dispose()
+
+
 def test_form_tokens_are_bound_to_their_session() -> None:
     token = auth.csrf_token(TOKEN, "sid-1")
     assert auth.csrf_ok(token, TOKEN, "sid-1")

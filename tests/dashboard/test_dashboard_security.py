@@ -132,6 +132,26 @@ def test_sign_out_revokes_the_session_cookie(dash_server: DashServer, signed_in:
         assert replay.get("/dashboard").status_code == 303  # the old cookie, replayed, is refused
 
 
+def test_a_sign_out_on_one_process_ends_the_session_on_every_other(dash_deployment) -> None:  # noqa: ANN001
+    """Two `recsys serve` processes on one database (two replicas, or two workers): the cookie one signed in
+    opens the other, and after signing out on the first the second refuses it too."""
+    first, second = DashServer(dash_deployment, log_level="warning"), DashServer(dash_deployment, log_level="warning")
+    try:
+        with first.client() as browser:
+            assert first.signed_in(browser).status_code == 303
+            cookie = browser.cookies["recsys_dashboard"]
+            with second.client(cookies={"recsys_dashboard": cookie}) as other:
+                assert other.get("/dashboard").status_code == 200
+            out = browser.post("/dashboard/logout", data={"csrf": form_token(browser.get("/dashboard").text)})
+            assert out.status_code == 303
+        with second.client(cookies={"recsys_dashboard": cookie}) as other:
+            refused = other.get("/dashboard")
+            assert refused.status_code == 303 and refused.headers["location"].startswith("/dashboard/login")
+    finally:
+        first.stop()
+        second.stop()
+
+
 def test_odd_ids_and_versions_get_a_clear_page(dash_server: DashServer, signed_in: httpx.Client) -> None:
     evil = "<script>alert(1)</script>"
     r = signed_in.get("/dashboard/users/" + quote(evil, safe=""))
