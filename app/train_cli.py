@@ -46,6 +46,9 @@ EpochsOpt = Annotated[int | None, typer.Option(
 HistoryCapOpt = Annotated[int | None, typer.Option(
     "--history-cap", min=0, help="Pooled tower: at most this many of a user's items per training row "
     "(drawn at random; the service pools them all); 0: the whole history." + _d(T.history_cap), show_default=False)]
+TieOpt = Annotated[bool | None, typer.Option(
+    "--tie-history/--own-history", help="Pooled tower: pool the item vectors themselves, or a history table "
+    "of its own." + _d(T.tie_history), show_default=False)]
 PatienceOpt = Annotated[int | None, typer.Option(
     "--patience", min=1, help="Epochs without a better validation score before training stops." + _d(T.patience),
     show_default=False)]
@@ -192,6 +195,7 @@ def train(
     epochs: EpochsOpt = None,
     patience: PatienceOpt = None,
     history_cap: HistoryCapOpt = None,
+    tie_history: TieOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -223,7 +227,7 @@ def train(
     from trainer import distributed as dist
 
     cfg = _config(seed, logq, progress, strategy=strategy, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
-                  epochs=epochs, patience=patience, history_cap=history_cap, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  epochs=epochs, patience=patience, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
@@ -279,6 +283,7 @@ def evaluate_cmd(
     epochs: EpochsOpt = None,
     patience: PatienceOpt = None,
     history_cap: HistoryCapOpt = None,
+    tie_history: TieOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -302,7 +307,7 @@ def evaluate_cmd(
     from trainer.report import metric_table
 
     cfg = _config(seed, logq, progress, strategy=strategy, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
-                  epochs=epochs, patience=patience, history_cap=history_cap, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  epochs=epochs, patience=patience, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
@@ -421,6 +426,7 @@ def compare(
     epochs: EpochsOpt = None,
     patience: PatienceOpt = None,
     history_cap: HistoryCapOpt = None,
+    tie_history: TieOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -450,7 +456,7 @@ def compare(
     baseline = score_held_out(train, popularity_scores(train.popularity()), data.test_u, data.test_i)
     rows, histories, results = [], {}, {}
     for name in names:
-        cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs, patience=patience, history_cap=history_cap,
+        cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs, patience=patience, history_cap=history_cap, tie_history=tie_history,
                       threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature)
         typer.echo(f"training {name} ...", err=True)
         r = evaluate_run(data, cfg)

@@ -98,7 +98,7 @@ class HistorySampler:
 
 class TowerModel(nn.Module):
     def __init__(self, n_users: int, n_items: int, dim: int = 64, *, tower: UserTower | None = None,
-                 init_std: float = 0.1, sparse: bool = True) -> None:
+                 init_std: float = 0.1, sparse: bool = True, tie_history: bool = False) -> None:
         super().__init__()
         self.tower = tower or UserTower(temperature=0.2, free=True, pooled=False, bias=False)
         if self.tower.temperature <= 0:
@@ -115,7 +115,9 @@ class TowerModel(nn.Module):
 
         self.item = table(n_items)
         self.bias = table(n_items, 1, 0.0) if self.tower.bias else None
-        self.history = table(n_items) if self.tower.pooled else None
+        # tied: the history pooled is the item table itself (fewer parameters: an item's vector as a
+        # candidate and as evidence of taste is one vector)
+        self.history = (self.item if tie_history else table(n_items)) if self.tower.pooled else None
         self.user = table(n_users) if self.tower.free else None
         self.positives: sparse.csr_matrix | None = None  # the histories export() pools by default
 

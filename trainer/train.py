@@ -206,7 +206,8 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
     if device.type == "cuda":
         for h in hard:  # FAISS GPU search when the GPU build is installed; CPU search otherwise
             h.use_gpu(device.index or 0)
-    model = TowerModel(data.n_users, data.n_items, cfg.dim, tower=cfg.user_tower(), sparse=cfg.sparse)
+    model = TowerModel(data.n_users, data.n_items, cfg.dim, tower=cfg.user_tower(), sparse=cfg.sparse,
+                       tie_history=cfg.tie_history)
     model.positives = train_csr
     if init_state is not None:
         _warm_start(model, init_state, data)

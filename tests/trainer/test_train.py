@@ -65,7 +65,7 @@ def test_logq_changes_in_batch_training(data) -> None:  # noqa: ANN001
     assert not np.allclose(on.model.export()[1], off.model.export()[1])
 
 
-@pytest.mark.parametrize("tower", ["pooled", "both", "free"])
+@pytest.mark.parametrize("tower", ["pooled", "both", "free", "pooled, tied"])
 def test_exported_queries_are_the_training_logits_by_the_shared_rule(data, tower: str) -> None:  # noqa: ANN001
     """The torch forward (what training optimises) and trainer/towers.py (what the service applies to
     fresh events) make the same query vectors."""
@@ -73,8 +73,11 @@ def test_exported_queries_are_the_training_logits_by_the_shared_rule(data, tower
 
     from trainer.model import Histories
 
-    result = fit(data, TrainConfig(**{**FAST, "epochs": 2, "tower": tower}))
+    tied = tower.endswith("tied")
+    result = fit(data, TrainConfig(**{**FAST, "epochs": 2, "tower": tower.split(",")[0], "tie_history": tied}))
     model = result.model
+    if tied:
+        assert model.history is model.item and np.array_equal(model.tables()["history"], model.item.weight.detach().numpy())
     rows = np.arange(0, data.n_users, 7)
     with torch.no_grad():
         q = model.users(torch.from_numpy(rows), Histories.of(model.positives, rows)).numpy()
