@@ -26,7 +26,7 @@ def _printable(value: str) -> str:
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_printable)]
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_printable)]
 EventType = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
-Source = Literal["model", "fold_in", "popular"]
+Source = Literal["model", "model+recent", "fold_in", "popular"]
 TIMESTAMP_MAX = 4_102_444_800.0  # 2100-01-01
 
 
@@ -55,7 +55,7 @@ class Because(BaseModel):
 class ScoredItem(BaseModel):
     item_id: str = Field(description="External item id.", examples=["i42"])
     score: float = Field(
-        description="Dot product of user and item embeddings (model and fold_in) or the item's "
+        description="Dot product of user and item embeddings (model, model+recent and fold_in) or the item's "
         "training interaction count (popular). Higher is better.",
         examples=[3.21],
     )
@@ -76,8 +76,11 @@ class Recommendations(BaseModel):
     )
     request_id: str = Field(description="Same as the X-Request-ID response header; logged with impressions.")
     source: Source = Field(
-        description="Which path served the user: `model` (user in the checkpoint), `fold_in` (unknown to "
-        "the model, vector = mean of the items of their recorded events), `popular` (no usable events)."
+        description="Which path served the user: `model` (user in the checkpoint, nothing since its "
+        "watermark that changes their vector: the trained vector and its precomputed list), `model+recent` "
+        "(user in the checkpoint, vector remade from their positives plus the positive events since the "
+        "watermark minus the items disliked since), `fold_in` (unknown to the model, vector made from the "
+        "items of their positive events), `popular` (no usable events)."
     )
     items: list[ScoredItem] = Field(
         description="Best first; at most k; hidden and excluded items never appear."
