@@ -370,7 +370,7 @@ def recommend(
         model = load_served(path, engine, settings.data_dir / "index-cache", settings.top_lists, wait=True)
         if all_users:
             wanted = list(dict.fromkeys([*model.ckpt.user_ids, *wanted]))
-        recommender = Recommender(engine, settings.negative_types)
+        recommender = Recommender(engine, settings.negative_types, fresh_weight=settings.fresh_weight)
         rows = []
         for user in tqdm(wanted, unit="user", desc="recommend", disable=None, file=sys.stderr):
             answer = recommender.recommend(model, Ask(user, k, exclude_seen))

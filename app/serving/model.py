@@ -199,35 +199,40 @@ class ServedModel:
         return self.query_vector(None, item_rows, [])
 
     def query_vector(
-        self, user_row: int | None, added: list[int], removed: list[int]
+        self, user_row: int | None, added: list[int], removed: list[int], weight: int = 1
     ) -> np.ndarray | None:
         """A user's query vector from the checkpoint's positives of ``user_row`` (None: a cold user), plus
-        the ``added`` positive item rows, minus the ``removed`` ones. None: nothing to go on.
+        the ``added`` positive item rows (not among them), minus the ``removed`` ones; each added row
+        counts ``weight`` times. None: nothing to go on.
 
-        A pooled tower applies trainer/towers.py's rule to that item set (with the user's free vector
-        when the tower has one): exactly what training's export computes for the same items. Other towers
-        cannot be remade from items; see ``blend``."""
+        A pooled tower applies trainer/towers.py's rule to that multiset of rows (with the user's free
+        vector when the tower has one): with ``weight=1`` exactly what training's export computes for the
+        same items. The pooled sum is normalised afterwards, so repeating a row ``weight`` times is the
+        same as weighing it ``weight`` times. Other towers cannot be remade from items; see ``blend``."""
         if not self.pooled:
-            return self.blend(user_row, added, removed)
-        rows = np.asarray(added, dtype=np.int64)
+            return self.blend(user_row, added, removed, weight)
+        rows = np.repeat(np.asarray(added, dtype=np.int64), weight)
         free = None
         if user_row is not None:
-            rows = np.union1d(self.positive_rows(user_row), rows)
+            held = self.positive_rows(user_row).astype(np.int64)
+            if removed:
+                held = np.setdiff1d(held, np.asarray(removed, dtype=np.int64))
+            rows = np.concatenate([held, rows])
             table = self.ckpt.user_free_embeddings
             if self.tower.free and table is not None:
                 free = np.asarray(table[user_row], dtype=np.float32)
-        if removed:
-            rows = np.setdiff1d(rows, np.asarray(removed, dtype=np.int64))
         return towers.query(self.tower, self.ckpt.history_embeddings, rows, free)
 
-    def blend(self, user_row: int | None, added: list[int], removed: list[int]) -> np.ndarray | None:
+    def blend(
+        self, user_row: int | None, added: list[int], removed: list[int], weight: int = 1
+    ) -> np.ndarray | None:
         """Fold-in for a tower without a history table (``--tower free``, old checkpoints): the trained
-        vector counts as the mean of the user's n₀ checkpoint positives, each new positive as one more item
-        and each removed one as one less, so ``v = (n₀·f + Σ_added e_j − Σ_removed e_j) / (n₀ + a − r)``
-        with ``f`` the trained direction and ``e_j`` the item vectors without their bias column (both unit
-        length when the manifest records the tower; raw for old checkpoints). ``towers.finish`` then makes
-        the query (for old checkpoints, ``v`` as it is). A cold user (n₀ = 0) gets the mean of their items.
-        """
+        vector counts as the mean of the user's n₀ checkpoint positives, each new positive as ``w`` more
+        items and each removed one as one less, so ``v = (n₀·f + w·Σ_added e_j − Σ_removed e_j) /
+        (n₀ + w·a − r)`` with ``f`` the trained direction and ``e_j`` the item vectors without their bias
+        column (both unit length when the manifest records the tower; raw for old checkpoints).
+        ``towers.finish`` then makes the query (old checkpoints: ``v`` as it is). A cold user (n₀ = 0)
+        gets the mean of their items, whatever ``w``."""
         items = towers.items_as_history(self._item_emb, self.tower)
         n0 = 0 if user_row is None else max(len(self.positive_rows(user_row)), 1)
         if n0 + len(added) == 0:
@@ -237,10 +242,10 @@ class ServedModel:
             free = towers.items_as_history(self._user_emb[user_row : user_row + 1], self.tower)[0]
             total += n0 * (free / max(float(np.linalg.norm(free)), towers.EPS) if self.recorded else free)
         if added:
-            total += items[np.asarray(added, dtype=np.int64)].sum(axis=0)
+            total += weight * items[np.asarray(added, dtype=np.int64)].sum(axis=0)
         if removed:
             total -= items[np.asarray(removed, dtype=np.int64)].sum(axis=0)
-        v = total / max(n0 + len(added) - len(removed), 1)
+        v = total / max(n0 + weight * len(added) - len(removed), 1)
         return towers.finish(self.tower, v) if self.recorded else v
 
     def search(self, vector: np.ndarray, k: int, exclude: np.ndarray | list[int]) -> Ranked:

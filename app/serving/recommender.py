@@ -162,15 +162,23 @@ class Recommender:
     """Answers against the model it is given (the caller reads ``holder.current`` once per request).
 
     ``engine``: where users' events are read when the in-memory view cannot tell (None: no events are
-    known beyond the checkpoint); ``recent``: that view.
+    known beyond the checkpoint); ``recent``: that view; ``fresh_weight``: how many of their checkpoint
+    positives one positive event since the watermark counts as in a model user's remade vector
+    (RECSYS_FRESH_WEIGHT).
     """
 
     def __init__(
-        self, engine: Engine | None, negative_types: Collection[str], *, recent: RecentItems | None = None
+        self,
+        engine: Engine | None,
+        negative_types: Collection[str],
+        *,
+        recent: RecentItems | None = None,
+        fresh_weight: int = 1,
     ) -> None:
         self.engine = engine
         self.negative_types = negative_types
         self.recent = recent
+        self.fresh_weight = fresh_weight
 
     # --- recommendations ------------------------------------------------------------------------
     def recommend(
@@ -246,7 +254,7 @@ class Recommender:
             added, removed = self.changes(model, row, history)
             if not added and not removed:
                 return UserVector(model.user_vector(row), "model", listed=True)
-            vector = model.query_vector(row, added, removed)
+            vector = model.query_vector(row, added, removed, self.fresh_weight)
             return UserVector(None, "popular") if vector is None else UserVector(vector, "model+recent")
         disliked = set(history.negatives)
         rows = model.rows_of(list(dict.fromkeys(i for i in history.positives if i not in disliked)))
