@@ -384,7 +384,7 @@ def recommend(
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "rank", "score", "source"])
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
-    cold = int((frame.drop_duplicates("user_id")["source"] != "model").sum())
+    cold = int((~frame.drop_duplicates("user_id")["source"].isin(["model", "model+recent"])).sum())
     typer.echo(f"{len(frame)} recommendations for {len(wanted)} users ({cold} not in the model) -> {out}")
 
 

@@ -169,7 +169,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", default=["synthetic", "ml-latest-small"])
     p.add_argument("--towers", nargs="+", default=["pooled", "free"])
-    p.add_argument("--weights", nargs="+", type=int, default=[1, 2, 3, 5])
+    p.add_argument("--weights", nargs="+", type=int, default=[1, 3, 10, 30])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--synthetic-epochs", type=int, default=8)
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "datasets"))

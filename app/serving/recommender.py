@@ -173,7 +173,7 @@ class Recommender:
         negative_types: Collection[str],
         *,
         recent: RecentItems | None = None,
-        fresh_weight: int = 3,
+        fresh_weight: int = 10,
     ) -> None:
         self.engine = engine
         self.negative_types = negative_types
