@@ -289,3 +289,29 @@ def test_free_tower_and_old_checkpoints_still_answer(tmp_path: Path, kind: str) 
             assert _items(client, f"nobody-{_uid()}")[1]["source"] == "popular"
     finally:
         server.stop()
+
+
+def test_the_view_tells_positives_from_negatives(tmp_path: Path) -> None:
+    from app.api.recent import RecentEventsView
+    from app.db.events import insert_event_rows
+
+    url = f"sqlite:///{tmp_path / 'view.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    rows = [("u1", "i1", "click"), ("u1", "i2", "dislike"), ("u1", "i1", "skip"), ("u2", "i3", "like")]
+    with engine.begin() as conn:
+        insert_event_rows(conn, [
+            {"event_id": f"e{n}", "user_id": u, "item_id": i, "type": t, "value": None, "timestamp": 1.0}
+            for n, (u, i, t) in enumerate(rows)
+        ])
+    view = RecentEventsView(engine, negative_types={"dislike", "skip"})
+    try:
+        view._rebuild(0)
+        assert view.events_for("u1", 0) == (["i2", "i1"], ["i1"], ["i2", "i1"])  # newest first
+        assert view.events_for("u2", 0) == (["i3"], ["i3"], []) and view.events_for("nobody", 0) == ([], [], [])
+        assert view.events_for("u1", -1) is None  # a model older than the view's watermark: ask the database
+        view.add_local([("u2", "i4", "dislike"), ("u3", "i5", "purchase")])  # this worker's own, at once
+        assert view.events_for("u2", 0) == (["i4", "i3"], ["i3"], ["i4"])
+        assert view.events_for("u3", 0) == (["i5"], ["i5"], []) and view.items_for("u3", 0) == ["i5"]
+    finally:
+        engine.dispose()
