@@ -196,7 +196,7 @@ class Recommender:
         filters = NO_FILTERS if plain else self.filters(model, ask.exclude, ask.only, ask.category)
         row = model.user_row(ask.user_id)
         if on_loop and (row is None or not plain or not ask.exclude_seen or ask.explain):
-            return None  # a database read, or a filtered search
+            return None  # a cold user (a database read), a filtered search, seen items allowed, explanations
         history = self.history(model, ask.user_id, row, on_loop=on_loop)
         if history is None:
             return None
