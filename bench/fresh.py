@@ -10,9 +10,14 @@ checkpoint, the user's events since the watermark handed over as the in-memory v
    on the train split; each test user's held-out events in time order, the first half posted as live
    events, the second half ranked; NDCG@10 of the static list (first half excluded) against the fresh
    vector, for each ``--weights`` (RECSYS_FRESH_WEIGHT).
+3. *Dislikes* (``--parts dislikes``, pooled tower): the same replay with the live ratings of 2 or less
+   posted as dislikes (the service never serves them; they move no vector unless they were positives),
+   against pushing their neighbours down: ``λ·w·Σ c_j`` of the disliked items subtracted from the pooled
+   sum (an experiment here, not what the service does). Targets are the protocol's (every held-out event).
 
     python bench/fresh.py --threads 1            # both parts, pooled and free towers
     python bench/fresh.py --parts synthetic      # the quick part only
+    python bench/fresh.py --parts dislikes       # the push-down experiment
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from protocol import Split, _sort_key, score, split  # noqa: E402
 
 from app.eventfiles import read_event_file  # noqa: E402
 from app.serving.model import ServedModel, load_model  # noqa: E402
-from app.serving.recommender import Ask, Recommender  # noqa: E402
+from app.serving.recommender import Ask, History, Recommender, UserVector  # noqa: E402
+from trainer import towers  # noqa: E402
 from trainer.synth import SynthSpec, generate  # noqa: E402
 
 SYNTH = SynthSpec(users=400, items=300, events=12_000, seed=11)
@@ -154,15 +160,76 @@ def _cell(v: dict | float) -> str:
     return f"{v['ndcg@10']:.4f}" if isinstance(v, dict) else f"{v:.3f}"
 
 
+class PushDown(Recommender):
+    """The service's fresh vector, and the disliked items' pooled vectors subtracted ``lam`` times."""
+
+    def __init__(self, lam: float, **kw: object) -> None:
+        super().__init__(None, (), **kw)  # type: ignore[arg-type]
+        self.lam = lam
+
+    def user_vector(self, model: ServedModel, row: int | None, history: History) -> UserVector:
+        disliked = np.asarray(model.rows_of(history.negatives), dtype=np.int64)
+        if row is None or not disliked.size or not model.pooled or model.tower.free:
+            return super().user_vector(model, row, history)
+        added, removed = self.changes(model, row, history)
+        held = np.setdiff1d(model.positive_rows(row).astype(np.int64), np.asarray(removed, dtype=np.int64))
+        table = model.ckpt.history_embeddings
+        w = self.fresh_weight
+        v = towers.pool(table, np.concatenate([held, np.repeat(np.asarray(added, dtype=np.int64), w)]), 0.0)
+        v = v - self.lam * towers.pool(table, np.repeat(disliked, w), 0.0)
+        return UserVector(towers.finish(model.tower, v), "model+recent")
+
+
+def dislikes(model: ServedModel, events: pd.DataFrame, sp: Split, lams: list[float], w: int = 10) -> dict:
+    """The replay with live ratings <= 2 as dislikes: the service's vector against pushing them down."""
+    first, second = halves(events, sp)
+    users = [u for u in first if model.user_row(u) is not None]
+    own = {u: sp.train_items.get(u, set()) | set(first.get(u, ())) for u in users}
+    target = Split(sp.train, {u: second[u] for u in users}, own, sp.catalogue)
+    low = set(map(tuple, events.loc[events["value"] <= 2, ["user_id", "item_id"]].astype(str).to_numpy()))
+    view = Replay()
+    view.live = {u: [i for i in first[u] if (u, i) not in low] for u in users}
+    view.disliked = {u: [i for i in first[u] if (u, i) in low] for u in users}
+    out: dict = {"users": len(users), "with_dislikes": sum(bool(v) for v in view.disliked.values())}
+    as_positive = Replay()
+    as_positive.live = first
+    out["all positive"] = score(lists(model, Recommender(None, (), recent=as_positive, fresh_weight=w), users), target)
+    for lam in [0.0, *lams]:
+        out[f"push λ={lam}"] = score(lists(model, PushDown(lam, recent=view, fresh_weight=w), users), target)
+    return out
+
+
 def table(results: dict) -> str:
-    lines = ["| part | tower | users | static | " + " | ".join(f"fresh w={w}" for w in results["weights"]) + " |",
-             "|---|---|---|---|" + "---|" * len(results["weights"])]
+    lines = []
+    if set(results["parts"]) - {"dislikes"}:
+        lines += ["| part | tower | users | static | " + " | ".join(f"fresh w={w}" for w in results["weights"]) + " |",
+                  "|---|---|---|---|" + "---|" * len(results["weights"])]
     for part, per_tower in results["parts"].items():
+        if part == "dislikes":
+            names = [k for k, v in per_tower.items() if isinstance(v, dict)]
+            lines += ["", "| dislikes | users | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+            lines.append(f"| pooled | {per_tower['users']} ({per_tower['with_dislikes']} with dislikes) | "
+                         + " | ".join(_cell(v) for k, v in per_tower.items() if isinstance(v, dict)) + " |")
+            continue
         for tower, r in per_tower.items():
             fresh = " | ".join(_cell(r[f"fresh w={w}"]) for w in results["weights"])
             before = f" (before: {r['before']:.3f})" if "before" in r else ""
             lines.append(f"| {part} | {tower} | {r['users']} | {_cell(r['static'])}{before} | {fresh} |")
     return "\n".join(lines)
+
+
+def run_part(part: str, args: argparse.Namespace, tmp: Path) -> dict:
+    """One part's figures (per tower, except for ``dislikes``), each model trained afresh in ``tmp``."""
+    if part == "synthetic":
+        frame = generate(SYNTH)
+        return {tower: cluster_shift(train(frame, tmp / f"synth-{tower}", tower, args.threads, args.synthetic_epochs),
+                                     frame, args.weights) for tower in args.towers}
+    events = read_event_file(Path(args.data_root) / ML)
+    sp = split(events)
+    if part == "dislikes":
+        return dislikes(train(sp.train, tmp / "ml-dislikes", "pooled", args.threads, None), events, sp, [0.25, 0.5, 1.0])
+    return {tower: replay(train(sp.train, tmp / f"ml-{tower}", tower, args.threads, None), events, sp, args.weights)
+            for tower in args.towers}
 
 
 def main() -> None:
@@ -178,19 +245,8 @@ def main() -> None:
     results: dict = {"weights": args.weights, "parts": {}}
     with tempfile.TemporaryDirectory(prefix="fresh-") as tmp:
         for part in args.parts:
-            per_tower = results["parts"].setdefault(part, {})
-            if part == "synthetic":
-                frame = generate(SYNTH)
-                for tower in args.towers:
-                    model = train(frame, Path(tmp) / f"synth-{tower}", tower, args.threads, args.synthetic_epochs)
-                    per_tower[tower] = cluster_shift(model, frame, args.weights)
-            else:
-                events = read_event_file(Path(args.data_root) / ML)
-                sp = split(events)
-                for tower in args.towers:
-                    model = train(sp.train, Path(tmp) / f"ml-{tower}", tower, args.threads, None)
-                    per_tower[tower] = replay(model, events, sp, args.weights)
-            print(json.dumps({part: per_tower}, default=str), file=sys.stderr, flush=True)
+            results["parts"][part] = run_part(part, args, Path(tmp))
+            print(json.dumps({part: results["parts"][part]}, default=str), file=sys.stderr, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
