@@ -46,8 +46,9 @@ class Because(BaseModel):
     item_id: str = Field(description="An item the user interacted with.", examples=["i7"])
     contribution: float = Field(
         description="Dot product of this history item's embedding with the recommended item's embedding "
-        "in the served model. For a fold-in user (vector = mean of n history items) the item's share of "
-        "the score is exactly contribution / n; for a model user it is the item-item similarity.",
+        "in the served model. For a fold-in user of a checkpoint without a user tower (vector = mean of n "
+        "history items) the item's share of the score is exactly contribution / n; otherwise it is the "
+        "item-item similarity.",
         examples=[0.83],
     )
 
