@@ -64,7 +64,8 @@ class ScoredItem(BaseModel):
     because: list[Because] | None = Field(
         None,
         description="Only with `explain=true` on recommendations: up to 3 items from the user's history "
-        "(checkpoint positives plus positive events recorded since) with the largest positive item-item "
+        "(positive events recorded since the watermark first, then checkpoint positives, less the items "
+        "disliked since) with the largest positive item-item "
         "dot product with this item, largest first. Empty for the `popular` source.",
         examples=[[{"item_id": "i7", "contribution": 0.83}]],
     )
