@@ -122,7 +122,7 @@ class RecentEventsView:
     def _run(self) -> None:
         previous: float | None = None  # wall-clock start of the last read that succeeded
         while not self._stop.is_set():
-            started = time.time()
+            started: float | None = time.time()
             try:
                 target = self._target
                 if target is not None and target != self.watermark:
@@ -130,7 +130,9 @@ class RecentEventsView:
                 elif self.watermark is not None and not self.overflow:
                     self._tail(self._last_id)
                     self._fill_gaps()
-                previous = self._note_read(started, previous)
+                else:  # nothing to follow, or overflowed: the database answers, no lag to report
+                    started = None
+                previous = None if started is None else self._note_read(started, previous)
             except Exception:  # a database hiccup must not end the thread
                 log.exception("could not read recent events")
             self._stop.wait(self.interval)
