@@ -33,7 +33,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from app.db.impressions import Served
-from app.db.userdata import recent_events
+from app.db.userdata import RECENT_LIMIT, recent_events
 from app.serving import metrics
 from app.serving.model import Ranked, ServedModel
 
@@ -264,13 +264,14 @@ class Recommender:
     @staticmethod
     def changes(model: ServedModel, row: int, history: History) -> tuple[list[int], list[int]]:
         """Item rows to add to and remove from a model user's positives: new positives the checkpoint does
-        not hold as theirs, and their positives disliked since (a dislike wins over a like since)."""
+        not hold as theirs (the newest RECENT_LIMIT, as the database read gives), and their positives
+        disliked since (a dislike wins over a like since)."""
         if not history.positives and not history.negatives:
             return [], []
         held = set(model.positive_rows(row).tolist())
         negative = set(model.rows_of(history.negatives))
         added = [r for r in dict.fromkeys(model.rows_of(history.positives)) if r not in held and r not in negative]
-        return added, [r for r in negative if r in held]
+        return added[:RECENT_LIMIT], [r for r in negative if r in held]
 
     def exclusions(self, model: ServedModel, history: History, exclude_seen: bool, filters: Filters) -> list[int]:
         """Rows to leave out that the checkpoint does not know: items touched since (with ``exclude_seen``)
