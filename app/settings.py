@@ -65,6 +65,15 @@ class Settings(BaseSettings):
     keep_checkpoints: int = Field(
         5, description="Checkpoints kept on disk by retraining (the promoted one always)."
     )
+    fresh_weight: int = Field(
+        10,
+        ge=1,
+        le=100,
+        description="In a model user's vector remade from their events since the model's watermark (source "
+        "model+recent), how many of their trained positives one new positive event counts as: 1 is the "
+        "trainer's own pooling rule; the default 10 was the best of 1-1000 for the pooled tower on "
+        "ml-latest-small (docs/benchmarks.md, fresh vectors).",
+    )
     negative_types: frozenset[str] = Field(
         frozenset({"dislike", "skip", "hide"}),
         description="Event types that are explicit negative feedback: never positives, fed to the feedback "

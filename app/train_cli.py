@@ -382,7 +382,7 @@ def recommend(
         model = load_served(path, engine, settings.data_dir / "index-cache", settings.top_lists, wait=True)
         if all_users:
             wanted = list(dict.fromkeys([*model.ckpt.user_ids, *wanted]))
-        recommender = Recommender(engine, settings.negative_types)
+        recommender = Recommender(engine, settings.negative_types, fresh_weight=settings.fresh_weight)
         rows = []
         for user in tqdm(wanted, unit="user", desc="recommend", disable=None, file=sys.stderr):
             answer = recommender.recommend(model, Ask(user, k, exclude_seen))
@@ -396,7 +396,7 @@ def recommend(
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "rank", "score", "source"])
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
-    cold = int((frame.drop_duplicates("user_id")["source"] != "model").sum())
+    cold = int((~frame.drop_duplicates("user_id")["source"].isin(["model", "model+recent"])).sum())
     typer.echo(f"{len(frame)} recommendations for {len(wanted)} users ({cold} not in the model) -> {out}")
 
 

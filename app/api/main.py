@@ -128,8 +128,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_wait=settings.events_max_wait_seconds,
     )
     app.state.ingest.start()
-    app.state.recent = RecentEventsView(engine)
-    app.state.recommender = Recommender(engine, settings.negative_types, recent=app.state.recent)
+    app.state.recent = RecentEventsView(engine, negative_types=settings.negative_types)
+    app.state.recommender = Recommender(
+        engine, settings.negative_types, recent=app.state.recent, fresh_weight=settings.fresh_weight
+    )
     app.state.holder.on_swap.append(lambda model: app.state.recent.follow(model.watermark))
     app.state.holder.on_swap.append(_freeze_heap)
     app.state.recent.start()

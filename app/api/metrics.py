@@ -60,6 +60,20 @@ RECENT_VIEW_READY = Gauge(
     multiprocess_mode="liveall",
 )
 
+RECENT_VIEW_LAG = Histogram(
+    "recsys_recent_events_view_lag_seconds",
+    "On each read of the events table by a worker's recent-events view: time since its previous read "
+    "began, the longest an event written through another worker or process waited to reach this worker's "
+    "recommendations (the poll interval plus the read)",
+    buckets=(0.1, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+RECENT_VIEW_READ_AT = Gauge(
+    "recsys_recent_events_view_read_timestamp_seconds",
+    "Unix time at which the last successful read of the recent-events view began (the stalest live "
+    "worker's): events committed before it shape every worker's lists; time() minus this is the lag now",
+    multiprocess_mode="livemin",
+)
+
 
 def render() -> tuple[bytes, str]:
     """The exposition text: every worker's metrics in multiprocess mode, this process's otherwise."""

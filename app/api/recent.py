@@ -8,6 +8,12 @@ rolled-back insert never appears). Re-reading a fixed window of recent ids inste
 ~20k rows a second, and the event loop its GIL, whether anything had been written or not. Staleness: an event written through another worker or process is excluded within about
 ``interval`` seconds. When the view cannot answer (too many events since the watermark, a model with an
 older watermark, the first load still running) the caller falls back to the database query.
+
+Each (user, item) keeps whether the user has a positive and/or an explicit negative event on it since the
+watermark (``POSITIVE``/``NEGATIVE`` bits), so the serving core remakes a known user's vector from the view
+alone (``events_for``), without a database read. ``recsys_recent_events_view_lag_seconds`` observes, on
+every tick, how old the previous read is when this one completes: the longest an event written through
+another worker can have waited before this worker sees it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from typing import NamedTuple
 
 from sqlalchemy import Engine, bindparam, select
 
@@ -27,9 +34,10 @@ log = logging.getLogger("recsys.recent")
 GAP_SECONDS = 60.0  # a skipped id still missing after this long was a rolled-back insert
 MAX_GAPS = 5000  # skipped ids remembered at most (the newest win)
 TAIL_BATCH = 100_000
+POSITIVE, NEGATIVE = 1, 2  # per (user, item): the kinds of event the user has on it since the watermark
 
 _ROWS = (
-    select(Event.id, User.external_id, Item.external_id)
+    select(Event.id, User.external_id, Item.external_id, Event.type)
     .join(User, User.id == Event.user_id)
     .join(Item, Item.id == Event.item_id)
 )
@@ -37,12 +45,28 @@ _TAIL = _ROWS.where(Event.id > bindparam("after")).order_by(Event.id).limit(TAIL
 _GAPS = _ROWS.where(Event.id.in_(bindparam("ids", expanding=True)))
 
 
+class UserEvents(NamedTuple):
+    """One user's items since the watermark, newest first: every one, positives, explicit negatives."""
+
+    touched: list[str]
+    positives: list[str]
+    negatives: list[str]
+
+
 class RecentEventsView:
-    def __init__(self, engine: Engine, *, interval: float = 0.25, max_events: int = 2_000_000) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        interval: float = 0.25,
+        max_events: int = 2_000_000,
+        negative_types: Collection[str] = ("dislike", "skip", "hide"),  # RECSYS_NEGATIVE_TYPES' default
+    ) -> None:
         self.engine = engine
         self.interval = interval
         self.max_events = max_events
-        self._users: dict[str, dict[str, None]] = {}
+        self.negative_types = frozenset(negative_types)
+        self._users: dict[str, dict[str, int]] = {}  # user → item → POSITIVE | NEGATIVE bits, oldest first
         self._count = 0
         self._last_id = 0
         self._gaps: dict[int, float] = {}  # id skipped by the tail → when it was first missed
@@ -61,10 +85,25 @@ class RecentEventsView:
         items = self._users.get(user_id)
         return list(items) if items else []
 
-    def add_local(self, pairs: Iterable[tuple[str, str]]) -> None:
-        """Events this worker just committed: visible to its next request without waiting for the tail."""
-        for user, item in pairs:
-            self._users.setdefault(user, {})[item] = None
+    def events_for(self, user_id: str, watermark: int) -> UserEvents | None:
+        """The user's items after ``watermark`` with their kind (newest first), or None (ask the DB)."""
+        current = self.watermark
+        if current is None or self.overflow or current > watermark:
+            return None
+        items = self._users.get(user_id)
+        if not items:
+            return UserEvents([], [], [])
+        newest = list(items.items())[::-1]  # one C-level copy first: the tail thread may add meanwhile
+        return UserEvents(
+            [i for i, _ in newest],
+            [i for i, kind in newest if kind & POSITIVE],
+            [i for i, kind in newest if kind & NEGATIVE],
+        )
+
+    def add_local(self, events: Iterable[tuple[str, str, str]]) -> None:
+        """Events (user, item, type) this worker just committed: visible to its next request without
+        waiting for the tail."""
+        self._add([(0, user, item, kind) for user, item, kind in events], count=False)
 
     # --- the tail thread ----------------------------------------------------------------------------
     def follow(self, watermark: int) -> None:
@@ -81,7 +120,9 @@ class RecentEventsView:
             self._thread.join(10)
 
     def _run(self) -> None:
+        previous: float | None = None  # wall-clock start of the last read that succeeded
         while not self._stop.is_set():
+            started: float | None = time.time()
             try:
                 target = self._target
                 if target is not None and target != self.watermark:
@@ -89,9 +130,21 @@ class RecentEventsView:
                 elif self.watermark is not None and not self.overflow:
                     self._tail(self._last_id)
                     self._fill_gaps()
+                else:  # nothing to follow, or overflowed: the database answers, no lag to report
+                    started = None
+                previous = None if started is None else self._note_read(started, previous)
             except Exception:  # a database hiccup must not end the thread
                 log.exception("could not read recent events")
             self._stop.wait(self.interval)
+
+    @staticmethod
+    def _note_read(started: float, previous: float | None) -> float:
+        """A read that began at ``started`` succeeded: every event committed before then is visible, and an
+        event committed just after the previous read began waited until now."""
+        if previous is not None:
+            metrics.RECENT_VIEW_LAG.observe(time.time() - previous)
+        metrics.RECENT_VIEW_READ_AT.set(started)
+        return started
 
     def _rebuild(self, watermark: int) -> None:
         self.watermark = None  # readers fall back to the database meanwhile
@@ -102,13 +155,16 @@ class RecentEventsView:
         self.watermark = watermark
         metrics.RECENT_VIEW_READY.set(0 if self.overflow else 1)
 
-    def _add(self, rows: Sequence[tuple[int, str, str]]) -> None:
-        users = self._users
-        for _, user, item in rows:
+    def _add(self, rows: Sequence[tuple[int, str, str, str]], *, count: bool = True) -> None:
+        """Merge events (id, user, item, type). An item keeps the place of its first event (never removed
+        and re-added, so a reader on another thread never misses it)."""
+        users, negative_types = self._users, self.negative_types
+        for _, user, item, kind in rows:
             bucket = users.setdefault(user, {})
-            if item not in bucket:
-                bucket[item] = None
+            bits = bucket.get(item, 0)
+            if not bits and count:
                 self._count += 1
+            bucket[item] = bits | (NEGATIVE if kind in negative_types else POSITIVE)
 
     def _note_gaps(self, after: int, ids: Iterable[int]) -> None:
         """Remember ids the tail jumped over (ascending ``ids``): they may still commit."""
@@ -127,7 +183,7 @@ class RecentEventsView:
         with self.engine.connect() as conn:
             rows = conn.execute(_GAPS, {"ids": list(self._gaps)}).all()
         self._add(rows)
-        for event_id, _, _ in rows:
+        for event_id, *_ in rows:
             self._gaps.pop(event_id, None)
         cutoff = time.monotonic() - GAP_SECONDS
         self._gaps = {i: t for i, t in self._gaps.items() if t > cutoff}

@@ -26,7 +26,7 @@ def _printable(value: str) -> str:
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_printable)]
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_printable)]
 EventType = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
-Source = Literal["model", "fold_in", "popular"]
+Source = Literal["model", "model+recent", "fold_in", "popular"]
 TIMESTAMP_MAX = 4_102_444_800.0  # 2100-01-01
 
 
@@ -46,8 +46,9 @@ class Because(BaseModel):
     item_id: str = Field(description="An item the user interacted with.", examples=["i7"])
     contribution: float = Field(
         description="Dot product of this history item's embedding with the recommended item's embedding "
-        "in the served model. For a fold-in user (vector = mean of n history items) the item's share of "
-        "the score is exactly contribution / n; for a model user it is the item-item similarity.",
+        "in the served model. For a fold-in user of a checkpoint without a user tower (vector = mean of n "
+        "history items) the item's share of the score is exactly contribution / n; otherwise it is the "
+        "item-item similarity.",
         examples=[0.83],
     )
 
@@ -55,7 +56,7 @@ class Because(BaseModel):
 class ScoredItem(BaseModel):
     item_id: str = Field(description="External item id.", examples=["i42"])
     score: float = Field(
-        description="Dot product of user and item embeddings (model and fold_in) or the item's "
+        description="Dot product of user and item embeddings (model, model+recent and fold_in) or the item's "
         "training interaction count (popular). Higher is better.",
         examples=[3.21],
     )
@@ -63,7 +64,8 @@ class ScoredItem(BaseModel):
     because: list[Because] | None = Field(
         None,
         description="Only with `explain=true` on recommendations: up to 3 items from the user's history "
-        "(checkpoint positives plus positive events recorded since) with the largest positive item-item "
+        "(positive events recorded since the watermark first, then checkpoint positives, less the items "
+        "disliked since) with the largest positive item-item "
         "dot product with this item, largest first. Empty for the `popular` source.",
         examples=[[{"item_id": "i7", "contribution": 0.83}]],
     )
@@ -76,8 +78,11 @@ class Recommendations(BaseModel):
     )
     request_id: str = Field(description="Same as the X-Request-ID response header; logged with impressions.")
     source: Source = Field(
-        description="Which path served the user: `model` (user in the checkpoint), `fold_in` (unknown to "
-        "the model, vector = mean of the items of their recorded events), `popular` (no usable events)."
+        description="Which path served the user: `model` (user in the checkpoint, nothing since its "
+        "watermark that changes their vector: the trained vector and its precomputed list), `model+recent` "
+        "(user in the checkpoint, vector remade from their positives plus the positive events since the "
+        "watermark minus the items disliked since), `fold_in` (unknown to the model, vector made from the "
+        "items of their positive events), `popular` (no usable events)."
     )
     items: list[ScoredItem] = Field(
         description="Best first; at most k; hidden and excluded items never appear."

@@ -16,7 +16,9 @@ MODEL_INFO = Gauge(
 )
 MODEL_LOADS = Counter("recsys_model_loads_total", "Checkpoint load attempts", ["outcome"])
 RECOMMENDATIONS = Counter("recsys_recommendations_total", "Recommendation lists served", ["source"])
-RECOMMENDATIONS_BY_SOURCE = {s: RECOMMENDATIONS.labels(s) for s in ("model", "fold_in", "popular")}
+SOURCES = ("model", "model+recent", "fold_in", "popular")
+FALLBACK_SOURCES = frozenset({"fold_in", "popular"})  # not the user's own model vector
+RECOMMENDATIONS_BY_SOURCE = {s: RECOMMENDATIONS.labels(s) for s in SOURCES}
 FALLBACKS = Counter("recsys_fallbacks_total", "Lists served by a fallback (fold_in or popular)", ["source"])
 INDEX_BUILDING = Gauge(
     "recsys_serving_index_building",

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 from scipy import sparse  # noqa: E402
 
 from app.serving import ann, toplists  # noqa: E402
+from trainer import towers  # noqa: E402
 from trainer.checkpoint import Checkpoint, CheckpointError, read_checkpoint  # noqa: E402
 
 log = logging.getLogger("recsys.model")
@@ -86,10 +87,21 @@ class ServedModel:
     # more than the rest of a row lookup
     _user_emb: np.ndarray = field(init=False, repr=False)
     _item_emb: np.ndarray = field(init=False, repr=False)
+    # how query vectors are made (trainer/towers.py); ``recorded``: the manifest names it (else an old
+    # checkpoint: raw free vectors, no bias, nothing normalised)
+    tower: towers.UserTower = field(init=False, repr=False)
+    recorded: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._user_emb = np.asarray(self.ckpt.user_embeddings, dtype=np.float32)
         self._item_emb = np.asarray(self.ckpt.item_embeddings, dtype=np.float32)
+        self.tower = self.ckpt.tower
+        self.recorded = bool(self.ckpt.manifest.get("user_tower"))
+
+    @property
+    def pooled(self) -> bool:
+        """The tower pools a history table: a user's vector is remade exactly from their items."""
+        return self.tower.pooled and self.ckpt.history_embeddings is not None
 
     @property
     def version(self) -> str:
@@ -183,10 +195,58 @@ class ServedModel:
         return self._item_emb[item_row]
 
     def fold_in(self, item_rows: list[int]) -> np.ndarray | None:
-        """A cold user's vector: the mean embedding of the items they interacted with."""
-        if not item_rows:
+        """A cold user's vector from their positive item rows (None: none): see ``query_vector``."""
+        return self.query_vector(None, item_rows, [])
+
+    def query_vector(
+        self, user_row: int | None, added: list[int], removed: list[int], weight: int = 1
+    ) -> np.ndarray | None:
+        """A user's query vector from the checkpoint's positives of ``user_row`` (None: a cold user), plus
+        the ``added`` positive item rows (not among them), minus the ``removed`` ones; each added row
+        counts ``weight`` times. None: nothing to go on.
+
+        A pooled tower applies trainer/towers.py's rule to that multiset of rows (with the user's free
+        vector when the tower has one): with ``weight=1`` exactly what training's export computes for the
+        same items. The pooled sum is normalised afterwards, so repeating a row ``weight`` times is the
+        same as weighing it ``weight`` times. Other towers cannot be remade from items; see ``blend``."""
+        if not self.pooled:
+            return self.blend(user_row, added, removed, weight)
+        rows = np.repeat(np.asarray(added, dtype=np.int64), weight)
+        free = None
+        if user_row is not None:
+            held = self.positive_rows(user_row).astype(np.int64)
+            if removed:
+                held = np.setdiff1d(held, np.asarray(removed, dtype=np.int64))
+            rows = np.concatenate([held, rows])
+            table = self.ckpt.user_free_embeddings
+            if self.tower.free and table is not None:
+                free = np.asarray(table[user_row], dtype=np.float32)
+        return towers.query(self.tower, self.ckpt.history_embeddings, rows, free)
+
+    def blend(
+        self, user_row: int | None, added: list[int], removed: list[int], weight: int = 1
+    ) -> np.ndarray | None:
+        """Fold-in for a tower without a history table (``--tower free``, old checkpoints): the trained
+        vector counts as the mean of the user's n₀ checkpoint positives, each new positive as ``w`` more
+        items and each removed one as one less, so ``v = (n₀·f + w·Σ_added e_j − Σ_removed e_j) /
+        (n₀ + w·a − r)`` with ``f`` the trained direction and ``e_j`` the item vectors without their bias
+        column (both unit length when the manifest records the tower; raw for old checkpoints).
+        ``towers.finish`` then makes the query (old checkpoints: ``v`` as it is). A cold user (n₀ = 0)
+        gets the mean of their items, whatever ``w``."""
+        items = towers.items_as_history(self._item_emb, self.tower)
+        n0 = 0 if user_row is None else max(len(self.positive_rows(user_row)), 1)
+        if n0 + len(added) == 0:
             return None
-        return np.asarray(self.ckpt.item_embeddings[item_rows], dtype=np.float32).mean(axis=0)
+        total = np.zeros(items.shape[1], dtype=np.float32)
+        if user_row is not None:
+            free = towers.items_as_history(self._user_emb[user_row : user_row + 1], self.tower)[0]
+            total += n0 * (free / max(float(np.linalg.norm(free)), towers.EPS) if self.recorded else free)
+        if added:
+            total += weight * items[np.asarray(added, dtype=np.int64)].sum(axis=0)
+        if removed:
+            total -= items[np.asarray(removed, dtype=np.int64)].sum(axis=0)
+        v = total / max(n0 + weight * len(added) - len(removed), 1)
+        return towers.finish(self.tower, v) if self.recorded else v
 
     def search(self, vector: np.ndarray, k: int, exclude: np.ndarray | list[int]) -> Ranked:
         """Top ``k`` items by dot product, skipping hidden and ``exclude`` rows.

@@ -4,9 +4,11 @@ Every way of asking calls this: the event-loop fast path and the FastAPI handler
 ``recsys recommend`` (app.train_cli). A recommendation goes through five steps, each one method:
 
 1. ``history``: what the user did that the checkpoint does not hold (events after its watermark; every
-   event for users it does not know): the worker's in-memory view when it can tell, else one database read.
-2. ``user_vector``: where the query vector comes from: the trained embedding for model users (source
-   ``model``), the mean embedding of their positive events for others (``fold_in``), none (``popular``).
+   event for users it does not know), split into positives and explicit negatives: the worker's in-memory
+   view when it can tell (model users), else one database read.
+2. ``user_vector``: where the query vector comes from: the trained embedding for model users with nothing
+   new (source ``model``), the same user's vector remade with their new positives and dislikes
+   (``model+recent``), the vector of a cold user's positive events (``fold_in``), none (``popular``).
 3. ``exclusions`` and ``checkpoint_exclusions``: seen items (since the watermark, and the checkpoint's)
    unless ``exclude_seen=false``, explicit negatives (always), the caller's ``exclude``; hidden items are
    skipped by every ranking.
@@ -31,7 +33,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from app.db.impressions import Served
-from app.db.userdata import recent_events
+from app.db.userdata import RECENT_LIMIT, recent_events
 from app.serving import metrics
 from app.serving.model import Ranked, ServedModel
 
@@ -41,9 +43,10 @@ _NO_ROWS = np.zeros(0, dtype=np.int32)
 
 
 class RecentItems(Protocol):
-    """The worker's in-memory view of events since the watermark (app.api.recent.RecentEventsView)."""
+    """The worker's in-memory view of events since the watermark (app.api.recent.RecentEventsView):
+    (touched, positive, negative) item ids, newest first, or None when it cannot tell."""
 
-    def items_for(self, user_id: str, watermark: int) -> list[str] | None: ...
+    def events_for(self, user_id: str, watermark: int) -> tuple[list[str], list[str], list[str]] | None: ...
 
 
 class ImpressionSink(Protocol):
@@ -91,14 +94,14 @@ class History:
     """A user's events the checkpoint does not hold, as item ids, newest first."""
 
     touched: list[str]  # every item with an event
-    positives: list[str] | None = None  # None: not read (the in-memory view knows items, not event types)
-    negatives: list[str] | None = None
+    positives: list[str] = field(default_factory=list)  # items with a positive event
+    negatives: list[str] = field(default_factory=list)  # items with an explicit negative (RECSYS_NEGATIVE_TYPES)
 
 
 @dataclass(slots=True)
 class UserVector:
     values: np.ndarray | None  # None: nothing to rank by (the popular fallback)
-    source: str  # model | fold_in | popular
+    source: str  # model | model+recent | fold_in | popular
     listed: bool = False  # the user's trained embedding: their precomputed top list ranks by exactly it
 
 
@@ -159,15 +162,23 @@ class Recommender:
     """Answers against the model it is given (the caller reads ``holder.current`` once per request).
 
     ``engine``: where users' events are read when the in-memory view cannot tell (None: no events are
-    known beyond the checkpoint); ``recent``: that view.
+    known beyond the checkpoint); ``recent``: that view; ``fresh_weight``: how many of their checkpoint
+    positives one positive event since the watermark counts as in a model user's remade vector
+    (RECSYS_FRESH_WEIGHT).
     """
 
     def __init__(
-        self, engine: Engine | None, negative_types: Collection[str], *, recent: RecentItems | None = None
+        self,
+        engine: Engine | None,
+        negative_types: Collection[str],
+        *,
+        recent: RecentItems | None = None,
+        fresh_weight: int = 10,
     ) -> None:
         self.engine = engine
         self.negative_types = negative_types
         self.recent = recent
+        self.fresh_weight = fresh_weight
 
     # --- recommendations ------------------------------------------------------------------------
     def recommend(
@@ -185,9 +196,8 @@ class Recommender:
         filters = NO_FILTERS if plain else self.filters(model, ask.exclude, ask.only, ask.category)
         row = model.user_row(ask.user_id)
         if on_loop and (row is None or not plain or not ask.exclude_seen or ask.explain):
-            return None  # a database read, or a filtered search
-        typed = row is None or not ask.exclude_seen or ask.explain
-        history = self.history(model, ask.user_id, row, typed=typed, on_loop=on_loop)
+            return None  # a cold user (a database read), a filtered search, seen items allowed, explanations
+        history = self.history(model, ask.user_id, row, on_loop=on_loop)
         if history is None:
             return None
         vector = self.user_vector(model, row, history)
@@ -213,16 +223,16 @@ class Recommender:
         return Filters(model.rows_of(list(exclude)), allowed)
 
     def history(
-        self, model: ServedModel, user_id: str, row: int | None, *, typed: bool, on_loop: bool = False
+        self, model: ServedModel, user_id: str, row: int | None, *, on_loop: bool = False
     ) -> History | None:
-        """Events after the watermark for model users, every event for others. ``typed``: positives and
-        negatives are needed too, which only the database knows. None: ``on_loop`` and the database is
+        """Events after the watermark for model users (the in-memory view when it can tell), every event
+        for others (the view holds only events after the watermark). None: ``on_loop`` and the database is
         needed."""
         since = model.watermark if row is not None else 0
-        if row is not None and not typed and self.recent is not None:
-            items = self.recent.items_for(user_id, since)
-            if items is not None:
-                return History(items)
+        if row is not None and self.recent is not None:
+            events = self.recent.events_for(user_id, since)
+            if events is not None:
+                return History(*events)
         if on_loop:
             return None
         if self.engine is None:
@@ -234,19 +244,40 @@ class Recommender:
     def user_vector(self, model: ServedModel, row: int | None, history: History) -> UserVector:
         """Where the query vector comes from: the one place that decides it.
 
-        ``history`` holds the user's events since the watermark, so a vector refreshed from them (the
-        trained one moved by new positives) belongs here; it returns ``listed=False``, which sends the
-        ranking to a search instead of the list precomputed for the trained vector."""
+        A model user whose events since the watermark change nothing the model knows (none, unknown
+        items, items already among their positives, dislikes of items that never were) keeps the trained
+        vector and its precomputed list (``model``, ``listed``). Otherwise the vector is remade from their
+        positives plus the new ones minus the items disliked since (``ServedModel.query_vector``: the
+        tower's own rule when it pools a history table, a fold-in blend otherwise) and searched
+        (``model+recent``). A cold user's positives go through the same call (``fold_in``)."""
         if row is not None:
-            return UserVector(model.user_vector(row), "model", listed=True)
-        vector = model.fold_in(model.rows_of(history.positives or []))
+            added, removed = self.changes(model, row, history)
+            if not added and not removed:
+                return UserVector(model.user_vector(row), "model", listed=True)
+            vector = model.query_vector(row, added, removed, self.fresh_weight)
+            return UserVector(None, "popular") if vector is None else UserVector(vector, "model+recent")
+        disliked = set(history.negatives)
+        rows = model.rows_of(list(dict.fromkeys(i for i in history.positives if i not in disliked)))
+        vector = model.fold_in(rows)
         return UserVector(None, "popular") if vector is None else UserVector(vector, "fold_in")
+
+    @staticmethod
+    def changes(model: ServedModel, row: int, history: History) -> tuple[list[int], list[int]]:
+        """Item rows to add to and remove from a model user's positives: new positives the checkpoint does
+        not hold as theirs (the newest RECENT_LIMIT, as the database read gives), and their positives
+        disliked since (a dislike wins over a like since)."""
+        if not history.positives and not history.negatives:
+            return [], []
+        held = set(model.positive_rows(row).tolist())
+        negative = set(model.rows_of(history.negatives))
+        added = [r for r in dict.fromkeys(model.rows_of(history.positives)) if r not in held and r not in negative]
+        return added[:RECENT_LIMIT], [r for r in negative if r in held]
 
     def exclusions(self, model: ServedModel, history: History, exclude_seen: bool, filters: Filters) -> list[int]:
         """Rows to leave out that the checkpoint does not know: items touched since (with ``exclude_seen``)
         or the explicit negatives since (without), and the caller's ``exclude``. The checkpoint's own are
         in ``checkpoint_exclusions``."""
-        since = model.rows_of(history.touched if exclude_seen else history.negatives or [])
+        since = model.rows_of(history.touched if exclude_seen else history.negatives)
         if filters.exclude:
             since.extend(filters.exclude)
         return since
@@ -290,12 +321,16 @@ class Recommender:
         self, model: ServedModel, vector: UserVector, row: int | None, history: History, ranked: Ranked
     ) -> list[list[tuple[int, float]]]:
         """Per item, the (at most 3) history items most similar to it: positive events since the
-        watermark, then the checkpoint's positives; none for the popular fallback."""
+        watermark, then the checkpoint's positives, less the items disliked since; none for the popular
+        fallback."""
         rows: list[int] = []
         if vector.source != "popular":
-            rows = model.rows_of(history.positives or [])
+            rows = model.rows_of(history.positives)
             if row is not None:
                 rows.extend(model.positive_rows(row).tolist())
+            disliked = set(model.rows_of(history.negatives))
+            if disliked:
+                rows = [r for r in rows if r not in disliked]
         hist = np.unique(np.asarray(rows[:EXPLAIN_HISTORY], dtype=np.int64))
         return model.explain(ranked.rows, hist)
 
@@ -303,7 +338,7 @@ class Recommender:
     def record(answer: Recommendation, request_id: str, impressions: ImpressionSink | None) -> None:
         """Count the list by source and log it to ``impressions`` (when it has items)."""
         metrics.RECOMMENDATIONS_BY_SOURCE[answer.source].inc()
-        if answer.source != "model":
+        if answer.source in metrics.FALLBACK_SOURCES:
             metrics.FALLBACKS.labels(answer.source).inc()
         if impressions is not None and answer.item_ids:
             served = Served(request_id, answer.user_id, answer.item_ids, answer.model.version)

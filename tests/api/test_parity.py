@@ -33,7 +33,7 @@ from app.settings import Settings, get_settings
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
-SOURCES = ("model", "fold_in", "popular")
+SOURCES = ("model", "model+recent", "fold_in", "popular")
 
 
 @pytest.fixture(scope="module")
@@ -189,4 +189,6 @@ def test_recsys_recommend_gives_the_services_lists(
         assert mine.item_id.tolist() == [i["item_id"] for i in body["items"]], user
         assert mine.score.tolist() == [i["score"] for i in body["items"]], user
         assert mine["rank"].tolist() == list(range(1, len(body["items"]) + 1))
-    assert set(recs.source) == {"model", "fold_in", "popular"}
+    # u2, u7 and u150 have events since the watermark (earlier tests): `model`, or `model+recent` when they
+    # change the vector; either way the export and the service agree
+    assert {"fold_in", "popular"} <= set(recs.source) <= set(SOURCES)
