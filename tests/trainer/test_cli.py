@@ -183,3 +183,40 @@ def test_progress_in_a_log_file_is_a_line_per_epoch(small_file: Path, tmp_path: 
     assert done.returncode == 0, text
     assert "\r" not in text and len(text.splitlines()) <= 2 * 3 + 4, text
     assert text.count("epoch ") >= 2 and "held-out NDCG@10" in text
+
+
+def test_the_shipped_model_has_learned_a_taste_planted_in_the_newest_events(
+    app: typer.Typer, small_events: pd.DataFrame, tmp_path: Path,
+) -> None:
+    """Users of one cluster whose newest events are all on another cluster's items: the model `recsys train`
+    ships recommends that cluster to them (a model that never saw the newest 20% could not)."""
+    import numpy as np
+
+    user_cluster, item_cluster = small_events.attrs["user_cluster"], small_events.attrs["item_cluster"]
+    group = [f"u{u}" for u in np.flatnonzero(user_cluster == 0)[:20]]
+    target = [f"i{i}" for i in np.flatnonzero(item_cluster == 1)]
+    rng = np.random.default_rng(0)
+    t_end = small_events["timestamp"].max()
+    planted = pd.DataFrame([
+        {"event_id": f"new-{u}-{it}", "user_id": u, "item_id": it, "type": "click", "value": None,
+         "timestamp": t_end + 1 + k}
+        for u in group for k, it in enumerate(rng.choice(target, 8, replace=False))
+    ])
+
+    def share(events: pd.DataFrame, name: str) -> float:
+        path = tmp_path / f"{name}.csv"
+        events.to_csv(path, index=False)
+        out, recs = tmp_path / name, tmp_path / f"{name}-recs.csv"
+        r = CliRunner().invoke(app, ["train", "--events", str(path), "--out", str(out), *FAST])
+        assert r.exit_code == 0, r.output
+        users = tmp_path / "users.txt"
+        users.write_text("\n".join(group) + "\n")
+        r = CliRunner().invoke(app, ["recommend", "--checkpoint", str(out), "--users", str(users), "--k", "10",
+                                     "--no-database", "--out", str(recs)])
+        assert r.exit_code == 0, r.output
+        lists = pd.read_csv(recs, dtype=str)
+        return float(lists["item_id"].isin(target).mean())
+
+    before = share(small_events, "before")
+    after = share(pd.concat([small_events, planted[small_events.columns.intersection(planted.columns)]]), "after")
+    assert before < 0.15 and after > 0.3, (before, after)
