@@ -441,7 +441,7 @@ def compare(
     from trainer.data import build_dataset
     from trainer.evaluate import popularity_scores
     from trainer.pipeline import evaluate_run, merged_train, score_held_out
-    from trainer.report import diagnostics_table, metric_table, plot_histories
+    from trainer.report import diagnostics_table, metric_table, plot_histories, sources_table
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     for name in names:
@@ -456,8 +456,8 @@ def compare(
     baseline = score_held_out(train, popularity_scores(train.popularity()), data.test_u, data.test_i)
     rows, histories, results = [], {}, {}
     for name in names:
-        cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs, patience=patience, history_cap=history_cap, tie_history=tie_history,
-                      threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature)
+        cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs,
+                      patience=patience, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature)
         typer.echo(f"training {name} ...", err=True)
         r = evaluate_run(data, cfg)
         rows.append((name, r.test, r.seconds))
@@ -470,6 +470,7 @@ def compare(
             f"{'on' if logq else 'off'}; each strategy is `recsys train` on the train split, tested on the "
             f"protocol's test split.\n\n## Test metrics\n\n{metric_table(rows)}\n\n"
             f"## Sampling diagnostics (last selection epoch)\n\n{diagnostics_table(histories)}\n\n"
+            f"## Each source's negatives\n\n{sources_table(histories)}\n\n"
             + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
     (out / "report.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"baseline": baseline, "strategies": results}, indent=2, default=str))

@@ -32,6 +32,31 @@ def diagnostics_table(histories: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def _selection(hist: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [h for h in hist if h.get("phase", "selection") == "selection"] or hist
+
+
+def sources_table(histories: dict[str, list[dict[str, Any]]]) -> str:
+    """Per strategy and negative source: informative and false-negative rates in the first and last
+    selection epoch (is a source still teaching anything, and how often is it a user's next item?)."""
+    lines = ["| strategy | source | share of negatives | informative, epoch 1 → last | false negatives, epoch 1 → last |",
+             "|---|---|---:|---:|---:|"]
+    for name, hist in histories.items():
+        sel = _selection(hist)
+        first, last = sel[0].get("sources", {}), sel[-1].get("sources", {})
+        total = sum(v.get("negatives", 0) for v in last.values()) or 1
+        for source, v in last.items():
+            f = first.get(source, {})
+
+            def trend(key: str, f: dict[str, Any] = f, v: dict[str, Any] = v) -> str:
+                a, b = f.get(key), v.get(key)
+                return "–" if b is None else (f"{a:.2%} → {b:.2%}" if a is not None else f"{b:.2%}")
+
+            lines.append(f"| {name} | {source} | {v.get('negatives', 0) / total:.1%} | {trend('informative_rate')} "
+                         f"| {trend('false_negative_rate')} |")
+    return "\n".join(lines)
+
+
 def plot_histories(histories: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[Path]:
     """Validation NDCG@10, mean negative score and informative rate per epoch, one line per strategy."""
     import matplotlib
@@ -46,12 +71,13 @@ def plot_histories(histories: dict[str, list[dict[str, Any]]], out_dir: str | Pa
         ("val_ndcg@10", "validation NDCG@10", "val_ndcg.png"),
         ("mean_neg_score", "mean negative score (logits)", "neg_score.png"),
         ("informative_rate", "informative-negative rate", "informative_rate.png"),
+        ("sources.informative_rate", "informative-negative rate per source", "source_informative_rate.png"),
+        ("sources.false_negative_rate", "false-negative rate per source", "source_false_negative_rate.png"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, hist in histories.items():
-            sel = [h for h in hist if h.get("phase", "selection") == "selection" and key in h]
-            if sel:
-                ax.plot([h["epoch"] for h in sel], [h[key] for h in sel], marker="o", label=name)
+            for label, points in _series(name, _selection(hist), key):
+                ax.plot(*zip(*points, strict=True), marker="o", label=label)
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -62,3 +88,17 @@ def plot_histories(histories: dict[str, list[dict[str, Any]]], out_dir: str | Pa
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _series(name: str, sel: list[dict[str, Any]], key: str) -> list[tuple[str, list[tuple[int, float]]]]:
+    """(label, [(epoch, value)]) lines: one per strategy, or per strategy and source for "sources.<key>"."""
+    if not key.startswith("sources."):
+        points = [(h["epoch"], h[key]) for h in sel if key in h]
+        return [(name, points)] if points else []
+    field = key.split(".", 1)[1]
+    by_source: dict[str, list[tuple[int, float]]] = {}
+    for h in sel:
+        for source, v in h.get("sources", {}).items():
+            if field in v:
+                by_source.setdefault(source, []).append((h["epoch"], v[field]))
+    return [(f"{name}: {source}", points) for source, points in by_source.items()]

@@ -52,6 +52,7 @@ class _Stats:
         self.steps = 0
         self.sampling_seconds = 0.0
         self.by_source: dict[str, list[float]] = {}
+        self.fn_by_source: dict[str, list[int]] = {}  # [validation positives among them, negatives checked]
 
     def add(self, pos: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor, sources: list[tuple[str, int]]) -> None:
         m = mask.float()
@@ -315,6 +316,12 @@ def _measure(run: _Run, stats: _Stats, users_np: np.ndarray, draws: list[Draw], 
         fn = run.val_pairs.contains(users_np[rows, None], items) & cols.mask[rows]
         stats.n_fn += int(fn.sum())
         stats.n_fn_checked += int(cols.mask[rows].sum())
+        col = 0
+        for name, width in cols.sources:  # per source: are mined negatives more often a user's next items?
+            acc = stats.fn_by_source.setdefault(name, [0, 0])
+            acc[0] += int(fn[:, col:col + width].sum())
+            acc[1] += int(cols.mask[rows, col:col + width].sum())
+            col += width
 
 
 def _device(name: str) -> torch.device:
@@ -356,7 +363,10 @@ def _diagnostics(epoch: int, s: _Stats, sampler: Sampler, seconds: float, sampli
         "sampling_share": round(sampling / max(seconds, 1e-9), 4),
         "events_per_s": round(n_train / max(seconds, 1e-9), 1),
         "sources": {name: {"negatives": int(a[0]), "mean_neg_score": a[1] / max(a[0], 1),
-                           "informative_rate": a[2] / max(a[0], 1)} for name, a in s.by_source.items()},
+                           "informative_rate": a[2] / max(a[0], 1),
+                           **({"false_negative_rate": s.fn_by_source[name][0] / max(s.fn_by_source[name][1], 1)}
+                              if name in s.fn_by_source else {})}
+                    for name, a in s.by_source.items()},
     }
     d.update(sampler.stats())
     if "index_refresh_s" in d:

@@ -120,7 +120,9 @@ def test_negatives_compare_writes_report_and_plots(app: typer.Typer, small_file:
     assert r.exit_code == 0, r.output
     text = (tmp_path / "report.md").read_text()
     assert "| uniform |" in text and "| in-batch |" in text and "| most-popular |" in text
-    for png in ("val_ndcg.png", "neg_score.png", "informative_rate.png"):
+    assert "| in-batch | in-batch |" in text and "| uniform | uniform |" in text  # each source's rates
+    for png in ("val_ndcg.png", "neg_score.png", "informative_rate.png", "source_informative_rate.png",
+                "source_false_negative_rate.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert set(json.loads((tmp_path / "results.json").read_text())["strategies"]) == {"uniform", "in-batch"}
 

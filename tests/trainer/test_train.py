@@ -56,6 +56,9 @@ def test_every_loss_learns_with_hard_negatives_and_reports_diagnostics(data, los
     assert 0 <= last["false_negative_rate"] < 0.2 and 0 < last["informative_rate"] <= 1
     # hard negatives score higher than the uniform ones drawn beside them
     assert last["sources"]["hard"]["mean_neg_score"] > last["sources"]["uniform"]["mean_neg_score"]
+    # each source's false-negative rate; mined ones land on the users' held-out items more than uniform ones
+    hard_fn, uniform_fn = (last["sources"][s]["false_negative_rate"] for s in ("hard", "uniform"))
+    assert 0 <= uniform_fn <= hard_fn <= 1 and hard_fn > 0
 
 
 def test_logq_changes_in_batch_training(data) -> None:  # noqa: ANN001
