@@ -30,6 +30,9 @@ FormatOpt = Annotated[str | None, typer.Option("--format", help="Force the file 
 StrategyOpt = Annotated[str | None, typer.Option(
     "--strategy", help=f"Negatives: {', '.join(STRATEGIES)}; mixed blends {' + '.join(S.mixed)}." + _d(S.strategy),
     show_default=False)]
+MixOpt = Annotated[str | None, typer.Option(
+    "--mix", help="The sources --strategy mixed blends, comma-separated (uniform, popularity, in-batch, hard, "
+    "feedback)." + _d(",".join(S.mixed)), show_default=False)]
 LossOpt = Annotated[str | None, typer.Option(
     "--loss", help="softmax (sampled softmax), nce (binary NS) or bpr." + _d(T.loss), show_default=False)]
 TowerOpt = Annotated[str | None, typer.Option(
@@ -104,7 +107,7 @@ def _check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> Non
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=name)
 
 
-SAMPLER_OPTIONS = {"strategy": "strategy", "negatives": "n_negatives", "alpha": "alpha", "pool": "pool",
+SAMPLER_OPTIONS = {"strategy": "strategy", "mix": "mixed", "negatives": "n_negatives", "alpha": "alpha", "pool": "pool",
                    "skip": "skip", "refresh_every": "refresh_every", "index_type": "index_type"}
 
 
@@ -115,6 +118,12 @@ def _config(seed: int, logq: bool, progress: bool, **given: Any) -> TrainConfig:
     _check_choice("--tower", given.get("tower"), TOWERS)
     _check_choice("--index-type", given.get("index_type"), ("flat", "ivf", "hnsw", "auto"))
     given = {k: v for k, v in given.items() if v is not None}
+    if "mix" in given:
+        given["mix"] = tuple(x.strip() for x in given["mix"].split(",") if x.strip())
+        for source in given["mix"]:
+            _check_choice("--mix", source, tuple(x for x in STRATEGIES if x != "mixed"))
+        if not given["mix"]:
+            raise typer.BadParameter("name at least one source", param_hint="--mix")
     sampler = replace(S, **{SAMPLER_OPTIONS[k]: given.pop(k) for k in list(given) if k in SAMPLER_OPTIONS})
     if sampler.pool <= sampler.skip:
         raise typer.BadParameter(f"--pool ({sampler.pool}) must exceed --skip ({sampler.skip})", param_hint="--pool")
@@ -188,6 +197,7 @@ def train(
     events: EventsOpt = None,
     fmt: FormatOpt = None,
     strategy: StrategyOpt = None,
+    mix: MixOpt = None,
     loss: LossOpt = None,
     tower: TowerOpt = None,
     item_bias: BiasOpt = None,
@@ -226,7 +236,7 @@ def train(
 
     from trainer import distributed as dist
 
-    cfg = _config(seed, logq, progress, strategy=strategy, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
+    cfg = _config(seed, logq, progress, strategy=strategy, mix=mix, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
                   epochs=epochs, patience=patience, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
@@ -276,6 +286,7 @@ def evaluate_cmd(
     events: Annotated[Path, typer.Option("--events", help="Event file to split, train on and test.")],
     fmt: FormatOpt = None,
     strategy: StrategyOpt = None,
+    mix: MixOpt = None,
     loss: LossOpt = None,
     tower: TowerOpt = None,
     item_bias: BiasOpt = None,
@@ -306,7 +317,7 @@ def evaluate_cmd(
     from trainer.pipeline import evaluate_run, merged_train, score_held_out
     from trainer.report import metric_table
 
-    cfg = _config(seed, logq, progress, strategy=strategy, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
+    cfg = _config(seed, logq, progress, strategy=strategy, mix=mix, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
                   epochs=epochs, patience=patience, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)

@@ -49,6 +49,15 @@ def test_the_default_ships_a_model_fit_on_every_event(checkpoint: Path) -> None:
     assert manifest["metrics"]["held_out"]["ndcg@10"] > 0  # held-out metrics of the selection run are kept
 
 
+def test_mix_chooses_the_sources_of_the_mixed_strategy(app: typer.Typer, small_file: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["train", "--events", str(small_file), "--out", str(tmp_path), "--version", "m",
+                                 "--mix", "in-batch,uniform,hard", "--hard-warmup", "0", *FAST])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["config"]["sampler"]["mixed"] == ["in-batch", "uniform", "hard"]
+    assert set(manifest["diagnostics"][0]["sources"]) == {"in-batch", "uniform", "hard"}
+
+
 def test_ship_tested_keeps_the_selection_model(app: typer.Typer, small_file: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["train", "--events", str(small_file), "--out", str(tmp_path), "--version", "t",
                                  "--ship", "tested", *FAST])
@@ -133,6 +142,7 @@ def test_negatives_compare_writes_report_and_plots(app: typer.Typer, small_file:
         (["train", "--events", "/no/such/file.csv", "--out", "/tmp/x"], "no such file"),
         (["train", "--events", "{file}", "--out", "/tmp/x", "--strategy", "nope"], "nope"),
         (["train", "--events", "{file}", "--out", "/tmp/x", "--loss", "hinge"], "hinge"),
+        (["train", "--events", "{file}", "--out", "/tmp/x", "--mix", "in-batch,nope"], "nope"),
         (["negatives", "show", "--checkpoint", "{ckpt}", "--user", "ghost"], "unknown user"),
         (["negatives", "show", "--checkpoint", "/no/such/dir", "--user", "u1"], "not a checkpoint"),
         (["recommend", "--checkpoint", "{ckpt}", "--out", "/tmp/x.csv"], "--users FILE or --all"),
