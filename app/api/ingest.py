@@ -32,8 +32,7 @@ from sqlalchemy import Connection, Engine
 
 from app.api import metrics
 from app.db.engine import unavailable
-from app.db.events import insert_new_events
-from app.db.impressions import IdCache
+from app.db.events import IdCache, insert_new_events
 
 log = logging.getLogger("recsys.ingest")
 

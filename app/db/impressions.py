@@ -19,8 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from app.db.events import upsert_items, upsert_users
-from app.db.models import Item, User
+from app.db.events import IdCache
 
 log = logging.getLogger("recsys.impressions")
 
@@ -33,47 +32,6 @@ class Served:
     user_id: str
     item_ids: Sequence[str]
     model_version: str | None
-
-
-class IdCache:
-    """External → internal ids of users and items, so a batch of impressions is one plain INSERT.
-
-    Ids never change once assigned, so entries never go stale; the cache is cleared when it grows past
-    ``limit`` entries to bound memory. Misses are looked up with one SELECT; only ids still missing are
-    upserted (a cold user seen for the first time).
-    """
-
-    def __init__(self, limit: int = 2_000_000) -> None:
-        self.users: dict[str, int] = {}
-        self.items: dict[str, int] = {}
-        self.limit = limit
-
-    @staticmethod
-    def _fill(
-        conn: Connection, model: type[User] | type[Item], cache: dict[str, int], wanted: set[str]
-    ) -> None:
-        missing = [w for w in wanted if w not in cache]
-        if not missing:
-            return
-        # plain driver SQL: compiling an expanding IN per batch cost more than running it
-        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-        for start in range(0, len(missing), 5000):
-            part = missing[start : start + 5000]
-            sql = (
-                f"SELECT external_id, id FROM {model.__tablename__} "
-                f"WHERE external_id IN ({', '.join([mark] * len(part))})"
-            )
-            cache.update(conn.exec_driver_sql(sql, tuple(part)).all())
-        still = [w for w in missing if w not in cache]
-        if still:
-            cache.update((upsert_users if model is User else upsert_items)(conn, still))
-
-    def resolve(self, conn: Connection, users: set[str], items: set[str]) -> None:
-        if len(self.users) + len(self.items) > self.limit:
-            self.users.clear()
-            self.items.clear()
-        self._fill(conn, User, self.users, users)
-        self._fill(conn, Item, self.items, items)
 
 
 def encode_item_ids(ids: Sequence[int]) -> str:
