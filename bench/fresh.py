@@ -6,7 +6,7 @@ checkpoint, the user's events since the watermark handed over as the in-memory v
 1. *Cluster shift* on a synthetic log (``trainer.synth``): users of one planted cluster whose top-10 holds
    almost nothing (< 10%) of the next cluster like 3 items of it; the share of that cluster in their next
    top-10, static list (today: the new items only leave the list) against the fresh vector.
-2. *Replay* on ml-latest-small under the protocol (bench/protocol.py's split and scorer): a model trained
+2. *Replay* on ml-latest-small (``--parts gowalla``: on gowalla) under the protocol (bench/protocol.py's split and scorer): a model trained
    on the train split; each test user's held-out events in time order, the first half posted as live
    events, the second half ranked; NDCG@10 of the static list (first half excluded) against the fresh
    vector, for each ``--weights`` (RECSYS_FRESH_WEIGHT).
@@ -46,6 +46,7 @@ from trainer.synth import SynthSpec, generate  # noqa: E402
 
 SYNTH = SynthSpec(users=400, items=300, events=12_000, seed=11)
 ML = "ml-latest-small/ratings.csv"
+REPLAYS = {"ml-latest-small": ML, "gowalla": "gowalla/interactions.csv"}  # data sets the replay part runs on
 
 
 class Replay:
@@ -224,7 +225,7 @@ def run_part(part: str, args: argparse.Namespace, tmp: Path) -> dict:
         frame = generate(SYNTH)
         return {tower: cluster_shift(train(frame, tmp / f"synth-{tower}", tower, args.threads, args.synthetic_epochs),
                                      frame, args.weights) for tower in args.towers}
-    events = read_event_file(Path(args.data_root) / ML)
+    events = read_event_file(Path(args.data_root) / REPLAYS.get(part, ML))
     sp = split(events)
     if part == "dislikes":
         return dislikes(train(sp.train, tmp / "ml-dislikes", "pooled", args.threads, None), events, sp, [0.25, 0.5, 1.0])
@@ -234,7 +235,8 @@ def run_part(part: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=["synthetic", "ml-latest-small"])
+    p.add_argument("--parts", nargs="+", default=["synthetic", "ml-latest-small"],
+                   choices=["synthetic", *REPLAYS, "dislikes"])
     p.add_argument("--towers", nargs="+", default=["pooled", "free"])
     p.add_argument("--weights", nargs="+", type=int, default=[1, 3, 10, 30])
     p.add_argument("--threads", type=int, default=1)
