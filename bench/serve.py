@@ -40,7 +40,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ENDPOINTS = ("healthz", "recommendations", "similar", "events", "events_100", "events_1000")
+ENDPOINTS = ("healthz", "recommendations", "recommendations_recent", "similar", "events", "events_100",
+             "events_1000")
+RECENT_USERS = 2000  # users u0… that post events after the model's watermark before the cells run
+
+
+def user_range(endpoint: str, n_users: int) -> tuple[int, int]:
+    """Which users an endpoint's requests name: recommendations_recent the users with events since the
+    watermark, recommendations users who never get any (the events cells post for a range of their own)."""
+    half = max(n_users // 2, RECENT_USERS + 1)
+    if endpoint == "recommendations_recent":
+        return 0, RECENT_USERS
+    if endpoint == "recommendations":
+        return half, n_users
+    return RECENT_USERS, half
+
+
+def post_recent_events(base: str, n_items: int, per_user: int = 3) -> None:
+    """Clicks after the watermark for users u0…u{RECENT_USERS-1} (idempotent ids: reruns add nothing)."""
+    import httpx
+
+    rng = random.Random(0)
+    events = [{"event_id": f"recent-{u}-{k}", "user_id": f"u{u}", "item_id": f"i{rng.randrange(n_items)}",
+               "type": "click"} for u in range(RECENT_USERS) for k in range(per_user)]
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for start in range(0, len(events), 1000):
+            client.post("/v1/events", json=events[start:start + 1000]).raise_for_status()
+    time.sleep(1.0)  # every worker's recent-events view polls at 0.25 s
 MEDIAN_KEYS = ("rps", "p50_ms", "p95_ms", "p99_ms", "server_cpu_ms_per_req")
 
 
@@ -185,18 +211,19 @@ async def _load(
     rng = random.Random(concurrency)
     run_id = uuid.uuid4().hex[:8]
     deadline = time.perf_counter() + seconds
+    lo, hi = user_range(endpoint, n_users)
 
     def request(client: httpx.AsyncClient, n: int):  # noqa: ANN202
         if endpoint == "healthz":
             return client.get("/healthz")
-        if endpoint == "recommendations":
-            return client.get(f"/v1/users/u{rng.randrange(n_users)}/recommendations", params={"k": 10})
+        if endpoint.startswith("recommendations"):
+            return client.get(f"/v1/users/u{rng.randrange(lo, hi)}/recommendations", params={"k": 10})
         if endpoint == "similar":
             return client.get(f"/v1/items/i{rng.randrange(n_items)}/similar", params={"k": 10})
         events = [
             {
                 "event_id": f"{run_id}-{n}-{j}",
-                "user_id": f"u{rng.randrange(n_users)}",
+                "user_id": f"u{rng.randrange(lo, hi)}",
                 "item_id": f"i{rng.randrange(n_items)}",
                 "type": "click",
             }
@@ -254,21 +281,21 @@ def loadgen_main(argv: list[str]) -> None:
 
 
 WRK_SCRIPT = r"""
-local endpoint, n_users, n_items, run_id, batch
+local endpoint, lo, hi, n_items, run_id, batch
 local counter = 0
 local ready, n_ready = {}, 20000
 -- GET requests are formatted once, in init: building a URL per request in Lua cost wrk more CPU for the
 -- random-id endpoints than for /healthz, CPU the 2-core server then lacked (a bias against them)
 function init(args)
-  endpoint, n_users, n_items = args[1], tonumber(args[2]), tonumber(args[3])
+  endpoint, lo, hi, n_items = args[1], tonumber(args[2]), tonumber(args[3]), tonumber(args[4])
   batch = tonumber(string.match(endpoint, "^events_(%d+)$") or "1")
   math.randomseed(os.time())
   run_id = string.format("%d%06d", os.time(), math.random(0, 999999))
   for i = 1, n_ready do
     if endpoint == "healthz" then
       ready[i] = wrk.format("GET", "/healthz")
-    elseif endpoint == "recommendations" then
-      ready[i] = wrk.format("GET", "/v1/users/u" .. math.random(0, n_users - 1) .. "/recommendations?k=10")
+    elseif string.sub(endpoint, 1, 15) == "recommendations" then
+      ready[i] = wrk.format("GET", "/v1/users/u" .. math.random(lo, hi - 1) .. "/recommendations?k=10")
     elseif endpoint == "similar" then
       ready[i] = wrk.format("GET", "/v1/items/i" .. math.random(0, n_items - 1) .. "/similar?k=10")
     end
@@ -276,7 +303,7 @@ function init(args)
 end
 local function event(j)
   return string.format('{"event_id":"wrk-%s-%d-%d","user_id":"u%d","item_id":"i%d","type":"click"}',
-    run_id, counter, j, math.random(0, n_users - 1), math.random(0, n_items - 1))
+    run_id, counter, j, math.random(lo, hi - 1), math.random(0, n_items - 1))
 end
 function request()
   counter = counter + 1
@@ -324,7 +351,7 @@ def wrk_load(base: str, endpoint: str, concurrency: int, seconds: float, n_users
                 base,
                 "--",
                 endpoint,
-                str(n_users),
+                *map(str, user_range(endpoint, n_users)),
                 str(n_items),
             ],
             capture_output=True,
@@ -530,6 +557,8 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
     results: list[dict] = []
     for workers in args.workers:
         proc, base, ready, index = start_server(data_dir, url, workers, args.log_level)
+        if "recommendations_recent" in args.endpoints:
+            post_recent_events(base, args.items)
         print(
             f"workers={workers}: ready in {ready:.2f}s (process start + model load); serving index "
             f"{index} after {index['ready_s']:.2f}s",
