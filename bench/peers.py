@@ -106,12 +106,15 @@ def warp(m: Matrix, no_components: int, learning_rate: float, epochs: int, seed:
     return lambda rows: u[rows] @ v.T + vb[None, :] + ub[rows, None]
 
 
+def available(module: str) -> bool:
+    """Whether an optional peer's package is installed (`pip install -e '.[bench]'` brings implicit)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def lightfm_available() -> bool:
-    try:
-        import lightfm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return available("lightfm")
 
 
 @dataclass
@@ -154,6 +157,8 @@ def run_peer(name: str, sp: Split) -> PeerResult:
         t = time.perf_counter()
         scorer = ease(m, **params)
     elif name == "iALS":
+        if not available("implicit"):
+            return PeerResult(name, {}, {}, 0.0, "skipped: implicit is not installed (pip install -e '.[bench]')")
         params, val = _choose(sp, ials, _grid(IALS_GRID))
         t = time.perf_counter()
         scorer = ials(m, **params)

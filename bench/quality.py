@@ -9,6 +9,7 @@ run on the same split in the same run, their hyper-parameters chosen on a valida
 split. The project's rows are the mean of several seeds. Prints a Markdown table (NDCG@10 and its ratio to
 the best peer, wall time) and writes JSON.
 
+    .venv/bin/pip install -e '.[bench]'                                # iALS (implicit); LightFM: see pyproject
     .venv/bin/python bench/quality.py                                  # all four data sets, 3 seeds
     .venv/bin/python bench/quality.py --datasets ml-100k --seeds 0 --rows default
     .venv/bin/python bench/quality.py --rows default,hard --peers iALS # fewer peers, a hard-negative row
