@@ -29,22 +29,35 @@ def test_health_and_ready(server: Server) -> None:
         assert ready.status_code == 200 and ready.json() == {"status": "ready", "model_version": "v1"}
 
 
+def _quiet_user(server: Server) -> str:
+    """A model user with no event after the checkpoint's watermark (other tests share this server and post
+    events; a user who has some gets a vector remade from them, source ``model+recent``)."""
+    ckpt = read_checkpoint(server.dep.checkpoints / server.dep.version)
+    engine = make_engine(server.dep.url)
+    with engine.connect() as conn:
+        busy = set(conn.execute(select(User.external_id).join(Event, Event.user_id == User.id)
+                                .where(Event.id > (ckpt.watermark or 0))).scalars())
+    engine.dispose()
+    return next(u for u in ckpt.user_ids if u not in busy)
+
+
 def test_recommendations_for_a_known_user_exclude_seen_items(server: Server) -> None:
     frame = server.dep.frame
-    seen = set(frame.loc[frame.user_id == "u1", "item_id"])
+    user = _quiet_user(server)
+    seen = set(frame.loc[frame.user_id == user, "item_id"])
     with server.client() as c:
-        body = c.get("/v1/users/u1/recommendations", params={"k": 20}).json()
-        assert body["source"] == "model" and body["model_version"] == "v1" and body["user_id"] == "u1"
+        body = c.get(f"/v1/users/{user}/recommendations", params={"k": 20}).json()
+        assert body["source"] == "model" and body["model_version"] == "v1" and body["user_id"] == user
         items = [i["item_id"] for i in body["items"]]
         assert len(items) == 20 and not seen & set(items) and set(items) <= set(server.dep.item_ids)
         scores = [i["score"] for i in body["items"]]
         assert scores == sorted(scores, reverse=True)
         assert [i["rank"] for i in body["items"]] == list(range(1, 21))
-        everything = c.get("/v1/users/u1/recommendations", params={"k": 1000, "exclude_seen": False}).json()
-    # k beyond the catalogue: all of it, except u1's explicit negatives in the checkpoint (never recommended)
+        everything = c.get(f"/v1/users/{user}/recommendations", params={"k": 1000, "exclude_seen": False}).json()
+    # k beyond the catalogue: all of it, except the user's explicit negatives in the checkpoint (never served)
     ckpt = read_checkpoint(server.dep.checkpoints / server.dep.version)
     feedback = getattr(ckpt, "feedback", None)
-    row = ckpt.user_row["u1"]
+    row = ckpt.user_row[user]
     negatives = set() if feedback is None else {ckpt.item_ids[j] for j in feedback[row].indices}
     got = {i["item_id"] for i in everything["items"]}
     assert len(everything["items"]) == len(server.dep.item_ids) - len(negatives)
