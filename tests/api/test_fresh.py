@@ -101,6 +101,11 @@ def _workers(server: Server, n: int = 8) -> list[list[httpx.Client]]:
     """Keep-alive connections grouped by the worker that holds them: an item hidden through the first one
     (model polling is off, so only that worker knows) disappears from the similar lists of its group."""
     clients = [server.client() for _ in range(n)]
+    deadline = time.monotonic() + 60
+    for c in clients:  # each keep-alive connection stays on its worker: wait until that worker has the model
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "a worker never became ready"
+            time.sleep(0.1)
     probe_of = "i0"
     hidden = clients[0].get(f"/v1/items/{probe_of}/similar", params={"k": 20}).json()["items"][0]["item_id"]
     resp = clients[0].put(f"/v1/items/{hidden}", json={"hidden": True})
