@@ -140,7 +140,7 @@ class Deployment:
 
 
 def train_checkpoint(
-    url: str, root: Path, version: str, *, strategy: str = "mixed", epochs: int = 6
+    url: str, root: Path, version: str | None, *, strategy: str = "mixed", epochs: int = 6, tower: str = "pooled"
 ) -> tuple[Path, int]:
     """A real model: the trainer's pipeline on the events in the database (a few seconds on this data)."""
     from trainer.config import SamplerConfig, TrainConfig
@@ -153,7 +153,8 @@ def train_checkpoint(
             watermark = max_event_id(conn)
     finally:
         engine.dispose()
-    config = TrainConfig(epochs=epochs, progress=False, threads=1, seed=0, sampler=SamplerConfig(strategy=strategy))
+    config = TrainConfig(epochs=epochs, progress=False, threads=1, seed=0, tower=tower,
+                         sampler=SamplerConfig(strategy=strategy))
     result = run(events, config, watermark=watermark, ship="all" if epochs > 1 else "tested")
     return save(result, root, version=version), watermark
 

@@ -15,10 +15,10 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from api_support import Deployment, Server, cluster_checkpoint
+from api_support import Deployment, Server, cluster_checkpoint, train_checkpoint
 
 from app.db.engine import make_engine
-from app.db.events import insert_events, max_event_id, read_events
+from app.db.events import insert_events, max_event_id
 from app.db.migrate import upgrade
 from app.serving.model import load_model
 from trainer.synth import SynthSpec, generate
@@ -44,18 +44,7 @@ def _site(root: Path, name: str) -> Deployment:
 
 def _train(dep: Deployment, tower: str, epochs: int = 8) -> Path:
     """The trainer's pipeline on the database's events (torch in the test process; servers stay torch-free)."""
-    from trainer.config import TrainConfig
-    from trainer.pipeline import run, save
-
-    engine = make_engine(dep.url)
-    try:
-        events = read_events(engine)
-        with engine.connect() as conn:
-            watermark = max_event_id(conn)
-    finally:
-        engine.dispose()
-    cfg = TrainConfig(epochs=epochs, progress=False, threads=1, seed=0, tower=tower)
-    return save(run(events, cfg, watermark=watermark), dep.data_dir / f"checkpoints-{tower}")
+    return train_checkpoint(dep.url, dep.data_dir / f"checkpoints-{tower}", None, tower=tower, epochs=epochs)[0]
 
 
 @pytest.fixture(scope="module")
