@@ -1,4 +1,4 @@
-"""The protocol's metrics, vectorised, and the most-popular baseline. Torch-free (numpy only).
+"""The protocol's metrics, vectorised, and the most-popular baseline (numpy; torch only for top-k).
 
 Full ranking over the candidate items (those with a train positive), excluding the user's own train
 items. Recall@K = hits/min(K, |test|); NDCG@K with binary gains and the ideal over min(K, |test|);
@@ -16,7 +16,8 @@ from scipy import sparse
 from trainer.samplers import PairIndex
 
 KS = (10, 20)
-ScoreFn = Callable[[np.ndarray], np.ndarray]  # user rows -> (len, n_items) scores
+# user rows -> (len, n_items) scores, in a new array (evaluate writes into it)
+ScoreFn = Callable[[np.ndarray], np.ndarray]
 
 
 def dot_scores(user_vectors: np.ndarray, item_vectors: np.ndarray) -> ScoreFn:
@@ -29,11 +30,14 @@ def popularity_scores(popularity: np.ndarray) -> ScoreFn:
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of each row's k best scores, best first."""
+    """Column indices of each row's k best scores, best first.
+
+    torch's topk, on the same memory: numpy's argpartition took 0.9 s for 1024 users × 37k items against
+    0.08 s, and validation runs every epoch."""
+    import torch
+
     k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
+    return torch.from_numpy(np.ascontiguousarray(scores)).topk(k, dim=1, sorted=True).indices.numpy()
 
 
 def evaluate(
@@ -57,7 +61,7 @@ def evaluate(
     blocked = ~np.asarray(candidates, dtype=bool)
     for start in range(0, users.size, batch):
         rows = users[start:start + batch]
-        scores = np.array(score_fn(rows), dtype=np.float32, copy=True)
+        scores = np.require(score_fn(rows), np.float32, ["C_CONTIGUOUS", "WRITEABLE"])  # copies only if it must
         scores[:, blocked] = -np.inf
         ex = exclude[rows].tocoo()
         scores[ex.row, ex.col] = -np.inf

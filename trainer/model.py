@@ -58,6 +58,36 @@ class Histories:
         return cls(t(positives.indices[flat].astype(np.int64)), t(offsets), t(inverse.astype(np.int64)),
                    t(counts.astype(np.float32)), None if leave_out is None else t(np.asarray(leave_out, np.int64)))
 
+    def pool_matrix(self, n_items: int) -> tuple[torch.Tensor, sparse.csr_matrix]:
+        """(the distinct items of every bag, a bags × those items CSR of ones): the sum of a bag is one
+        sparse row times the items' vectors, and its gradient reaches each distinct item once."""
+        items = self.items.cpu().numpy()
+        mark = np.zeros(n_items, dtype=bool)
+        mark[items] = True
+        rows = np.flatnonzero(mark)
+        col = (np.cumsum(mark) - 1)[items]
+        indptr = np.append(self.offsets.cpu().numpy(), items.size)
+        pool = sparse.csr_matrix((np.ones(items.size, dtype=np.float32), col, indptr),
+                                 shape=(indptr.size - 1, rows.size))
+        return torch.from_numpy(rows).to(self.items.device), pool
+
+
+class _PoolSum(torch.autograd.Function):
+    """``pool @ vectors`` with scipy on the CPU. embedding_bag's backward writes one gradient row per bag
+    entry (every item of every history in the batch), which the optimiser must then coalesce; here the
+    gradient is ``pool.T @ grad``, one row per distinct item (ml-latest-small: ~80k entries, ~8k items)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, vectors: torch.Tensor,
+                pool: sparse.csr_matrix) -> torch.Tensor:
+        ctx.pool = pool
+        return torch.from_numpy(np.asarray(pool @ vectors.detach().numpy(), dtype=np.float32))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        pool: sparse.csr_matrix = ctx.pool  # type: ignore[attr-defined]
+        return torch.from_numpy(np.asarray(pool.T @ grad.contiguous().numpy(), dtype=np.float32)), None
+
 
 class HistorySampler:
     """Per-row history bags of at most ``cap`` items, each row's positive left out.
@@ -127,8 +157,13 @@ class TowerModel(nn.Module):
         if self.history is not None:
             if histories is None:
                 raise ValueError("a pooled tower needs the users' histories")
-            s = F.embedding_bag(histories.items, self.history.weight, histories.offsets, mode="sum",
-                                sparse=self.history.sparse)[histories.inverse]
+            if self.history.weight.is_cuda:
+                s = F.embedding_bag(histories.items, self.history.weight, histories.offsets, mode="sum",
+                                    sparse=self.history.sparse)
+            else:
+                distinct, pool = histories.pool_matrix(self.history.num_embeddings)
+                s = _PoolSum.apply(self.history(distinct), pool)
+            s = s[histories.inverse]
             if histories.leave_out is not None:
                 s = s - self.history(histories.leave_out)
             n = histories.counts
