@@ -173,6 +173,7 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
                              if has_val and rank == 0 else {})
         diag = _diagnostics(epoch, stats, run.sampler, seconds, sampling, n_train, val)
         diag["processes"] = world
+        diag["threads"] = torch.get_num_threads()  # what this process's steps really ran on
         history.append(diag)
         if rank == 0:
             _epoch_line(cfg, diag)
@@ -189,13 +190,10 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
     rank, world = dist.rank(), dist.world_size()
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial tables on every rank (DDP also broadcasts rank 0's)
+    # The only thread setting of a fit. FAISS and torch can resolve to one OpenMP runtime: a FAISS setting
+    # of 1 thread made after this one left every fit but a process's first on one thread (measured: the
+    # final fit's gowalla epochs took 5.3 s instead of 3.6 s). Mining's FAISS searches use the same threads.
     torch.set_num_threads(max(1, cfg.threads // dist.local_world_size()))  # ranks on one machine share cores
-    import faiss
-
-    # Mining searches a few hundred users per step: one FAISS thread searched faster than two in every
-    # combination measured on a shared 2-core box (0.06-0.10 s against 0.12-0.37 s of search per epoch;
-    # a second OpenMP thread waits at the barrier when the core is busy), so FAISS stays single-threaded.
-    faiss.omp_set_num_threads(1)
     draw_rng = rng if world == 1 else np.random.default_rng((cfg.seed, rank))  # negatives: each rank its own
     hard_rows = cfg.sampler.hard_rows  # per global batch: each rank mines its share of the rows
     scfg = replace(cfg.sampler, hard_warmup_steps=cfg.hard_warmup_epochs * steps_per_epoch,

@@ -52,3 +52,30 @@ def test_masked_columns_carry_no_gradient() -> None:
         neg.grad = None
         get_loss(name)(torch.tensor([1.0]), neg, torch.zeros(1), torch.zeros(1, 2), mask).backward()
         assert neg.grad[0, 0] == 0 and neg.grad[0, 1] > 0, name
+
+
+def _reference_softmax(pos, neg, pos_logq, neg_logq, mask, weight):  # noqa: ANN001, ANN202
+    """The loss as autograd would build it from its definition."""
+    logits = torch.cat([(pos - pos_logq)[:, None], torch.where(mask, neg - neg_logq, float("-inf"))], dim=1)
+    rows = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    return (rows * weight).sum() / weight.sum()
+
+
+def test_softmax_value_and_gradients_match_autograd_of_its_definition() -> None:
+    g = torch.Generator().manual_seed(0)
+    b, c = 6, 9
+    mask = torch.rand(b, c, generator=g) > 0.3
+    mask[2] = False  # a row without any valid negative: zero loss, finite gradients
+    weight = torch.rand(b, generator=g) + 0.5
+    for neg_logq in (torch.randn(1, c, generator=g), torch.randn(b, c, generator=g)):
+        pos_logq = torch.randn(b, generator=g)
+        grads = []
+        for loss_fn in (sampled_softmax, _reference_softmax):
+            pos = torch.randn(b, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            neg = torch.randn(b, c, generator=torch.Generator().manual_seed(2)).requires_grad_()
+            loss = loss_fn(pos, neg, pos_logq, neg_logq, mask, weight)
+            loss.backward()
+            grads.append((loss.detach(), pos.grad, neg.grad))
+        for ours, ref in zip(*grads, strict=True):
+            assert torch.allclose(ours, ref, atol=1e-6), (ours, ref)
+        assert torch.isfinite(grads[0][2]).all() and (grads[0][2][~mask] == 0).all()

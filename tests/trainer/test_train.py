@@ -61,6 +61,14 @@ def test_every_loss_learns_with_hard_negatives_and_reports_diagnostics(data, los
     assert 0 <= uniform_fn <= hard_fn <= 1 and hard_fn > 0
 
 
+def test_every_fit_in_a_process_trains_on_the_threads_it_was_given(data) -> None:  # noqa: ANN001
+    # a FAISS thread setting made after torch's once left every fit but a process's first on one thread
+    cfg = TrainConfig(**{**FAST, "epochs": 1, "hard_warmup_epochs": 0, "threads": 2},
+                      sampler=SamplerConfig(strategy="hard", refresh_every=5))
+    first, second = fit(data, cfg), fit(data, cfg)
+    assert first.history[-1]["threads"] == second.history[-1]["threads"] == 2
+
+
 def test_logq_changes_in_batch_training(data) -> None:  # noqa: ANN001
     base = {**FAST, "epochs": 2}
     on = fit(data, TrainConfig(**base, sampler=SamplerConfig(strategy="in-batch")))
