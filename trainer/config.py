@@ -38,7 +38,7 @@ class SamplerConfig:
 
 @dataclass
 class TrainConfig:
-    dim: int = 64
+    dim: int = 128
     epochs: int = 30
     batch_size: int = 1024
     lr: float = 0.005

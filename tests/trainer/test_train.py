@@ -94,6 +94,6 @@ def test_exported_queries_are_the_training_logits_by_the_shared_rule(data, tower
         q = model.users(torch.from_numpy(rows), Histories.of(model.positives, rows)).numpy()
     users, items = model.export()
     np.testing.assert_allclose(q, users[rows], atol=1e-5)
-    assert items.shape[1] == users.shape[1] == 65 and np.all(users[:, -1] == 1)  # the item-bias column
+    assert items.shape[1] == users.shape[1] == model.dim + 1 and np.all(users[:, -1] == 1)  # the item-bias column
     if tower != "free":
         assert result.best_val["ndcg@10"] > 0.1  # pooled histories learn the planted clusters too
