@@ -89,7 +89,11 @@ def find_ids(conn: Connection, prefix: str, limit: int = 20) -> tuple[list[str],
 
 
 def item_activity(conn: Connection, item_id: str, days: int = 60, now: float | None = None) -> dict[str, Any]:
-    """An item's event count, distinct users, and (day start, events) for the last ``days`` days."""
+    """An item's event count, distinct users, and (day start, events) for the last ``days`` days.
+
+    Reads every event: ``events`` has no index on ``item_id``, which would tax every write for this page
+    (about 0.16 s at 2M events on SQLite; migration 0004).
+    """
     iid = conn.execute(select(Item.id).where(Item.external_id == item_id)).scalar()
     if iid is None:
         return {"events": 0, "users": 0, "per_day": []}

@@ -78,7 +78,7 @@ class Event(Base):
     __table_args__ = (
         Index("ix_events_timestamp", "timestamp"),
         Index("ix_events_user_id_timestamp", "user_id", "timestamp"),
-        Index("ix_events_item_id", "item_id"),
+        # No index on item_id: it cost as much as the row on every write (migration 0004).
     )
 
 
