@@ -524,6 +524,8 @@ def main() -> None:
         help="Load generator: wrk (Debian package `wrk`, default when installed) or the async httpx client.",
     )
     args = parser.parse_args()
+    if "healthz" not in args.endpoints:
+        parser.error("--endpoints must include healthz: every row is reported as a ratio to it, in the same run")
 
     t0 = time.perf_counter()
     if args.fixture and not args.postgres and (args.fixture / "recsys.db").exists():

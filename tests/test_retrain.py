@@ -14,12 +14,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from api.api_support import Deployment, Server, cluster_checkpoint
+from api.api_support import Deployment, Server, cluster_checkpoint, load_log
 
 from app.db import registry
 from app.db.engine import make_engine
 from app.db.events import insert_events
-from app.db.migrate import upgrade
 from trainer.checkpoint import list_checkpoints
 from trainer.synth import SynthSpec, generate
 
@@ -42,16 +41,10 @@ def recsys(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[tuple[Deployment, dict[str, str]]]:
     """A SQLite deployment holding the synthetic log, and the environment that points the CLI at it."""
-    url = f"sqlite:///{tmp_path / 'recsys.db'}"
-    upgrade(url)
-    frame = generate(SPEC)
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        insert_events(conn, frame)
-    engine.dispose()
+    dep = load_log(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path, generate(SPEC))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    env.update(RECSYS_DATABASE_URL=url, RECSYS_DATA_DIR=str(tmp_path))
-    yield Deployment(url, tmp_path, frame), env
+    env.update(RECSYS_DATABASE_URL=dep.url, RECSYS_DATA_DIR=str(tmp_path))
+    yield dep, env
 
 
 def promoted(url: str) -> str | None:

@@ -159,16 +159,26 @@ def train_checkpoint(
     return save(result, root, version=version), watermark
 
 
-def deploy(url: str, data_dir: Path, *, promote: bool = True, trained: bool = False) -> Deployment:
-    """Migrate, load the synthetic log, write checkpoint v1 (trained, or the planted clusters), register it."""
-    frame = synthetic()
+def load_log(url: str, data_dir: Path, frame: pd.DataFrame) -> Deployment:
+    """Migrate the database and load ``frame`` into it: a deployment without a model yet."""
     upgrade(url)
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
             insert_events(conn, frame)
+    finally:
+        engine.dispose()
+    return Deployment(url, data_dir, frame)
+
+
+def deploy(url: str, data_dir: Path, *, promote: bool = True, trained: bool = False) -> Deployment:
+    """Migrate, load the synthetic log, write checkpoint v1 (trained, or the planted clusters), register it."""
+    dep = load_log(url, data_dir, synthetic())
+    frame = dep.frame
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
             watermark = max_event_id(conn)
-        dep = Deployment(url, data_dir, frame)
         if trained:
             path, watermark = train_checkpoint(url, dep.checkpoints, dep.version)
         else:

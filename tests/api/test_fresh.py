@@ -15,10 +15,10 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from api_support import Deployment, Server, cluster_checkpoint, train_checkpoint
+from api_support import Deployment, Server, cluster_checkpoint, load_log, train_checkpoint
 
 from app.db.engine import make_engine
-from app.db.events import insert_events, max_event_id
+from app.db.events import max_event_id
 from app.db.migrate import upgrade
 from app.serving.model import load_model
 from trainer.synth import SynthSpec, generate
@@ -32,14 +32,7 @@ def _uid() -> str:
 
 
 def _site(root: Path, name: str) -> Deployment:
-    url = f"sqlite:///{root / (name + '.db')}"
-    upgrade(url)
-    frame = generate(SPEC)
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        insert_events(conn, frame)
-    engine.dispose()
-    return Deployment(url, root, frame)
+    return load_log(f"sqlite:///{root / (name + '.db')}", root, generate(SPEC))
 
 
 def _train(dep: Deployment, tower: str, epochs: int = 8) -> Path:
