@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from trainer.config import LOSSES, STRATEGIES, TOWERS, SamplerConfig, TrainConfig
+from trainer.config import FREE_PART_MIN_MEDIAN, LOSSES, STRATEGIES, TOWERS, SamplerConfig, TrainConfig
 
 negatives_app = typer.Typer(help="Compare negative-sampling strategies and inspect drawn negatives.",
                             no_args_is_help=True)
@@ -37,7 +37,8 @@ LossOpt = Annotated[str | None, typer.Option(
     "--loss", help="softmax (sampled softmax), nce (binary NS) or bpr." + _d(T.loss), show_default=False)]
 TowerOpt = Annotated[str | None, typer.Option(
     "--tower", help="User vectors: pooled (from the user's history items; new events move them without "
-    "retraining), free (one trained vector per user) or both." + _d(T.tower), show_default=False)]
+    "retraining), free (one trained vector per user), both, or auto (both when the median user has at "
+    f"least {FREE_PART_MIN_MEDIAN} training positives, else pooled)." + _d(T.tower), show_default=False)]
 BiasOpt = Annotated[bool | None, typer.Option(
     "--item-bias/--no-item-bias", help="Learn an item bias beside the cosine score." + _d(T.item_bias),
     show_default=False)]

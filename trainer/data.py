@@ -108,6 +108,12 @@ class Dataset:
     def train_csr(self) -> sparse.csr_matrix:
         return csr(self.train_u, self.train_i, self.n_users, self.n_items)
 
+    def median_positives(self) -> float:
+        """Distinct training positives of the median user who has any (the rule of ``TrainConfig.for_data``)."""
+        counts = np.diff(self.train_csr().indptr)
+        counts = counts[counts > 0]
+        return float(np.median(counts)) if counts.size else 0.0
+
     def seen_csr(self) -> sparse.csr_matrix:
         return csr(self.all_u, self.all_i, self.n_users, self.n_items)
 

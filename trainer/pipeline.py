@@ -94,6 +94,7 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
     if ship not in SHIP:
         raise ValueError(f"unknown ship {ship!r}; choose one of {', '.join(SHIP)}")
     t0 = time.perf_counter()
+    cfg = cfg.for_data(final_set.median_positives())  # one tower for both fits, by the data that ships
     selection = fit(selection_set, cfg, init_state=init_state, impressions=impressions)
     held_out: dict[str, float] = {}
     baseline: dict[str, float] = {}
