@@ -151,7 +151,8 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     """Train on data.train_*, early-stop on validation NDCG@10, return the best model and the history."""
     t_start = time.perf_counter()
     rank, world = dist.rank(), dist.world_size()
-    cfg = cfg.for_data(data.median_positives())
+    if cfg.tower == "auto":  # select_and_fit resolves it before both its fits; direct callers here
+        cfg = cfg.for_data(data.median_positives())
     n_train = data.train_u.size
     if n_train == 0:
         raise ValueError("no training interactions after the split")
