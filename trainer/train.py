@@ -121,7 +121,8 @@ class _Run:
     hard: list[HardSampler]
     train_csr: Any
     histories: HistorySampler
-    val_pairs: PairIndex
+    val_csr: Any  # validation positives (users x items), for the false-negative rate
+    val_pairs: PairIndex  # the same pairs as a membership test
     loss_fn: Any
     device: torch.device
     draw_rng: np.random.Generator
@@ -217,10 +218,9 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = (RowAdam(list(model.parameters()), lr=cfg.lr) if cfg.sparse
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
-    val_pairs = PairIndex(_pairs_csr(data.val_u, data.val_i, data.n_users, data.n_items))
+    val_csr = _pairs_csr(data.val_u, data.val_i, data.n_users, data.n_items)
     return _Run(data, cfg, model, net, opt, sampler, hard, train_csr, HistorySampler(train_csr, cfg.history_cap),
-                val_pairs, get_loss(cfg.loss), device,
-                draw_rng)
+                val_csr, PairIndex(val_csr), get_loss(cfg.loss), device, draw_rng)
 
 
 def _epoch(run: _Run, perm: np.ndarray, steps: int, epoch: int, rank: int,
@@ -310,10 +310,7 @@ def _measure(run: _Run, stats: _Stats, users_np: np.ndarray, draws: list[Draw], 
     m_rows = torch.from_numpy(cols.mask[rows])
     stats.add(pos[rows].cpu(), neg[rows].cpu(), m_rows, cols.sources)
     if run.data.val_u.size:
-        order = [d for d in draws if d.shared] + [d for d in draws if not d.shared]  # the columns' order
-        items = np.concatenate([np.broadcast_to(d.items, (users_np.size, d.items.shape[-1]))[rows]
-                                for d in order], axis=1)
-        fn = run.val_pairs.contains(users_np[rows, None], items) & cols.mask[rows]
+        fn = _validation_hits(run, users_np[rows], draws, rows) & cols.mask[rows]
         stats.n_fn += int(fn.sum())
         stats.n_fn_checked += int(cols.mask[rows].sum())
         col = 0
@@ -322,6 +319,20 @@ def _measure(run: _Run, stats: _Stats, users_np: np.ndarray, draws: list[Draw], 
             acc[0] += int(fn[:, col:col + width].sum())
             acc[1] += int(cols.mask[rows, col:col + width].sum())
             col += width
+
+
+def _validation_hits(run: _Run, users: np.ndarray, draws: list[Draw], rows: slice) -> np.ndarray:
+    """Which of these rows' negatives are among their user's validation positives, in the columns'
+    order (shared draws, then per-user ones). The shared columns are one item list for every row: a
+    column gather from the rows' CSR slice, ~15x cheaper than a sorted-key lookup per (row, column)."""
+    blocks = []
+    shared = [d.items for d in draws if d.shared]
+    if shared:
+        blocks.append(run.val_csr[users][:, np.concatenate(shared)].toarray() > 0)
+    per_user = [d.items[rows] for d in draws if not d.shared]
+    if per_user:
+        blocks.append(run.val_pairs.contains(users[:, None], np.concatenate(per_user, axis=1)))
+    return np.concatenate(blocks, axis=1) if blocks else np.zeros((users.size, 0), dtype=bool)
 
 
 def _device(name: str) -> torch.device:
