@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from trainer import distributed as dist  # noqa: E402
 from trainer.batch import Columns, assemble  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import Dataset  # noqa: E402
+from trainer.data import Dataset, csr  # noqa: E402
 from trainer.evaluate import dot_scores, evaluate  # noqa: E402
 from trainer.losses import get_loss  # noqa: E402
 from trainer.model import HistorySampler, TowerModel  # noqa: E402
@@ -218,7 +218,7 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = (RowAdam(list(model.parameters()), lr=cfg.lr) if cfg.sparse
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
-    val_csr = _pairs_csr(data.val_u, data.val_i, data.n_users, data.n_items)
+    val_csr = csr(data.val_u, data.val_i, data.n_users, data.n_items)
     return _Run(data, cfg, model, net, opt, sampler, hard, train_csr, HistorySampler(train_csr, cfg.history_cap),
                 val_csr, PairIndex(val_csr), get_loss(cfg.loss), device, draw_rng)
 
@@ -310,7 +310,7 @@ def _measure(run: _Run, stats: _Stats, users_np: np.ndarray, draws: list[Draw], 
     m_rows = torch.from_numpy(cols.mask[rows])
     stats.add(pos[rows].cpu(), neg[rows].cpu(), m_rows, cols.sources)
     if run.data.val_u.size:
-        fn = _validation_hits(run, users_np[rows], draws, rows) & cols.mask[rows]
+        fn = _validation_hits(run, users_np, draws, rows) & cols.mask[rows]
         stats.n_fn += int(fn.sum())
         stats.n_fn_checked += int(cols.mask[rows].sum())
         col = 0
@@ -321,16 +321,17 @@ def _measure(run: _Run, stats: _Stats, users_np: np.ndarray, draws: list[Draw], 
             col += width
 
 
-def _validation_hits(run: _Run, users: np.ndarray, draws: list[Draw], rows: slice) -> np.ndarray:
-    """Which of these rows' negatives are among their user's validation positives, in the columns'
+def _validation_hits(run: _Run, users_np: np.ndarray, draws: list[Draw], rows: slice) -> np.ndarray:
+    """Which of the ``rows``' negatives are among their user's validation positives, in the columns'
     order (shared draws, then per-user ones). The shared columns are one item list for every row: a
     column gather from the rows' CSR slice, ~15x cheaper than a sorted-key lookup per (row, column)."""
+    users = users_np[rows]
     blocks = []
     shared = [d.items for d in draws if d.shared]
     if shared:
         blocks.append(run.val_csr[users][:, np.concatenate(shared)].toarray() > 0)
     per_user = [d.items[rows] for d in draws if not d.shared]
-    if per_user:
+    if per_user:  # a few columns per row: look each (row, item) up
         blocks.append(run.val_pairs.contains(users[:, None], np.concatenate(per_user, axis=1)))
     return np.concatenate(blocks, axis=1) if blocks else np.zeros((users.size, 0), dtype=bool)
 
@@ -346,12 +347,6 @@ def _device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: choose cpu or cuda[:N]")
     return device
-
-
-def _pairs_csr(u: np.ndarray, i: np.ndarray, n_users: int, n_items: int) -> Any:
-    from trainer.data import csr
-
-    return csr(u, i, n_users, n_items)
 
 
 def _validate(model: TowerModel, data: Dataset, train_csr: Any, candidates: np.ndarray,
