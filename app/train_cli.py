@@ -56,6 +56,9 @@ TieOpt = Annotated[bool | None, typer.Option(
 PatienceOpt = Annotated[int | None, typer.Option(
     "--patience", min=1, help="Epochs without a better validation score before training stops." + _d(T.patience),
     show_default=False)]
+MinDeltaOpt = Annotated[float | None, typer.Option(
+    "--min-delta", min=0.0, max=1.0, help="An epoch counts as better only when its validation NDCG@10 beats "
+    "the best by this share." + _d(T.min_delta), show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (runs are deterministic).")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch/FAISS threads." + _d(T.threads),
                                                 show_default=False)]
@@ -205,6 +208,7 @@ def train(
     dim: DimOpt = None,
     epochs: EpochsOpt = None,
     patience: PatienceOpt = None,
+    min_delta: MinDeltaOpt = None,
     history_cap: HistoryCapOpt = None,
     tie_history: TieOpt = None,
     seed: SeedOpt = 0,
@@ -238,7 +242,7 @@ def train(
     from trainer import distributed as dist
 
     cfg = _config(seed, logq, progress, strategy=strategy, mix=mix, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
-                  epochs=epochs, patience=patience, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  epochs=epochs, patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
@@ -294,6 +298,7 @@ def evaluate_cmd(
     dim: DimOpt = None,
     epochs: EpochsOpt = None,
     patience: PatienceOpt = None,
+    min_delta: MinDeltaOpt = None,
     history_cap: HistoryCapOpt = None,
     tie_history: TieOpt = None,
     seed: SeedOpt = 0,
@@ -319,7 +324,7 @@ def evaluate_cmd(
     from trainer.report import metric_table
 
     cfg = _config(seed, logq, progress, strategy=strategy, mix=mix, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
-                  epochs=epochs, patience=patience, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  epochs=epochs, patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
@@ -437,6 +442,7 @@ def compare(
     dim: DimOpt = None,
     epochs: EpochsOpt = None,
     patience: PatienceOpt = None,
+    min_delta: MinDeltaOpt = None,
     history_cap: HistoryCapOpt = None,
     tie_history: TieOpt = None,
     seed: SeedOpt = 0,
@@ -469,7 +475,7 @@ def compare(
     rows, histories, results = [], {}, {}
     for name in names:
         cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs,
-                      patience=patience, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature)
+                      patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature)
         typer.echo(f"training {name} ...", err=True)
         r = evaluate_run(data, cfg)
         rows.append((name, r.test, r.seconds))

@@ -55,6 +55,10 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     patience: int = 3
+    # an epoch counts as better only when its validation NDCG@10 beats the best by this share: smaller
+    # gains are within the noise of the validation sample, and every epoch spent on them is paid twice,
+    # in selection and in the final fit (docs/benchmarks.md, "min_delta")
+    min_delta: float = 0.005
     sparse: bool = True  # sparse embedding gradients + lazy Adam (trainer/optim.py): cost ∝ rows touched
     hard_warmup_epochs: int = 3
     val_max_users: int = 5000

@@ -130,16 +130,19 @@ class _Run:
 
 
 class EarlyStopping:
-    """Keeps the best epoch's weights; says stop after ``patience`` epochs without a better score."""
+    """Keeps the best epoch's weights; says stop after ``patience`` epochs without a better score.
 
-    def __init__(self, model: TowerModel, patience: int) -> None:
-        self.model, self.patience = model, patience
+    Better means more than ``min_delta`` (a share) above the best so far, so that a plateau of noise-sized
+    gains ends training instead of extending it; the best epoch is the one that last cleared that bar."""
+
+    def __init__(self, model: TowerModel, patience: int, min_delta: float = 0.0) -> None:
+        self.model, self.patience, self.min_delta = model, patience, min_delta
         self.score, self.epoch, self.val, self.bad = -1.0, 0, {}, 0
         self.state: dict[str, Any] = copy.deepcopy(model.state_dict())
 
     def update(self, epoch: int, score: float, val: dict[str, float]) -> bool:
         """Record an epoch's score; True when training should stop."""
-        if score > self.score or epoch == 1:
+        if epoch == 1 or score > self.score * (1 + self.min_delta):
             self.score, self.epoch, self.val, self.bad = score, epoch, val, 0
             self.state = copy.deepcopy(self.model.state_dict())
             return False
@@ -167,7 +170,7 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     candidates = data.candidates()
     has_val = data.val_u.size > 0
     history: list[dict[str, Any]] = []
-    stopper = EarlyStopping(run.model, cfg.patience)
+    stopper = EarlyStopping(run.model, cfg.patience, cfg.min_delta)
     for epoch in range(1, cfg.epochs + 1):
         stats, seconds, sampling = _epoch(run, rng.permutation(n_train), steps_per_epoch, epoch, rank, world)
         run.model.eval()

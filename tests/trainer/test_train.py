@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from trainer.config import SamplerConfig, TrainConfig
 from trainer.data import build_dataset
 from trainer.pipeline import run
-from trainer.train import fit
+from trainer.train import EarlyStopping, fit
 
 FAST = dict(epochs=6, batch_size=256, threads=1, progress=False, patience=2)
 
@@ -97,3 +98,16 @@ def test_exported_queries_are_the_training_logits_by_the_shared_rule(data, tower
     assert items.shape[1] == users.shape[1] == model.dim + 1 and np.all(users[:, -1] == 1)  # the item-bias column
     if tower != "free":
         assert result.best_val["ndcg@10"] > 0.1  # pooled histories learn the planted clusters too
+
+
+def test_early_stopping_counts_only_gains_above_min_delta() -> None:
+    """A plateau of gains below ``min_delta`` ends training; the best epoch is the last that cleared it."""
+    model = torch.nn.Linear(2, 1)
+    stop = EarlyStopping(model, patience=2, min_delta=0.01)
+    scores = [0.100, 0.110, 0.1105, 0.1108, 0.2]  # epochs 3 and 4 gain < 1% over epoch 2's 0.110
+    stopped = [stop.update(epoch, s, {"ndcg@10": s}) for epoch, s in enumerate(scores[:4], 1)]
+    assert stopped == [False, False, False, True]
+    assert (stop.epoch, stop.score) == (2, 0.110)
+    plain = EarlyStopping(model, patience=2)  # min_delta 0: any gain counts
+    assert [plain.update(e, s, {}) for e, s in enumerate(scores[:4], 1)] == [False] * 4
+    assert plain.epoch == 4
