@@ -135,7 +135,7 @@ class EarlyStopping:
     Better means more than ``min_delta`` (a share) above the best so far, so that a plateau of noise-sized
     gains ends training instead of extending it; the best epoch is the one that last cleared that bar."""
 
-    def __init__(self, model: TowerModel, patience: int, min_delta: float = 0.0) -> None:
+    def __init__(self, model: torch.nn.Module, patience: int, min_delta: float = 0.0) -> None:
         self.model, self.patience, self.min_delta = model, patience, min_delta
         self.score, self.epoch, self.val, self.bad = -1.0, 0, {}, 0
         self.state: dict[str, Any] = copy.deepcopy(model.state_dict())
