@@ -53,6 +53,9 @@ HistoryCapOpt = Annotated[int | None, typer.Option(
 TieOpt = Annotated[bool | None, typer.Option(
     "--tie-history/--own-history", help="Pooled tower: pool the item vectors themselves, or a history table "
     "of its own." + _d(T.tie_history), show_default=False)]
+MaskKnownOpt = Annotated[bool | None, typer.Option(
+    "--mask-known/--no-mask-known", help="Leave out of each row's negatives the items its user already has "
+    "(they are positives, not negatives)." + _d(T.mask_known), show_default=False)]
 PatienceOpt = Annotated[int | None, typer.Option(
     "--patience", min=1, help="Epochs without a better validation score before training stops." + _d(T.patience),
     show_default=False)]
@@ -135,8 +138,9 @@ def _config(seed: int, logq: bool, progress: bool, **given: Any) -> TrainConfig:
         given["hard_warmup_epochs"] = given.pop("hard_warmup")
     if given.get("history_cap") == 0:
         given["history_cap"] = None
-    if "item_bias" in given:
-        given["item_bias"] = bool(given["item_bias"])
+    for flag in ("item_bias", "mask_known"):
+        if flag in given:
+            given[flag] = bool(given[flag])
     return replace(T, seed=seed, logq=logq, progress=progress, sampler=sampler, **given)
 
 
@@ -211,6 +215,7 @@ def train(
     min_delta: MinDeltaOpt = None,
     history_cap: HistoryCapOpt = None,
     tie_history: TieOpt = None,
+    mask_known: MaskKnownOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -242,7 +247,7 @@ def train(
     from trainer import distributed as dist
 
     cfg = _config(seed, logq, progress, strategy=strategy, mix=mix, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
-                  epochs=epochs, patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  epochs=epochs, patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, mask_known=mask_known, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
@@ -301,6 +306,7 @@ def evaluate_cmd(
     min_delta: MinDeltaOpt = None,
     history_cap: HistoryCapOpt = None,
     tie_history: TieOpt = None,
+    mask_known: MaskKnownOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -324,7 +330,7 @@ def evaluate_cmd(
     from trainer.report import metric_table
 
     cfg = _config(seed, logq, progress, strategy=strategy, mix=mix, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
-                  epochs=epochs, patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
+                  epochs=epochs, patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, mask_known=mask_known, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
@@ -445,6 +451,7 @@ def compare(
     min_delta: MinDeltaOpt = None,
     history_cap: HistoryCapOpt = None,
     tie_history: TieOpt = None,
+    mask_known: MaskKnownOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     lr: LrOpt = None,
@@ -475,7 +482,7 @@ def compare(
     rows, histories, results = [], {}, {}
     for name in names:
         cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs,
-                      patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature)
+                      patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, mask_known=mask_known, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature)
         typer.echo(f"training {name} ...", err=True)
         r = evaluate_run(data, cfg)
         rows.append((name, r.test, r.seconds))

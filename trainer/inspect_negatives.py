@@ -177,6 +177,8 @@ def draw_negatives(ckpt: Checkpoint, user_id: str, strategy: str = TRAINED, n: i
         "easy_margin": EASY_MARGIN,
         "easy_share": float((got < mean_pos - EASY_MARGIN).mean()) if got.size and mean_pos is not None else None,
         "known_positive_share": float(np.mean([x["known_positive"] for x in negatives])) if negatives else None,
+        # training leaves these out of its loss (TrainConfig.mask_known); older checkpoints did not
+        "known_positives_masked": bool((ckpt.manifest.get("config") or {}).get("mask_known", False)),
         "median_rank": float(np.median([x["rank"] for x in negatives])) if negatives else None,
         "n_items": int(scores.size),
     }

@@ -161,7 +161,9 @@ class Negative(BaseModel):
     rank: int | None = Field(None, description="Rank of the item in the user's full ranking (1 = best).")
     popularity: float | None = Field(None, description="Training interaction count of the item.")
     known_positive: bool | None = Field(
-        None, description="True when the user has interacted with it (a false negative)."
+        None,
+        description="True when the user has interacted with it: a false negative, which training left out "
+        "of its loss when the summary's `known_positives_masked` is true.",
     )
 
 
@@ -184,7 +186,8 @@ class NegativesResponse(BaseModel):
     summary: dict[str, Any] = Field(
         description="Aggregate diagnostics of the draw: `sources` (per source, its draws per training row "
         "and how many are shown), mean score against the user's mean positive score, `easy_share`, "
-        "`known_positive_share`, median rank."
+        "`known_positive_share`, `known_positives_masked` (true: the model was trained with such draws left "
+        "out of its loss, `recsys train --mask-known`, the default), median rank."
     )
 
 

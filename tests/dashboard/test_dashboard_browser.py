@@ -84,6 +84,8 @@ def test_search_opens_the_user_with_recommendations_negatives_and_chart(page, da
     assert history.count() > 0
     negatives = page.locator("#negatives-table tbody tr")
     assert negatives.count() > 0
+    # the model was trained with the default mask: the page says what became of the known positives
+    assert "training leaves them out of its loss" in page.locator("#negatives dl.facts").inner_text()
     chart = page.locator("#negatives svg.chart")
     assert chart.locator(".row-label").first.text_content().startswith("positives (")
     assert chart.locator("circle.dot").count() > negatives.count() // 2

@@ -83,6 +83,7 @@ def test_draw_negatives_report(trained) -> None:  # noqa: ANN001
             assert not any(n["known_positive"] for n in out["negatives"])
             assert min(n["rank"] for n in out["negatives"]) > 5  # skipped top ranks (and positives) never drawn
         assert 0 <= out["summary"]["easy_share"] <= 1
+        assert out["summary"]["known_positives_masked"] is True  # trained with the default mask_known
     hard = draw_negatives(ckpt, user, "hard", 50, seed=0)["summary"]["mean_score"]
     uniform = draw_negatives(ckpt, user, "uniform", 50, seed=0)["summary"]["mean_score"]
     assert hard > uniform

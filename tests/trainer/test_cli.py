@@ -35,6 +35,7 @@ def checkpoint(app: typer.Typer, small_file: Path, tmp_path_factory: pytest.Temp
 def test_train_writes_a_checkpoint(checkpoint: Path) -> None:
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     assert manifest["config"]["sampler"]["strategy"] == "mixed" and manifest["n_users"] == 300
+    assert manifest["config"]["mask_known"] is True  # the default: a user's own items are never negatives
 
 
 def test_the_default_ships_a_model_fit_on_every_event(checkpoint: Path) -> None:
@@ -65,6 +66,14 @@ def test_ship_tested_keeps_the_selection_model(app: typer.Typer, small_file: Pat
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert manifest["config"]["shipped"] == "tested"
     assert {d["phase"] for d in manifest["diagnostics"]} == {"selection"}
+
+
+def test_no_mask_known_trains_with_the_users_items_as_negatives(app: typer.Typer, small_file: Path,
+                                                                tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["train", "--events", str(small_file), "--out", str(tmp_path), "--version", "n",
+                                 "--no-mask-known", *FAST])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "n" / "manifest.json").read_text())["config"]["mask_known"] is False
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +12,7 @@ import torch
 from trainer.config import SamplerConfig, TrainConfig
 from trainer.data import build_dataset
 from trainer.pipeline import run
-from trainer.train import EarlyStopping, fit
+from trainer.train import EarlyStopping, _active, _columns, _setup, fit
 
 FAST = dict(epochs=6, batch_size=256, threads=1, progress=False, patience=2)
 
@@ -111,3 +113,21 @@ def test_early_stopping_counts_only_gains_above_min_delta() -> None:
     plain = EarlyStopping(model, patience=2)  # min_delta 0: any gain counts
     assert [plain.update(e, s, {}) for e, s in enumerate(scores[:4], 1)] == [False] * 4
     assert plain.epoch == 4
+
+
+def test_a_rows_own_training_items_are_never_its_shared_negatives(data) -> None:  # noqa: ANN001
+    cfg = TrainConfig(**FAST).for_data(data.median_positives())
+    state = _setup(data, cfg, 1, np.random.default_rng(0), None, None)
+    users, pos = data.train_u[:256], data.train_i[:256]
+    draws = state.sampler.sample(users, pos, state.draw_rng, None, 0)
+    items = np.concatenate([d.items for d in draws if d.shared])  # in-batch (the rows' positives), uniform
+    own = state.train_csr[users][:, items].toarray() > 0
+    own_positive = items[None, :] == pos[:, None]
+    assert (own & ~own_positive).sum() > 100  # the planted clusters make such collisions common
+
+    masked = _columns(state, users, pos, draws, _active(state.sampler, 0)).mask[:, :items.size]
+    assert not masked[own].any() and masked[~own].all()  # exactly the user's own items are left out
+
+    unmasked = _columns(replace(state, cfg=replace(cfg, mask_known=False)), users, pos, draws,
+                        _active(state.sampler, 0)).mask[:, :items.size]
+    assert np.array_equal(unmasked, ~own_positive)  # without the mask: only each row's own positive
