@@ -138,9 +138,8 @@ def _config(seed: int, logq: bool, progress: bool, **given: Any) -> TrainConfig:
         given["hard_warmup_epochs"] = given.pop("hard_warmup")
     if given.get("history_cap") == 0:
         given["history_cap"] = None
-    for flag in ("item_bias", "mask_known"):
-        if flag in given:
-            given[flag] = bool(given[flag])
+    if "item_bias" in given:
+        given["item_bias"] = bool(given["item_bias"])
     return replace(T, seed=seed, logq=logq, progress=progress, sampler=sampler, **given)
 
 

@@ -264,7 +264,9 @@ def _step(run: _Run, idx: np.ndarray, stats: _Stats, measure: bool) -> float:
         with torch.no_grad():
             query = run.model.users(users, bags).cpu().numpy()
     draws = run.sampler.sample(users_np, pos_np, run.draw_rng, query, run.step)
-    cols = _columns(run, users_np, pos_np, draws, active)
+    # the rows' own training items are not negatives (TrainConfig.mask_known; trainer/batch.py)
+    known = run.train_csr[users_np] if run.cfg.mask_known else None
+    cols = assemble(pos_np, draws, [s for s in active if s.prob(pos_np[:1]) is not None], run.cfg.logq, known)
     stats.sampling_seconds += time.perf_counter() - ts
     # one forward through DDP: every embedding row this step touches
     u, iv = run.net(users, bags, torch.from_numpy(cols.lookup).to(device))
@@ -284,20 +286,6 @@ def _step(run: _Run, idx: np.ndarray, stats: _Stats, measure: bool) -> float:
     if measure:  # diagnostics on a fixed share of steps and rows keep them cheap
         _measure(run, stats, users_np, draws, pos.detach(), neg.detach(), cols)
     return float(loss.detach())
-
-
-def _columns(run: _Run, users_np: np.ndarray, pos_np: np.ndarray, draws: list[Draw],
-             active: list[Sampler]) -> Columns:
-    """The step's columns (trainer/batch.py), with each row's user's own training items masked out of
-    the shared negatives when ``mask_known``: an in-batch column is another row's positive, and on dense
-    data a fifth of them belong to the row's own user (ml-100k: 24%, ml-latest-small: 21%; uniform 5-8%)
-    — taught as negatives, they pushed down what the user had chosen (masking: +2.4% and +3.5% NDCG@10,
-    docs/benchmarks.md). Per-user sources need no mask: mined negatives already skip known positives."""
-    cols = assemble(pos_np, draws, [s for s in active if s.prob(pos_np[:1]) is not None], run.cfg.logq)
-    if run.cfg.mask_known and any(d.shared for d in draws):
-        n_shared = sum(width for _, width in cols.shared)
-        cols.mask[:, :n_shared] &= ~_shared_hits(run.train_csr, users_np, draws)
-    return cols
 
 
 def _logits(u: torch.Tensor, iv: torch.Tensor, cols: Columns, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,17 +332,13 @@ def _validation_hits(run: _Run, users_np: np.ndarray, draws: list[Draw], rows: s
     column gather from the rows' CSR slice, ~15x cheaper than a sorted-key lookup per (row, column)."""
     users = users_np[rows]
     blocks = []
-    if any(d.shared for d in draws):
-        blocks.append(_shared_hits(run.val_csr, users, draws))
+    shared = [d.items for d in draws if d.shared]
+    if shared:
+        blocks.append(run.val_csr[users][:, np.concatenate(shared)].toarray() > 0)
     per_user = [d.items[rows] for d in draws if not d.shared]
     if per_user:  # a few columns per row: look each (row, item) up
         blocks.append(run.val_pairs.contains(users[:, None], np.concatenate(per_user, axis=1)))
     return np.concatenate(blocks, axis=1) if blocks else np.zeros((users.size, 0), dtype=bool)
-
-
-def _shared_hits(positives: Any, users: np.ndarray, draws: list[Draw]) -> np.ndarray:
-    """(rows, shared columns): is the column's item one of the row's user's ``positives``?"""
-    return positives[users][:, np.concatenate([d.items for d in draws if d.shared])].toarray() > 0
 
 
 def _device(name: str) -> torch.device:

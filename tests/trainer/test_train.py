@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from trainer.batch import assemble
 from trainer.config import SamplerConfig, TrainConfig
 from trainer.data import build_dataset
 from trainer.pipeline import run
-from trainer.train import EarlyStopping, _active, _columns, _setup, fit
+from trainer.train import EarlyStopping, _active, _setup, fit
 
 FAST = dict(epochs=6, batch_size=256, threads=1, progress=False, patience=2)
 
@@ -125,9 +124,9 @@ def test_a_rows_own_training_items_are_never_its_shared_negatives(data) -> None:
     own_positive = items[None, :] == pos[:, None]
     assert (own & ~own_positive).sum() > 100  # the planted clusters make such collisions common
 
-    masked = _columns(state, users, pos, draws, _active(state.sampler, 0)).mask[:, :items.size]
+    shared = _active(state.sampler, 0)  # in-batch and uniform: both have a global q
+    masked = assemble(pos, draws, shared, known=state.train_csr[users]).mask[:, :items.size]
     assert not masked[own].any() and masked[~own].all()  # exactly the user's own items are left out
 
-    unmasked = _columns(replace(state, cfg=replace(cfg, mask_known=False)), users, pos, draws,
-                        _active(state.sampler, 0)).mask[:, :items.size]
+    unmasked = assemble(pos, draws, shared).mask[:, :items.size]
     assert np.array_equal(unmasked, ~own_positive)  # without the mask: only each row's own positive
