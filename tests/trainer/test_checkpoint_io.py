@@ -35,7 +35,7 @@ def test_round_trip(trained) -> None:  # noqa: ANN001
     assert ckpt.feedback.nnz == result.data.feedback.nnz > 0  # dislike/skip events, kept for serving
     m = ckpt.manifest
     assert m["metrics"]["held_out"]["ndcg@10"] == result.held_out["ndcg@10"]
-    assert m["config"]["temperature"] == 0.2 and m["config"]["shipped"] == "all"
+    assert m["config"]["temperature"] == TrainConfig().temperature and m["config"]["shipped"] == "all"
     assert {d["phase"] for d in m["diagnostics"]} == {"selection", "all"}
     # stored scores are the training logits: [cosine / temperature, 1] . [unit item vector, item bias]
     assert ckpt.tower.bias and ckpt.tower == result.final.model.tower
