@@ -40,7 +40,7 @@ def test_round_trip(trained) -> None:  # noqa: ANN001
     # stored scores are the training logits: [cosine / temperature, 1] . [unit item vector, item bias]
     assert ckpt.tower.bias and ckpt.tower == result.final.model.tower
     assert np.allclose(np.linalg.norm(ckpt.item_embeddings[:, :-1], axis=1), 1, atol=1e-5)
-    assert np.allclose(np.linalg.norm(ckpt.user_embeddings[:, :-1], axis=1), 1 / 0.2, atol=1e-4)
+    assert np.allclose(np.linalg.norm(ckpt.user_embeddings[:, :-1], axis=1), 1 / TrainConfig().temperature, atol=1e-4)
     assert np.all(ckpt.user_embeddings[:, -1] == 1)
     index = ckpt.load_index()
     _, top = index.search(ckpt.user_embeddings[:3], 5)
