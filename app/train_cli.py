@@ -13,7 +13,15 @@ from typing import Annotated, Any
 
 import typer
 
-from trainer.config import FREE_PART_MIN_MEDIAN, LOSSES, STRATEGIES, TOWERS, SamplerConfig, TrainConfig
+from trainer.config import (
+    FREE_PART_MIN_MEDIAN,
+    LOSSES,
+    PRECISIONS,
+    STRATEGIES,
+    TOWERS,
+    SamplerConfig,
+    TrainConfig,
+)
 
 negatives_app = typer.Typer(help="Compare negative-sampling strategies and inspect drawn negatives.",
                             no_args_is_help=True)
@@ -75,6 +83,9 @@ NegOpt = Annotated[int | None, typer.Option(
 TempOpt = Annotated[float | None, typer.Option(
     "--temperature", min=1e-3, help="Softmax temperature of the cosine scores." + _d(T.temperature),
     show_default=False)]
+PrecisionOpt = Annotated[str | None, typer.Option(
+    "--logits-precision", help="The shared negatives' logits product: auto (bfloat16 where the CPU or GPU "
+    "multiplies it natively, else float32), float32 or bfloat16." + _d(T.logits_precision), show_default=False)]
 LogqOpt = Annotated[bool, typer.Option("--logq/--no-logq", help="Apply the logQ correction.")]
 ShipOpt = Annotated[str, typer.Option(
     "--ship", help="all: after choosing the epochs on each user's newest 20%, fit every event and ship that "
@@ -123,6 +134,7 @@ def _config(seed: int, logq: bool, progress: bool, **given: Any) -> TrainConfig:
     _check_choice("--strategy", given.get("strategy"), STRATEGIES)
     _check_choice("--loss", given.get("loss"), LOSSES)
     _check_choice("--tower", given.get("tower"), TOWERS)
+    _check_choice("--logits-precision", given.get("logits_precision"), PRECISIONS)
     _check_choice("--index-type", given.get("index_type"), ("flat", "ivf", "hnsw", "auto"))
     given = {k: v for k, v in given.items() if v is not None}
     if "mix" in given:
@@ -221,6 +233,7 @@ def train(
     batch_size: BatchOpt = None,
     negatives: NegOpt = None,
     temperature: TempOpt = None,
+    logits_precision: PrecisionOpt = None,
     logq: LogqOpt = True,
     alpha: AlphaOpt = None,
     pool: PoolOpt = None,
@@ -247,7 +260,7 @@ def train(
 
     cfg = _config(seed, logq, progress, strategy=strategy, mix=mix, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
                   epochs=epochs, patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, mask_known=mask_known, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
-                  temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
+                  temperature=temperature, logits_precision=logits_precision, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
     cfg = replace(cfg, device=device)
@@ -312,6 +325,7 @@ def evaluate_cmd(
     batch_size: BatchOpt = None,
     negatives: NegOpt = None,
     temperature: TempOpt = None,
+    logits_precision: PrecisionOpt = None,
     logq: LogqOpt = True,
     alpha: AlphaOpt = None,
     pool: PoolOpt = None,
@@ -330,7 +344,7 @@ def evaluate_cmd(
 
     cfg = _config(seed, logq, progress, strategy=strategy, mix=mix, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
                   epochs=epochs, patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, mask_known=mask_known, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
-                  temperature=temperature, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
+                  temperature=temperature, logits_precision=logits_precision, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
     frame, _ = _load(events, fmt)
@@ -457,6 +471,7 @@ def compare(
     batch_size: BatchOpt = None,
     negatives: NegOpt = None,
     temperature: TempOpt = None,
+    logits_precision: PrecisionOpt = None,
     logq: LogqOpt = True,
     progress: ProgressOpt = False,
 ) -> None:
@@ -481,7 +496,7 @@ def compare(
     rows, histories, results = [], {}, {}
     for name in names:
         cfg = _config(seed, logq, progress, strategy=name, loss=loss, tower=tower, dim=dim, epochs=epochs,
-                      patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, mask_known=mask_known, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature)
+                      patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, mask_known=mask_known, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives, temperature=temperature, logits_precision=logits_precision)
         typer.echo(f"training {name} ...", err=True)
         r = evaluate_run(data, cfg)
         rows.append((name, r.test, r.seconds))

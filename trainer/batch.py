@@ -13,6 +13,11 @@ every source that could have drawn it (the balance heuristic of multiple importa
 A shared column can also be in a row's per-user window; that share is left out (an item must land in
 both, and finding it costs a (B, C) membership test per step).
 
+When several rows of a batch belong to one user (dense data: a batch of 1024 rows holds ~340 users on
+ml-latest-small), their shared columns can be scored once per user: ``query_of_row`` maps rows to
+query rows, and the mask and corrections of the shared block then have one row per query (the user's
+own items are masked, which covers each row's positive). Per-user sources need one query per row.
+
 Given ``known`` (the rows' users' training positives), a shared column that is one of the row's user's
 own items is masked too, not only the row's own positive: an in-batch column is another row's positive,
 and on dense data a fifth of them belong to the row's own user (ml-100k 24%, ml-latest-small 21%;
@@ -40,12 +45,17 @@ class Columns:
 
     lookup: np.ndarray  # positives (B), then the shared draws that are not in-batch, then per-user rows
     shared: list[tuple[str, int]]  # (source, width) of the shared blocks, in column order
-    mask: np.ndarray  # (B, C + W): False for accidental hits (a row's own positive) and invalid slots
+    mask: np.ndarray  # (Q, C + W): False for accidental hits (a row's own positive) and invalid slots
     neg_logq: np.ndarray  # (1, C) without per-user columns, else (B, C + W)
     pos_logq: np.ndarray  # (B,)
     live: np.ndarray  # rows that have per-user negatives (their W columns are embedded)
     width: int  # W
     sources: list[tuple[str, int]]  # (source, width) of every block, shared first
+    query_of_row: np.ndarray | None = None  # (B,): the query row that scores each row; None: row b is query b
+
+    def row_mask(self, rows: slice) -> np.ndarray:
+        """The mask of training rows ``rows`` (one mask row per training row)."""
+        return self.mask[rows] if self.query_of_row is None else self.mask[self.query_of_row[rows]]
 
 
 def expected_counts(items: np.ndarray, shared: Sequence[Sampler], batch: int) -> np.ndarray:
@@ -57,17 +67,24 @@ def expected_counts(items: np.ndarray, shared: Sequence[Sampler], batch: int) ->
 
 
 def assemble(positives: np.ndarray, draws: Sequence[Draw], shared_samplers: Sequence[Sampler],
-             logq: bool = True, known: sparse.csr_matrix | None = None) -> Columns:
+             logq: bool = True, known: sparse.csr_matrix | None = None,
+             query_of_row: np.ndarray | None = None) -> Columns:
     """Lay out one batch's draws; ``shared_samplers`` are the active samplers whose q is global;
-    ``known`` (B × items, optional): each row's user's training positives, masked out of the shared columns."""
+    ``known`` (rows × items, optional): each row's user's training positives, masked out of the shared
+    columns. With ``query_of_row``, ``known`` has one row per query and rows share their query's mask."""
     b = positives.size
     shared = [d for d in draws if d.shared]
     per_user = [d for d in draws if not d.shared]
     s_items = np.concatenate([d.items for d in shared]) if shared else np.zeros(0, dtype=np.int64)
     lookup = [positives, *[d.items for d in shared if d.source != "in-batch"]]  # in-batch reuses positives
-    mask = s_items[None, :] != positives[:, None]
-    if known is not None and s_items.size:
-        mask &= ~(known[:, s_items].toarray() > 0)
+    if query_of_row is not None:
+        if known is None or per_user:
+            raise ValueError("rows share a query's columns only with the known mask and no per-user draws")
+        mask = ~(known[:, s_items].toarray() > 0)  # a row's positive is one of its user's known items
+    else:
+        mask = s_items[None, :] != positives[:, None]
+        if known is not None and s_items.size:
+            mask &= ~(known[:, s_items].toarray() > 0)
     if shared_samplers:
         s_count = expected_counts(s_items, shared_samplers, b)
         pos_count = expected_counts(positives, shared_samplers, b)
@@ -94,4 +111,4 @@ def assemble(positives: np.ndarray, draws: Sequence[Draw], shared_samplers: Sequ
         neg_logq, pos_logq = np.zeros((1, 1)), np.zeros(b)
     return Columns(np.concatenate(lookup).astype(np.int64), [(d.source, d.items.shape[-1]) for d in shared],
                    mask, neg_logq.astype(np.float32), pos_logq.astype(np.float32), live, width,
-                   [(d.source, d.items.shape[-1]) for d in (*shared, *per_user)])
+                   [(d.source, d.items.shape[-1]) for d in (*shared, *per_user)], query_of_row)

@@ -16,6 +16,7 @@ LOSSES = ("softmax", "nce", "bpr")
 TOWERS = ("auto", "pooled", "free", "both")
 # "auto": a free vector beside the pooled history once the median user has this many training positives
 FREE_PART_MIN_MEDIAN = 20
+PRECISIONS = ("auto", "float32", "bfloat16")
 STRATEGIES = ("uniform", "popularity", "in-batch", "hard", "feedback", "mixed")
 
 
@@ -65,6 +66,10 @@ class TrainConfig:
     # of the in-batch columns and 5-8% of the uniform ones are such items, taught as dislikes
     mask_known: bool = True
     sparse: bool = True  # sparse embedding gradients + lazy Adam (trainer/optim.py): cost ∝ rows touched
+    # the shared negatives' logits product, a step's largest: "auto" is bfloat16 where the hardware
+    # multiplies it natively (AVX512-BF16 or AMX CPUs, CUDA GPUs that support it; 2.2x faster here, same
+    # NDCG@10 on gowalla and ml-latest-small), else float32; "float32" or "bfloat16" to force one
+    logits_precision: str = "auto"
     hard_warmup_epochs: int = 3
     val_max_users: int = 5000
     diag_every: int = 10  # measure the false-negative rate on every n-th step

@@ -8,6 +8,9 @@ rather than over-penalising the items the sampler favours.
 
 Every loss takes an optional ``weight`` (B,): per-row weights (event-type weights of the positives);
 the loss is then the weighted mean over rows. Without it, the plain mean (bit-identical to before).
+
+Rows of one user can share their negatives' logits: with ``rows`` (B,), ``neg``, ``neg_logq`` and
+``mask`` have one row per query and training row b reads query row ``rows[b]`` (trainer/batch.py).
 """
 
 from __future__ import annotations
@@ -27,58 +30,73 @@ def _reduce(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
 
 
 class _SoftmaxNormaliser(torch.autograd.Function):
-    """log(e^p + Σ_valid e^(s - logq)) per row, written out by hand because it is most of a training
-    step: autograd's version materialises the corrected block, a masked copy, a concatenation and
-    logsumexp's buffers, and as many again backwards. This one makes one (B, C) block, exponentiates it
-    in place (shifted by the row's max, for stability) and keeps it: the gradient is that block times
-    grad / Σ, one more pass (B=1024, C=1536: 3.5 against 7.3 ms for torch.logsumexp on a masked copy)."""
+    """log Σ_valid e^(s - logq) per row (-inf for a row without a valid column), written out by hand
+    because it is most of a training step: autograd's version materialises the corrected block, a
+    masked copy and logsumexp's buffers, and as many again backwards. This one makes one (Q, C) block,
+    exponentiates it in place (shifted by the row's max, for stability) and keeps it: the gradient is
+    that block times grad / Σ, one more pass (B=1024, C=1536: 3.5 against 7.3 ms for torch.logsumexp
+    on a masked copy)."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, pos: torch.Tensor, neg: torch.Tensor,
-                neg_logq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, neg: torch.Tensor, neg_logq: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
         x = torch.sub(neg, neg_logq).masked_fill_(~mask, float("-inf"))
-        top = torch.maximum(x.amax(dim=1), pos)  # ≥ pos: finite even if a row has no valid negative
+        top = x.amax(dim=1)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row without valid columns
         x.sub_(top[:, None]).exp_()
-        e_pos = torch.exp(pos - top)
-        total = x.sum(dim=1).add_(e_pos)
-        ctx.save_for_backward(x, e_pos, total)
+        total = x.sum(dim=1)
+        ctx.save_for_backward(x, total)
         return top + torch.log(total)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, e_pos, total = ctx.saved_tensors  # type: ignore[attr-defined]
-        scale = grad / total
+        x, total = ctx.saved_tensors  # type: ignore[attr-defined]
+        scale = grad / total.clamp(min=1e-30)  # an empty row's sum is 0 and its gradient 0
         # softmax times the incoming gradient; x is spent (a graph is backpropagated once in training)
-        return e_pos * scale, x.mul_(scale[:, None]), None, None
+        return x.mul_(scale[:, None]), None, None
+
+
+def _per_row(neg: torch.Tensor, neg_logq: torch.Tensor, mask: torch.Tensor,
+             rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query-row blocks expanded to one row per training row."""
+    if rows is None:
+        return neg, neg_logq, mask
+    return neg[rows], neg_logq if neg_logq.shape[0] == 1 else neg_logq[rows], mask[rows]
 
 
 def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
-                    mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of the positive against the corrected negatives (mean over rows)."""
+                    mask: torch.Tensor, weight: torch.Tensor | None = None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the positive against the corrected negatives (mean over rows). The negatives'
+    log-sum is computed once per query row and shared by the training rows that read it."""
     p = pos - pos_logq
-    return _reduce(_SoftmaxNormaliser.apply(p, neg, neg_logq, mask) - p, weight)
+    lse = _SoftmaxNormaliser.apply(neg, neg_logq, mask)
+    return _reduce(torch.logaddexp(p, lse if rows is None else lse[rows]) - p, weight)
 
 
 def binary_ns(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
-              mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor, weight: torch.Tensor | None = None,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
     """word2vec's -log σ(s⁺) - mean log σ(-s⁻) on corrected logits (the NCE form of the correction).
 
     The negative term is a mean rather than word2vec's sum so that hundreds of shared negatives do
     not drown the positive.
     """
+    neg, neg_logq, mask = _per_row(neg, neg_logq, mask, rows)
     pos_term = F.softplus(-(pos - pos_logq))
     neg_terms = F.softplus(neg - neg_logq) * mask
     return _reduce(pos_term + neg_terms.sum(1) / mask.sum(1).clamp(min=1), weight)
 
 
 def bpr(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
-        mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        mask: torch.Tensor, weight: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """-log σ(s⁺ - s⁻), each negative weighted by self-normalised importance weights 1/(n·q).
 
     With the correction on, the weights turn the sampler's distribution back into uniform, so the
     loss estimates BPR under uniform negatives whatever sampled them; off, every negative counts equally.
     """
+    neg, neg_logq, mask = _per_row(neg, neg_logq, mask, rows)
     logw = torch.where(mask, -neg_logq.expand_as(neg), float("-inf"))
     w = torch.softmax(logw, dim=1).nan_to_num(0.0)
     return _reduce((w * F.softplus(neg - pos[:, None])).sum(1), weight)

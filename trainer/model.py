@@ -30,33 +30,40 @@ from trainer.towers import UserTower  # noqa: E402
 
 @dataclass
 class Histories:
-    """The history bags of one batch of users, as EmbeddingBag arguments.
+    """The history bags behind one step's query rows, as EmbeddingBag arguments.
 
-    ``items``/``offsets`` hold each distinct user's history once; ``inverse`` maps batch rows to them;
-    ``leave_out`` (optional) is one item per row removed from that row's bag (its positive)."""
+    ``items``/``offsets`` hold each distinct user's history once; ``inverse`` maps query rows to them.
+    ``leave_out`` (optional) are items removed from the query rows ``leave_query`` (a training row's
+    positive, left out of the query that scores it); ``counts`` are the query rows' history lengths
+    after leaving out."""
 
     items: torch.Tensor
     offsets: torch.Tensor
     inverse: torch.Tensor
-    counts: torch.Tensor  # history length per batch row, after leaving out
+    counts: torch.Tensor
     leave_out: torch.Tensor | None = None
+    leave_query: torch.Tensor | None = None
 
     @classmethod
     def of(cls, positives: sparse.csr_matrix, users: np.ndarray, leave_out: np.ndarray | None = None,
-           device: torch.device | str = "cpu") -> Histories:
-        """Bags of ``users``' rows of ``positives``; ``leave_out[b]`` must be one of row b's items."""
+           leave_query: np.ndarray | None = None, device: torch.device | str = "cpu") -> Histories:
+        """Query rows for ``users`` (repeats allowed) from their rows of ``positives``, each item of
+        ``leave_out`` removed from query row ``leave_query`` (default: the i-th from the i-th)."""
         uniq, inverse = np.unique(np.asarray(users, dtype=np.int64), return_inverse=True)
         starts = positives.indptr[uniq].astype(np.int64)
         lens = positives.indptr[uniq + 1].astype(np.int64) - starts
         offsets = np.concatenate(([0], np.cumsum(lens)[:-1])).astype(np.int64)
         flat = np.repeat(starts - offsets, lens) + np.arange(int(lens.sum()), dtype=np.int64)
-        counts = lens[inverse] - (0 if leave_out is None else 1)
+        counts = lens[inverse]
+        if leave_out is not None:
+            leave_query = np.arange(len(users)) if leave_query is None else np.asarray(leave_query, np.int64)
+            counts = counts - np.bincount(leave_query, minlength=len(users))
 
-        def t(x: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+        def t(x: np.ndarray | None, dtype: type = np.int64) -> torch.Tensor | None:
+            return None if x is None else torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(device)
 
-        return cls(t(positives.indices[flat].astype(np.int64)), t(offsets), t(inverse.astype(np.int64)),
-                   t(counts.astype(np.float32)), None if leave_out is None else t(np.asarray(leave_out, np.int64)))
+        return cls(t(positives.indices[flat]), t(offsets), t(inverse), t(counts, np.float32), t(leave_out),
+                   t(leave_query))
 
     def pool_matrix(self, n_items: int) -> tuple[torch.Tensor, sparse.csr_matrix]:
         """(the distinct items of every bag, a bags × those items CSR of ones): the sum of a bag is one
@@ -104,9 +111,13 @@ class HistorySampler:
             self.keys = row_of * positives.shape[1] + positives.indices
 
     def bags(self, users: np.ndarray, leave_out: np.ndarray, rng: np.random.Generator,
-             device: torch.device | str = "cpu") -> Histories:
+             device: torch.device | str = "cpu", row_query: np.ndarray | None = None) -> Histories:
+        """Bags for the query users ``users``; ``leave_out[b]`` is training row b's positive, left out of
+        query ``row_query[b]`` (default: query b). Capped bags are drawn per row (one query per row)."""
         if self.cap is None:
-            return Histories.of(self.positives, users, leave_out, device)
+            return Histories.of(self.positives, users, leave_out, row_query, device)
+        if row_query is not None:
+            raise ValueError("capped history bags are drawn per training row: one query per row")
         p, cap = self.positives, self.cap
         users = np.asarray(users, dtype=np.int64)
         starts = p.indptr[users].astype(np.int64)
@@ -152,7 +163,8 @@ class TowerModel(nn.Module):
         self.positives: sparse.csr_matrix | None = None  # the histories export() pools by default
 
     def users(self, rows: torch.Tensor, histories: Histories | None = None) -> torch.Tensor:
-        """Query vectors (already divided by τ, with the bias's 1), so that users @ items.T are logits."""
+        """Query vectors of the users ``rows`` (already divided by τ, with the bias's 1), so that
+        users @ items.T are logits; ``histories`` has one query row per entry of ``rows``."""
         parts = []
         if self.history is not None:
             if histories is None:
@@ -165,7 +177,7 @@ class TowerModel(nn.Module):
                 s = _PoolSum.apply(self.history(distinct), pool)
             s = s[histories.inverse]
             if histories.leave_out is not None:
-                s = s - self.history(histories.leave_out)
+                s = s.index_add(0, histories.leave_query, self.history(histories.leave_out), alpha=-1)
             n = histories.counts
             scale = torch.where(n > 0, n.clamp(min=1.0) ** -self.tower.pool_exponent, torch.zeros_like(n))
             parts.append(s * scale[:, None])

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from trainer import distributed as dist  # noqa: E402
 from trainer.batch import Columns, assemble  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
+from trainer.config import PRECISIONS, TrainConfig  # noqa: E402
 from trainer.data import Dataset, csr  # noqa: E402
 from trainer.evaluate import dot_scores, evaluate  # noqa: E402
 from trainer.losses import get_loss  # noqa: E402
@@ -126,6 +126,7 @@ class _Run:
     loss_fn: Any
     device: torch.device
     draw_rng: np.random.Generator
+    bf16: bool = False  # the shared logits product in bfloat16 (TrainConfig.logits_precision)
     step: int = 0
 
 
@@ -180,6 +181,7 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
         diag = _diagnostics(epoch, stats, run.sampler, seconds, sampling, n_train, val)
         diag["processes"] = world
         diag["threads"] = torch.get_num_threads()  # what this process's steps really ran on
+        diag["logits_precision"] = "bfloat16" if run.bf16 else "float32"
         history.append(diag)
         if rank == 0:
             _epoch_line(cfg, diag)
@@ -223,7 +225,8 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
     val_csr = csr(data.val_u, data.val_i, data.n_users, data.n_items)
     return _Run(data, cfg, model, net, opt, sampler, hard, train_csr, HistorySampler(train_csr, cfg.history_cap),
-                val_csr, PairIndex(val_csr), get_loss(cfg.loss), device, draw_rng)
+                val_csr, PairIndex(val_csr), get_loss(cfg.loss), device, draw_rng,
+                bf16=_bf16_logits(cfg.logits_precision, device))
 
 
 def _epoch(run: _Run, perm: np.ndarray, steps: int, epoch: int, rank: int,
@@ -253,30 +256,38 @@ def _step(run: _Run, idx: np.ndarray, stats: _Stats, measure: bool) -> float:
     """Draw negatives for the rows ``idx``, score them, one optimiser step; returns the loss."""
     data, device = run.data, run.device
     users_np, pos_np = data.train_u[idx], data.train_i[idx]
-    users = torch.from_numpy(users_np).to(device)
-    # each positive is left out of its own user's history: predict it from the other items
-    bags = run.histories.bags(users_np, pos_np, run.draw_rng, device) if run.model.history is not None else None
     ts = time.perf_counter()
     run.sampler.on_step(run.step, run.model.item_table)
     active = _active(run.sampler, run.step)
+    stats.sampling_seconds += time.perf_counter() - ts
+    # rows of one user share one query and its shared negatives' logits (trainer/batch.py)
+    q_users, row_query = (np.unique(users_np, return_inverse=True) if _shares_queries(run.cfg, active)
+                          else (users_np, None))
+    users = torch.from_numpy(q_users).to(device)
+    # each positive is left out of the query that scores it: predict it from the user's other items
+    bags = (run.histories.bags(q_users, pos_np, run.draw_rng, device, row_query)
+            if run.model.history is not None else None)
+    ts = time.perf_counter()
     query = None
     if any(s.name == "hard" for s in active):  # the current user vectors search the index
         with torch.no_grad():
             query = run.model.users(users, bags).cpu().numpy()
     draws = run.sampler.sample(users_np, pos_np, run.draw_rng, query, run.step)
     # the rows' own training items are not negatives (TrainConfig.mask_known; trainer/batch.py)
-    known = run.train_csr[users_np] if run.cfg.mask_known else None
-    cols = assemble(pos_np, draws, [s for s in active if s.prob(pos_np[:1]) is not None], run.cfg.logq, known)
+    known = run.train_csr[q_users] if run.cfg.mask_known else None
+    cols = assemble(pos_np, draws, [s for s in active if s.prob(pos_np[:1]) is not None], run.cfg.logq, known,
+                    row_query)
     stats.sampling_seconds += time.perf_counter() - ts
     # one forward through DDP: every embedding row this step touches
     u, iv = run.net(users, bags, torch.from_numpy(cols.lookup).to(device))
-    pos, neg = _logits(u, iv, cols, idx.size)
+    rows = None if row_query is None else torch.from_numpy(row_query).to(device)
+    pos, neg = _logits(u, iv, cols, idx.size, rows, run.bf16)
     mask = torch.from_numpy(cols.mask).to(device)
     # pair weights enter as per-row loss weights: measured better than drawing pairs in proportion
     # to their weight (a planted log, all three losses, two seeds; see docs/operations.md)
     row_w = None if data.train_w is None else torch.from_numpy(data.train_w[idx].astype(np.float32)).to(device)
     loss = run.loss_fn(pos, neg, torch.from_numpy(cols.pos_logq).to(device),
-                       torch.from_numpy(cols.neg_logq).to(device), mask, row_w)
+                       torch.from_numpy(cols.neg_logq).to(device), mask, row_w, rows)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
@@ -288,8 +299,16 @@ def _step(run: _Run, idx: np.ndarray, stats: _Stats, measure: bool) -> float:
     return float(loss.detach())
 
 
-def _logits(u: torch.Tensor, iv: torch.Tensor, cols: Columns, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positives' logits (B,) and the negatives' (B, C + W), from the vectors of ``cols.lookup``."""
+def _shares_queries(cfg: TrainConfig, active: list[Sampler]) -> bool:
+    """Rows of one user can share a query when its mask is per user (the known mask), its history is the
+    whole history (capped bags are drawn per row) and every active source's negatives are shared."""
+    return cfg.mask_known and cfg.history_cap is None and all(s.shared for s in active)
+
+
+def _logits(u: torch.Tensor, iv: torch.Tensor, cols: Columns, b: int,
+            rows: torch.Tensor | None = None, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positives' logits (B,) and the negatives' (Q, C + W), from the query vectors ``u`` (Q; row b
+    reads query ``rows[b]``, or b) and the item vectors of ``cols.lookup``."""
     p, rest = iv[:b], iv[b:]
     vecs = []
     for source, width in cols.shared:
@@ -298,31 +317,37 @@ def _logits(u: torch.Tensor, iv: torch.Tensor, cols: Columns, b: int) -> tuple[t
         else:
             vecs.append(rest[:width])
             rest = rest[width:]
-    neg = u @ torch.cat(vecs).T if vecs else u.new_zeros(b, 0)  # shared: one (B, C) matmul
-    if cols.width:
+    if not vecs:
+        neg = u.new_zeros(u.shape[0], 0)
+    elif bf16:  # the largest product of a step: half the time where the CPU multiplies bfloat16 natively
+        neg = (u.bfloat16() @ torch.cat(vecs).bfloat16().T).float()
+    else:
+        neg = u @ torch.cat(vecs).T  # shared: one (Q, C) matmul
+    if cols.width:  # per-user columns: one query per row
         live = torch.from_numpy(cols.live).to(u.device)
         block = torch.zeros(b, cols.width, device=u.device)
         block = block.index_put((live,), torch.einsum("bd,bnd->bn", u[live],
                                                       rest.reshape(live.numel(), cols.width, -1)))
         neg = torch.cat([neg, block], 1)
-    return (u * p).sum(1), neg
+    return ((u if rows is None else u[rows]) * p).sum(1), neg
 
 
 def _measure(run: _Run, stats: _Stats, users_np: np.ndarray, draws: list[Draw], pos: torch.Tensor,
              neg: torch.Tensor, cols: Columns) -> None:
     """Scores, informative and false-negative rates on the first 256 rows (a fair sample: rows are shuffled)."""
     rows = slice(0, min(users_np.size, 256))
-    m_rows = torch.from_numpy(cols.mask[rows])
-    stats.add(pos[rows].cpu(), neg[rows].cpu(), m_rows, cols.sources)
+    mask = cols.row_mask(rows)
+    neg_rows = neg[rows] if cols.query_of_row is None else neg[torch.from_numpy(cols.query_of_row[rows])]
+    stats.add(pos[rows].cpu(), neg_rows.cpu(), torch.from_numpy(mask), cols.sources)
     if run.data.val_u.size:
-        fn = _validation_hits(run, users_np, draws, rows) & cols.mask[rows]
+        fn = _validation_hits(run, users_np, draws, rows) & mask
         stats.n_fn += int(fn.sum())
-        stats.n_fn_checked += int(cols.mask[rows].sum())
+        stats.n_fn_checked += int(mask.sum())
         col = 0
         for name, width in cols.sources:  # per source: are mined negatives more often a user's next items?
             acc = stats.fn_by_source.setdefault(name, [0, 0])
             acc[0] += int(fn[:, col:col + width].sum())
-            acc[1] += int(cols.mask[rows, col:col + width].sum())
+            acc[1] += int(mask[:, col:col + width].sum())
             col += width
 
 
@@ -339,6 +364,19 @@ def _validation_hits(run: _Run, users_np: np.ndarray, draws: list[Draw], rows: s
     if per_user:  # a few columns per row: look each (row, item) up
         blocks.append(run.val_pairs.contains(users[:, None], np.concatenate(per_user, axis=1)))
     return np.concatenate(blocks, axis=1) if blocks else np.zeros((users.size, 0), dtype=bool)
+
+
+def _bf16_logits(precision: str, device: torch.device) -> bool:
+    """Whether the shared logits product runs in bfloat16: forced, or ("auto") where the hardware has it
+    natively; elsewhere torch emulates bfloat16 and the product gets slower, not faster."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown logits precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision == "bfloat16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    native = [getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in native)
 
 
 def _device(name: str) -> torch.device:

@@ -37,3 +37,30 @@ def test_no_cap_is_the_whole_history() -> None:
     positives = csr(np.array([0, 0, 0, 1]), np.array([1, 2, 3, 2]), 2, 4)
     bags = HistorySampler(positives, None).bags(np.array([0, 1]), np.array([2, 2]), np.random.default_rng(0))
     assert bags.counts.tolist() == [2.0, 0.0] and bags.leave_out.tolist() == [2, 2]
+
+
+def test_a_shared_query_leaves_out_every_positive_its_rows_score() -> None:
+    """Rows of one user share one query (trainer/train.py: _step): it pools the user's history without
+    any of the positives those rows predict, so no row sees its own positive."""
+    import torch
+
+    from trainer.model import Histories, TowerModel
+    from trainer.towers import UserTower, finish, pool
+
+    rng = np.random.default_rng(0)
+    n_users, n_items = 5, 40
+    u = rng.integers(0, n_users, 150)
+    i = rng.integers(0, n_items, 150)
+    positives = csr(u, i, n_users, n_items)
+    row_u = positives.nonzero()[0][::3]  # training rows: several per user
+    row_i = positives.nonzero()[1][::3]
+    users, row_query = np.unique(row_u, return_inverse=True)
+    tower = UserTower(temperature=0.2, free=False, pooled=True, bias=False)
+    model = TowerModel(n_users, n_items, 8, tower=tower, tie_history=True)
+    with torch.no_grad():
+        q = model.users(torch.from_numpy(users), Histories.of(positives, users, row_i, row_query)).numpy()
+    table = model.item.weight.detach().numpy()
+    for k, user in enumerate(users):
+        history = set(positives.indices[positives.indptr[user]:positives.indptr[user + 1]].tolist())
+        kept = sorted(history - set(row_i[row_query == k].tolist()))
+        np.testing.assert_allclose(q[k], finish(tower, pool(table, np.array(kept), 0.5)), atol=1e-5)

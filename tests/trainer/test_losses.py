@@ -79,3 +79,27 @@ def test_softmax_value_and_gradients_match_autograd_of_its_definition() -> None:
         for ours, ref in zip(*grads, strict=True):
             assert torch.allclose(ours, ref, atol=1e-6), (ours, ref)
         assert torch.isfinite(grads[0][2]).all() and (grads[0][2][~mask] == 0).all()
+
+
+def test_rows_that_share_a_query_read_its_negatives_as_if_each_had_its_own_copy() -> None:
+    """Rows of one user score their shared negatives once per user (``rows``): the same loss and the same
+    gradients as copying that user's logits, corrections and mask to each of its rows."""
+    g = torch.Generator().manual_seed(3)
+    q, b, c = 4, 9, 7
+    rows = torch.tensor([0, 0, 1, 2, 2, 2, 3, 1, 0])
+    mask = torch.rand(q, c, generator=g) > 0.3
+    mask[3] = False  # a user without any valid negative
+    neg_logq, pos_logq, weight = torch.randn(1, c, generator=g), torch.randn(b, generator=g), torch.rand(b, generator=g)
+    for name in ("softmax", "nce", "bpr"):
+        results = []
+        for shared in (True, False):
+            pos = torch.randn(b, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            neg = torch.randn(q, c, generator=torch.Generator().manual_seed(2)).requires_grad_()
+            if shared:
+                loss = get_loss(name)(pos, neg, pos_logq, neg_logq, mask, weight, rows)
+            else:
+                loss = get_loss(name)(pos, neg[rows], pos_logq, neg_logq, mask[rows], weight)
+            loss.backward()
+            results.append((loss.detach(), pos.grad, neg.grad))
+        for ours, ref in zip(*results, strict=True):
+            assert torch.allclose(ours, ref, atol=1e-6), (name, ours, ref)

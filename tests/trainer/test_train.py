@@ -130,3 +130,20 @@ def test_a_rows_own_training_items_are_never_its_shared_negatives(data) -> None:
 
     unmasked = assemble(pos, draws, shared).mask[:, :items.size]
     assert np.array_equal(unmasked, ~own_positive)  # without the mask: only each row's own positive
+    # rows of one user sharing a query get that user's mask: the same as each row's own
+    q_users, row_query = np.unique(users, return_inverse=True)
+    shared_cols = assemble(pos, draws, shared, known=state.train_csr[q_users], query_of_row=row_query)
+    assert shared_cols.mask.shape == (q_users.size, shared_cols.mask.shape[1])
+    assert np.array_equal(shared_cols.row_mask(slice(0, users.size)), assemble(pos, draws, shared,
+                                                                                known=state.train_csr[users]).mask)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_logits_product_learns_in_either_precision(data, precision: str) -> None:  # noqa: ANN001
+    """bfloat16 halves the largest product of a step where the CPU has it natively ("auto"); either
+    precision finds the planted clusters, and the run records which one it used."""
+    result = fit(data, TrainConfig(**{**FAST, "logits_precision": precision}))
+    assert result.history[-1]["logits_precision"] == precision
+    assert result.best_val["ndcg@10"] > 0.1
+    with pytest.raises(ValueError, match="logits precision"):
+        fit(data, TrainConfig(**{**FAST, "logits_precision": "float16"}))
