@@ -18,6 +18,7 @@ from dataclasses import dataclass
 # other and a training step got 7x slower (measured); set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -79,21 +80,35 @@ class Histories:
         return torch.from_numpy(rows).to(self.items.device), pool
 
 
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _sum_rows(indptr: np.ndarray, cols: np.ndarray, vectors: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """Row b of the result is the sum of ``vectors[cols[indptr[b]:indptr[b + 1]]]``: a CSR matrix of ones
+    times ``vectors``, threads over rows (scipy's product is one thread and multiplies by the ones)."""
+    out = np.zeros((indptr.size - 1, vectors.shape[1]), dtype=vectors.dtype)
+    for b in numba.prange(indptr.size - 1):
+        for k in range(indptr[b], indptr[b + 1]):
+            c = cols[k]
+            for j in range(vectors.shape[1]):
+                out[b, j] += vectors[c, j]
+    return out
+
+
 class _PoolSum(torch.autograd.Function):
-    """``pool @ vectors`` with scipy on the CPU. embedding_bag's backward writes one gradient row per bag
-    entry (every item of every history in the batch), which the optimiser must then coalesce; here the
-    gradient is ``pool.T @ grad``, one row per distinct item (ml-latest-small: ~80k entries, ~8k items)."""
+    """``pool @ vectors`` on the CPU for a CSR ``pool`` of ones. embedding_bag's backward writes one
+    gradient row per bag entry (every item of every history in the batch), which the optimiser must then
+    coalesce; here the gradient is ``pool.T @ grad``, one row per distinct item (ml-latest-small: ~80k
+    entries, ~8k items), by the same row-sum kernel over the transposed matrix."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, vectors: torch.Tensor,
                 pool: sparse.csr_matrix) -> torch.Tensor:
         ctx.pool = pool
-        return torch.from_numpy(np.asarray(pool @ vectors.detach().numpy(), dtype=np.float32))
+        return torch.from_numpy(_sum_rows(pool.indptr, pool.indices, vectors.detach().contiguous().numpy()))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        pool: sparse.csr_matrix = ctx.pool  # type: ignore[attr-defined]
-        return torch.from_numpy(np.asarray(pool.T @ grad.contiguous().numpy(), dtype=np.float32)), None
+        t = ctx.pool.T.tocsr()  # type: ignore[attr-defined]
+        return torch.from_numpy(_sum_rows(t.indptr, t.indices, grad.contiguous().numpy())), None
 
 
 class HistorySampler:
