@@ -254,6 +254,7 @@ def train(
 
     With --nproc N the command re-runs itself as N ranks under torchrun; rank 0 writes the checkpoint.
     """
+    import os
     import sys
 
     from trainer import distributed as dist
@@ -283,7 +284,11 @@ def train(
     result = _run(frame, cfg, ship=ship, init_state=init_state, watermark=watermark)
     if not dist.is_main():  # rank 0 writes the checkpoint and reports
         dist.shutdown()
-        return
+        # this rank's work is done: skip the interpreter's teardown, where a native thread (gloo's,
+        # OpenMP's or numba's) aborted a finished rank about once in 50 two-process runs
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     from trainer.checkpoint import CheckpointError
     from trainer.pipeline import save
 

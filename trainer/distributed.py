@@ -66,7 +66,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank that tore its connections down while rank 0 was still
+    writing the checkpoint sometimes died at exit (gloo: "terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 # other and a training step got 7x slower (measured); set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -26,6 +25,7 @@ from scipy import sparse  # noqa: E402
 from torch import nn  # noqa: E402
 
 from trainer import towers  # noqa: E402
+from trainer.kernels import set_threads, sum_rows  # noqa: E402
 from trainer.towers import UserTower  # noqa: E402
 
 
@@ -80,19 +80,6 @@ class Histories:
         return torch.from_numpy(rows).to(self.items.device), pool
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _sum_rows(indptr: np.ndarray, cols: np.ndarray, vectors: np.ndarray) -> np.ndarray:  # pragma: no cover
-    """Row b of the result is the sum of ``vectors[cols[indptr[b]:indptr[b + 1]]]``: a CSR matrix of ones
-    times ``vectors``, threads over rows (scipy's product is one thread and multiplies by the ones)."""
-    out = np.zeros((indptr.size - 1, vectors.shape[1]), dtype=vectors.dtype)
-    for b in numba.prange(indptr.size - 1):
-        for k in range(indptr[b], indptr[b + 1]):
-            c = cols[k]
-            for j in range(vectors.shape[1]):
-                out[b, j] += vectors[c, j]
-    return out
-
-
 class _PoolSum(torch.autograd.Function):
     """``pool @ vectors`` on the CPU for a CSR ``pool`` of ones. embedding_bag's backward writes one
     gradient row per bag entry (every item of every history in the batch), which the optimiser must then
@@ -103,12 +90,14 @@ class _PoolSum(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, vectors: torch.Tensor,
                 pool: sparse.csr_matrix) -> torch.Tensor:
         ctx.pool = pool
-        return torch.from_numpy(_sum_rows(pool.indptr, pool.indices, vectors.detach().contiguous().numpy()))
+        set_threads(torch.get_num_threads())
+        return torch.from_numpy(sum_rows(pool.indptr, pool.indices, vectors.detach().contiguous().numpy()))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         t = ctx.pool.T.tocsr()  # type: ignore[attr-defined]
-        return torch.from_numpy(_sum_rows(t.indptr, t.indices, grad.contiguous().numpy())), None
+        set_threads(torch.get_num_threads())
+        return torch.from_numpy(sum_rows(t.indptr, t.indices, grad.contiguous().numpy())), None
 
 
 class HistorySampler:

@@ -18,28 +18,10 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 
-
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _adam_rows(weight: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, rows: np.ndarray,
-               starts: np.ndarray, order: np.ndarray, values: np.ndarray, b1: float, b2: float,
-               step_size: float, eps: float) -> None:  # pragma: no cover - compiled
-    """Row ``rows[k]``'s gradient is the sum of ``values[order[starts[k]:starts[k + 1]]]``; Adam on it."""
-    for k in numba.prange(rows.size):
-        r, s0, s1 = rows[k], starts[k], starts[k + 1]
-        first = order[s0]
-        for j in range(weight.shape[1]):
-            g = values[first, j]
-            for t in range(s0 + 1, s1):
-                g += values[order[t], j]
-            m = b1 * exp_avg[r, j] + (1 - b1) * g
-            v = b2 * exp_avg_sq[r, j] + (1 - b2) * g * g
-            exp_avg[r, j] = m
-            exp_avg_sq[r, j] = v
-            weight[r, j] -= step_size * m / (math.sqrt(v) + eps)
+from trainer.kernels import adam_rows, set_threads
 
 
 def _cpu_step(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], b1: float, b2: float,
@@ -50,8 +32,8 @@ def _cpu_step(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], b1: fl
     order = np.argsort(idx, kind="stable")
     ordered = idx[order]
     starts = np.concatenate(([0], np.flatnonzero(np.diff(ordered)) + 1, [ordered.size]))
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    _adam_rows(p.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(), ordered[starts[:-1]],
+    set_threads(torch.get_num_threads())
+    adam_rows(p.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(), ordered[starts[:-1]],
                starts, order, grad._values().contiguous().numpy(), b1, b2, step_size, eps)
 
 

@@ -1,0 +1,58 @@
+"""The compiled loops of a training step (numba): Adam's update of the touched rows and the pooled
+history's row sums. Each replaced a chain of torch or scipy calls that made a large share of a step
+(trainer/optim.py, trainer/model.py say which and by how much); both run threads over rows, so every
+row's result is the same whatever the thread count.
+
+Threads come from numba's own "workqueue" pool, not its OpenMP one: beside torch's OpenMP runtime a
+two-process training run crashed once in ~30 with the OpenMP pool (a segfault mid-training; scanpy
+saw the same with torch, scverse/scanpy#4026), none with workqueue; OpenMP was ~15% faster on these
+loops. ``NUMBA_THREADING_LAYER`` set in the environment still decides.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numba
+import numpy as np
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` threads (at most numba's pool size) in the next parallel loop."""
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def adam_rows(weight: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, rows: np.ndarray,
+              starts: np.ndarray, order: np.ndarray, values: np.ndarray, b1: float, b2: float,
+              step_size: float, eps: float) -> None:  # pragma: no cover - compiled
+    """Row ``rows[k]``'s gradient is the sum of ``values[order[starts[k]:starts[k + 1]]]``; Adam on it."""
+    for k in numba.prange(rows.size):
+        r, s0, s1 = rows[k], starts[k], starts[k + 1]
+        first = order[s0]
+        for j in range(weight.shape[1]):
+            g = values[first, j]
+            for t in range(s0 + 1, s1):
+                g += values[order[t], j]
+            m = b1 * exp_avg[r, j] + (1 - b1) * g
+            v = b2 * exp_avg_sq[r, j] + (1 - b2) * g * g
+            exp_avg[r, j] = m
+            exp_avg_sq[r, j] = v
+            weight[r, j] -= step_size * m / (math.sqrt(v) + eps)
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def sum_rows(indptr: np.ndarray, cols: np.ndarray, vectors: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """Row b of the result is the sum of ``vectors[cols[indptr[b]:indptr[b + 1]]]``: a CSR matrix of ones
+    times ``vectors``, threads over rows (scipy's product is one thread and multiplies by the ones)."""
+    out = np.zeros((indptr.size - 1, vectors.shape[1]), dtype=vectors.dtype)
+    for b in numba.prange(indptr.size - 1):
+        for k in range(indptr[b], indptr[b + 1]):
+            c = cols[k]
+            for j in range(vectors.shape[1]):
+                out[b, j] += vectors[c, j]
+    return out
