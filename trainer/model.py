@@ -66,6 +66,28 @@ class Histories:
         return cls(t(positives.indices[flat]), t(offsets), t(inverse), t(counts, np.float32), t(leave_out),
                    t(leave_query))
 
+    def head(self, rows: int) -> Histories:
+        """The first ``rows`` query rows alone, with only the bags they use. The hard sampler mines for
+        a quarter of a batch: pooling every row's history to search for that quarter cost a sixth of a
+        step (5M-event epoch, 2 threads)."""
+        if rows >= self.inverse.numel():
+            return self
+        items, offsets = self.items.cpu().numpy(), self.offsets.cpu().numpy()
+        ends = np.append(offsets[1:], items.size)
+        used, inverse = np.unique(self.inverse[:rows].cpu().numpy(), return_inverse=True)
+        lens = ends[used] - offsets[used]
+        starts = np.concatenate(([0], np.cumsum(lens)[:-1])).astype(np.int64)
+        flat = np.repeat(offsets[used] - starts, lens) + np.arange(int(lens.sum()), dtype=np.int64)
+        leave_out = leave_query = None
+        if self.leave_out is not None and self.leave_query is not None:
+            keep = self.leave_query < rows
+            leave_out, leave_query = self.leave_out[keep], self.leave_query[keep]
+
+        def t(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(self.items.device)
+
+        return Histories(t(items[flat]), t(starts), t(inverse), self.counts[:rows], leave_out, leave_query)
+
     def pool_matrix(self, n_items: int) -> tuple[torch.Tensor, sparse.csr_matrix]:
         """(the distinct items of every bag, a bags × those items CSR of ones): the sum of a bag is one
         sparse row times the items' vectors, and its gradient reaches each distinct item once."""

@@ -18,6 +18,7 @@ from scipy import sparse
 
 from trainer.config import STRATEGIES, SamplerConfig
 from trainer.indexes import build_index
+from trainer.kernels import in_rows
 
 
 @dataclass
@@ -36,18 +37,19 @@ class PairIndex:
     """Fast membership test for (user, item) pairs, e.g. "is this sampled negative a known positive?"."""
 
     def __init__(self, matrix: sparse.csr_matrix) -> None:
-        m = sparse.csr_matrix(matrix)
-        self.n_items = int(m.shape[1])
-        rows = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
-        self.keys = np.sort(rows * self.n_items + m.indices.astype(np.int64))
+        m = sparse.csr_matrix(matrix, copy=True)
+        m.sum_duplicates()  # canonical: each row's indices sorted and unique
+        self.indptr, self.indices = m.indptr.astype(np.int64), m.indices.astype(np.int64)
 
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Elementwise membership; users broadcasts against items."""
-        if self.keys.size == 0:
-            return np.zeros(np.broadcast(users, items).shape, dtype=bool)
-        keys = np.asarray(users, dtype=np.int64) * self.n_items + np.asarray(items, dtype=np.int64)
-        pos = np.searchsorted(self.keys, keys)
-        return self.keys[np.minimum(pos, self.keys.size - 1)] == keys
+        u, i = np.broadcast_arrays(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64))
+        if u.size and (u.min() < 0 or u.max() >= self.indptr.size - 1):
+            raise ValueError(f"user rows must lie in [0, {self.indptr.size - 1})")
+        out = np.empty(u.shape, dtype=bool)
+        in_rows(self.indptr, self.indices, np.ascontiguousarray(u).ravel(), np.ascontiguousarray(i).ravel(),
+                out.reshape(-1))
+        return out
 
 
 class Sampler:

@@ -272,9 +272,11 @@ def _step(run: _Run, idx: np.ndarray, stats: _Stats, measure: bool) -> float:
             if run.model.history is not None else None)
     ts = time.perf_counter()
     query = None
-    if any(s.name == "hard" for s in active):  # the current user vectors search the index
+    hard = [s for s in active if s.name == "hard"]
+    if hard:  # the current vectors of the users whose rows are mined (the first max_rows) search the index
+        mined = min(q_users.size, max(s.max_rows or q_users.size for s in hard))
         with torch.no_grad():
-            query = run.model.users(users, bags).cpu().numpy()
+            query = run.model.users(users[:mined], None if bags is None else bags.head(mined)).cpu().numpy()
     draws = run.sampler.sample(users_np, pos_np, run.draw_rng, query, run.step)
     # the rows' own training items are not negatives (TrainConfig.mask_known; trainer/batch.py)
     known = run.train_csr[q_users] if run.cfg.mask_known else None

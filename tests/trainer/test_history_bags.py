@@ -14,14 +14,17 @@ def _bags(bags, rows: int) -> list[list[int]]:  # noqa: ANN001 - trainer.model.H
     return [items[offsets[inverse[b]]:offsets[inverse[b] + 1]].tolist() for b in range(rows)]
 
 
+def _batch(rng: np.random.Generator, n_users: int, n_items: int, events: int, rows: int):  # noqa: ANN202
+    """A random log's positives and a batch of its rows: (positives, the rows' users, their positives)."""
+    u = rng.integers(0, n_users, events)
+    i = rng.integers(0, n_items, events)
+    picked = rng.integers(0, u.size, rows)
+    return csr(u, i, n_users, n_items), u[picked], i[picked]
+
+
 def test_capped_bags_leave_the_positive_out_and_draw_only_the_users_items() -> None:
     rng = np.random.default_rng(0)
-    n_users, n_items = 30, 200
-    u = rng.integers(0, n_users, 3000)
-    i = rng.integers(0, n_items, 3000)
-    positives = csr(u, i, n_users, n_items)
-    rows = rng.integers(0, u.size, 500)
-    users, leave_out = u[rows], i[rows]
+    positives, users, leave_out = _batch(rng, 30, 200, 3000, 500)
     for cap in (3, 8, 1000):
         bags = HistorySampler(positives, cap).bags(users, leave_out, rng)
         got = _bags(bags, users.size)
@@ -64,3 +67,24 @@ def test_a_shared_query_leaves_out_every_positive_its_rows_score() -> None:
         history = set(positives.indices[positives.indptr[user]:positives.indptr[user + 1]].tolist())
         kept = sorted(history - set(row_i[row_query == k].tolist()))
         np.testing.assert_allclose(q[k], finish(tower, pool(table, np.array(kept), 0.5)), atol=1e-5)
+
+
+def test_the_head_of_the_bags_makes_the_first_rows_queries() -> None:
+    """The hard sampler searches with the first rows' queries only (Histories.head): the same vectors
+    as those rows of the whole batch's queries, for whole and capped histories."""
+    import torch
+
+    from trainer.model import TowerModel
+    from trainer.towers import UserTower
+
+    rng = np.random.default_rng(1)
+    positives, users, leave_out = _batch(rng, 40, 120, 2000, 300)
+    tower = UserTower(temperature=0.2, free=True, pooled=True, bias=False)
+    model = TowerModel(40, 120, 8, tower=tower)
+    for cap in (None, 5):
+        bags = HistorySampler(positives, cap).bags(users, leave_out, rng)
+        with torch.no_grad():
+            whole = model.users(torch.from_numpy(users), bags).numpy()
+            for head in (1, 77, 300, 400):
+                part = model.users(torch.from_numpy(users[:head]), bags.head(head)).numpy()
+                np.testing.assert_allclose(part, whole[:head], atol=1e-6)

@@ -20,3 +20,24 @@ def test_row_sums_are_the_csr_product_with_any_thread_count() -> None:
         results.append(sum_rows(pool.indptr, pool.indices, vectors))
     np.testing.assert_allclose(results[0], pool @ vectors, rtol=1e-5, atol=1e-5)
     assert np.array_equal(results[0], results[1]) and not results[0][7].any()
+
+
+def test_pair_membership_matches_the_matrix() -> None:
+    """PairIndex.contains (the in_rows kernel) against the matrix itself, duplicates and empty rows
+    included, with broadcasting as the samplers use it."""
+    from scipy import sparse
+
+    from trainer.samplers import PairIndex
+
+    rng = np.random.default_rng(3)
+    n_users, n_items = 50, 300
+    u, i = rng.integers(0, n_users, 2000), rng.integers(0, n_items, 2000)
+    u[u == 7] = 8  # row 7 stays empty
+    m = sparse.csr_matrix((np.ones(u.size), (u, i)), shape=(n_users, n_items))  # repeats are summed
+    index = PairIndex(m)
+    users = rng.integers(0, n_users, 400)
+    items = rng.integers(0, n_items, (400, 30))
+    dense = m.toarray() > 0
+    assert np.array_equal(index.contains(users[:, None], items), dense[users[:, None], items])
+    assert not index.contains(np.array([7]), np.arange(n_items)).any()
+    assert index.contains(np.array([], dtype=np.int64), np.array([], dtype=np.int64)).shape == (0,)
