@@ -107,6 +107,7 @@ class GroupCommitter:
         self._outage = False
         self._ids = IdCache()  # internal user and item ids, kept across commits
         self._conn: Connection | None = None
+        self._autocommit: Connection | None = None
         self._thread: threading.Thread | None = None
 
     # --- the request side (event loop) ---------------------------------------------------------------
@@ -241,9 +242,12 @@ class GroupCommitter:
                     rows.append(row)  # an id repeated by a later request of the group is its duplicate
         start = time.perf_counter()
         try:
-            conn = self._connection()
-            with conn.begin():
-                new = insert_new_events(conn, rows, self._ids)
+            if self._ids.one_statement(rows):  # committed by the database as it runs: no BEGIN, no COMMIT
+                new = insert_new_events(self._connection(autocommit=True), rows, self._ids)
+            else:
+                conn = self._connection()
+                with conn.begin():
+                    new = insert_new_events(conn, rows, self._ids)
         except BaseException:
             self._ids = IdCache()  # ids created in the rolled-back transaction do not exist
             self._drop_connection()
@@ -253,19 +257,26 @@ class GroupCommitter:
         for event_id in new:
             owner[event_id].accepted += 1
 
-    def _connection(self) -> Connection:
-        """The committer's own connection, kept between groups: a pool checkout pings the server first,
-        one more round trip per commit."""
+    def _connection(self, autocommit: bool = False) -> Connection:
+        """The committer's own connections, kept between groups: a pool checkout pings the server first,
+        one more round trip per commit. The autocommit one writes a group that is a single statement
+        (the usual case: known users and items, a few events), so that PostgreSQL commits it in the
+        statement's own round trip instead of three (BEGIN, INSERT, COMMIT)."""
+        if autocommit:
+            if self._autocommit is None:
+                self._autocommit = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            return self._autocommit
         if self._conn is None:
             self._conn = self._engine.connect()
         return self._conn
 
     def _drop_connection(self) -> None:
-        """After a failure: the next group starts on a fresh connection (a broken one is discarded)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        """After a failure: the next group starts on fresh connections (a broken one is discarded)."""
+        for conn in (self._conn, self._autocommit):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        self._conn = self._autocommit = None
 
     @staticmethod
     def _resolve(group: list[_Pending]) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from app.db.models import Event, Item, User
 
 CHUNK = 5000
+VALUES_MAX = 100  # up to this many events, one INSERT … VALUES; PostgreSQL COPYs larger batches
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "type", "value", "event_id")
 
 
@@ -141,7 +142,7 @@ def _insert_records(
     Plain driver SQL, one statement per ``CHUNK`` rows: SQLAlchemy's per-row parameter handling cost
     more than the database's own work for the HTTP path's small groups.
     """
-    if conn.dialect.name == "postgresql" and len(records) > 100:
+    if conn.dialect.name == "postgresql" and len(records) > VALUES_MAX:
         return _copy_events_postgres(conn, records, progress, new)
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     inserted = 0
@@ -308,6 +309,13 @@ class IdCache:
         still = [w for w in missing if w not in cache]
         if still:
             cache.update((upsert_users if model is User else upsert_items)(conn, still))
+
+    def one_statement(self, rows: list[dict[str, Any]]) -> bool:
+        """Whether ``insert_new_events`` will write ``rows`` in a single statement: every user and item
+        is cached (no lookup, no upsert) and the rows fit one INSERT … VALUES."""
+        users, items = self.users, self.items
+        return (len(rows) <= VALUES_MAX and len(users) + len(items) <= self.limit
+                and all(r["user_id"] in users and r["item_id"] in items for r in rows))
 
     def resolve(self, conn: Connection, users: set[str], items: set[str]) -> None:
         if len(self.users) + len(self.items) > self.limit:

@@ -229,3 +229,33 @@ def test_full_queue_and_stalled_commits_answer_503(tmp_path: Path) -> None:
                 assert c.post("/v1/events", json=batch).json() == {"received": 10, "accepted": 10, "duplicates": 0}
     finally:
         srv.stop()
+
+
+def test_known_users_and_items_are_written_in_one_autocommitted_statement(db_url: str) -> None:
+    """The committer's short path (app/api/ingest.py): a group whose users and items the worker knows is
+    one INSERT on an autocommit connection; it stores and names exactly the new events, on both backends."""
+    from app.db.events import VALUES_MAX, IdCache, insert_new_events
+    from app.db.migrate import upgrade
+
+    def row(event_id: str, user: str, item: str) -> dict:
+        return {"event_id": event_id, "user_id": user, "item_id": item, "type": "view", "value": None,
+                "timestamp": 1.0}
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    ids = IdCache()
+    try:
+        first = [row("e1", "u1", "i1"), row("e2", "u2", "i2")]
+        assert not ids.one_statement(first)  # unknown users and items: looked up and created in a transaction
+        with engine.connect() as conn, conn.begin():
+            assert insert_new_events(conn, first, ids) == {"e1", "e2"}
+        again = [row("e2", "u2", "i2"), row("e3", "u1", "i2")]
+        assert ids.one_statement(again)
+        assert not ids.one_statement([*again, row("e4", "u1", "new item")])
+        assert not ids.one_statement([row(f"x{k}", "u1", "i1") for k in range(VALUES_MAX + 1)])
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            assert insert_new_events(conn, again, ids) == {"e3"}  # e2 was stored already
+        with engine.connect() as conn:  # committed: another connection reads it
+            assert conn.scalar(select(func.count()).select_from(Event)) == 3
+    finally:
+        engine.dispose()
