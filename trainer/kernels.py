@@ -1,7 +1,8 @@
 """The compiled loops of a training step (numba): Adam's update of the touched rows, the pooled
-history's row sums and the (user, item) membership test of the false-negative guards. Each replaced a chain of torch or scipy calls that made a large share of a step
-(trainer/optim.py, trainer/model.py say which and by how much); both run threads over rows, so every
-row's result is the same whatever the thread count.
+history's row sums and the (user, item) membership test of the false-negative guards. Each replaced
+numpy, torch or scipy calls that made a large share of a step (trainer/optim.py, trainer/model.py and
+``in_rows`` say which and by how much). The first two run threads over rows, so every row's result is
+the same whatever the thread count; the membership test is one thread (a batch's lookups take ~0.6 ms).
 
 Threads come from numba's own "workqueue" pool, not its OpenMP one: beside torch's OpenMP runtime a
 two-process training run crashed once in ~30 with the OpenMP pool (a segfault mid-training; scanpy
