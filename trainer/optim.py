@@ -34,7 +34,7 @@ def _cpu_step(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], b1: fl
     starts = np.concatenate(([0], np.flatnonzero(np.diff(ordered)) + 1, [ordered.size]))
     set_threads(torch.get_num_threads())
     adam_rows(p.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(), ordered[starts[:-1]],
-               starts, order, grad._values().contiguous().numpy(), b1, b2, step_size, eps)
+              starts, order, grad._values().contiguous().numpy(), b1, b2, step_size, eps)
 
 
 def _torch_step(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], b1: float, b2: float,

@@ -25,8 +25,6 @@ def test_row_sums_are_the_csr_product_with_any_thread_count() -> None:
 def test_pair_membership_matches_the_matrix() -> None:
     """PairIndex.contains (the in_rows kernel) against the matrix itself, duplicates and empty rows
     included, with broadcasting as the samplers use it."""
-    from scipy import sparse
-
     from trainer.samplers import PairIndex
 
     rng = np.random.default_rng(3)
