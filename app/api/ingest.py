@@ -36,6 +36,7 @@ from app.db.events import IdCache, insert_new_events
 
 log = logging.getLogger("recsys.ingest")
 
+WARM_IDS = 100_000  # newest users and items (each) loaded into the id cache when the committer starts
 RETRY_AFTER = 1  # seconds, in the Retry-After of every 503
 TRANSIENT_TRIES = 3  # a deadlock or serialization failure (SQLSTATE class 40) is tried again this often
 
@@ -159,6 +160,7 @@ class GroupCommitter:
 
     # --- the committer thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        self._warm()
         while self._wait_for_work():
             group: list[_Pending] = []
             try:
@@ -174,6 +176,19 @@ class GroupCommitter:
                 for pending in group:
                     pending.error = pending.error or refusal
             self._resolve(group)
+
+    def _warm(self) -> None:
+        """Preload the id cache, so that the first events of known users are single statements too.
+        Requests that arrive meanwhile wait in the queue; without the database, the cache fills as usual."""
+        start = time.perf_counter()
+        try:
+            with self._engine.connect() as conn:
+                held = self._ids.warm(conn, WARM_IDS)
+        except Exception as exc:
+            self._ids = IdCache()
+            log.warning("could not preload user and item ids; they are looked up as events arrive: %s", exc)
+            return
+        log.info("preloaded %d user and item ids in %.2fs", held, time.perf_counter() - start)
 
     def _wait_for_work(self) -> bool:
         """Block until something is queued; False once closed with nothing left to commit."""

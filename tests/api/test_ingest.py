@@ -259,3 +259,31 @@ def test_known_users_and_items_are_written_in_one_autocommitted_statement(db_url
             assert conn.scalar(select(func.count()).select_from(Event)) == 3
     finally:
         engine.dispose()
+
+
+def test_the_id_cache_warms_with_the_newest_users_and_items(db_url: str) -> None:
+    """What the committer loads at start (app/api/ingest.py): the newest users and items with their
+    database ids, so that their events take the one-statement path from the first request on."""
+    from app.db.events import IdCache, insert_event_rows
+    from app.db.migrate import upgrade
+    from app.db.models import User
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            insert_event_rows(conn, [
+                {"event_id": f"w{k}", "user_id": f"u{k}", "item_id": f"i{k}", "type": "view", "value": None,
+                 "timestamp": float(k)} for k in range(5)
+            ])
+            internal = dict(conn.execute(select(User.external_id, User.id)).all())
+        ids = IdCache()
+        with engine.connect() as conn:
+            assert ids.warm(conn, 3) == 6
+        newest = sorted(internal, key=internal.get)[-3:]
+        assert ids.users == {u: internal[u] for u in newest}
+        assert len(ids.items) == 3
+        known = [{"event_id": "n1", "user_id": newest[0], "item_id": next(iter(ids.items)), "type": "view"}]
+        assert ids.one_statement(known)
+    finally:
+        engine.dispose()
