@@ -29,15 +29,26 @@ def popularity_scores(popularity: np.ndarray) -> ScoreFn:
     return lambda rows: np.broadcast_to(pop, (len(rows), pop.size)).copy()
 
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+def top_k(scores: np.ndarray, k: int, block: int = 64) -> np.ndarray:
     """Column indices of each row's k best scores, best first.
 
-    torch's topk, on the same memory: numpy's argpartition took 0.9 s for 1024 users × 37k items against
-    0.08 s, and validation runs every epoch."""
+    torch's topk, on the same memory (numpy's argpartition took 0.9 s for 1024 users × 37k items against
+    0.08 s, and validation runs every epoch), over candidates only: the k best scores lie in the k blocks
+    of ``block`` columns with the highest maxima (or in the columns after the last whole block), and one
+    pass of block maxima costs half of a topk over every column (1024 × 37k: 21 against 43 ms)."""
     import torch
 
-    k = min(k, scores.shape[1])
-    return torch.from_numpy(np.ascontiguousarray(scores)).topk(k, dim=1, sorted=True).indices.numpy()
+    n, m = scores.shape
+    k = min(k, m)
+    t = torch.from_numpy(np.ascontiguousarray(scores))
+    blocks = m // block
+    if blocks < 2 * k:  # too few blocks to leave any out
+        return t.topk(k, dim=1, sorted=True).indices.numpy()
+    best = t[:, :blocks * block].unflatten(1, (blocks, block)).amax(2).topk(k, dim=1).indices
+    cols = torch.cat([(best[:, :, None] * block + torch.arange(block)).reshape(n, -1),
+                      torch.arange(blocks * block, m).expand(n, -1)], dim=1)
+    pick = torch.gather(t, 1, cols).topk(k, dim=1, sorted=True).indices
+    return torch.gather(cols, 1, pick).numpy()
 
 
 def evaluate(

@@ -62,7 +62,9 @@ def _per_row(neg: torch.Tensor, neg_logq: torch.Tensor, mask: torch.Tensor,
     """Query-row blocks expanded to one row per training row."""
     if rows is None:
         return neg, neg_logq, mask
-    return neg[rows], neg_logq if neg_logq.shape[0] == 1 else neg_logq[rows], mask[rows]
+    # index_select, not neg[rows]: its backward is index_add, not a serial accumulating index_put
+    return (neg.index_select(0, rows), neg_logq if neg_logq.shape[0] == 1 else neg_logq.index_select(0, rows),
+            mask[rows])
 
 
 def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,

@@ -201,7 +201,8 @@ class TowerModel(nn.Module):
             else:
                 distinct, pool = histories.pool_matrix(self.history.num_embeddings)
                 s = _PoolSum.apply(self.history(distinct), pool)
-            s = s[histories.inverse]
+            # index_select: its backward is an index_add, ~8x cheaper than s[...]'s accumulating index_put
+            s = s.index_select(0, histories.inverse)
             if histories.leave_out is not None:
                 s = s.index_add(0, histories.leave_query, self.history(histories.leave_out), alpha=-1)
             n = histories.counts

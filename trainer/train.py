@@ -331,10 +331,10 @@ def _logits(u: torch.Tensor, iv: torch.Tensor, cols: Columns, b: int,
     if cols.width:  # per-user columns: one query per row
         live = torch.from_numpy(cols.live).to(u.device)
         block = torch.zeros(b, cols.width, device=u.device)
-        block = block.index_put((live,), torch.einsum("bd,bnd->bn", u[live],
+        block = block.index_put((live,), torch.einsum("bd,bnd->bn", u.index_select(0, live),
                                                       rest.reshape(live.numel(), cols.width, -1)))
         neg = torch.cat([neg, block], 1)
-    return ((u if rows is None else u[rows]) * p).sum(1), neg
+    return ((u if rows is None else u.index_select(0, rows)) * p).sum(1), neg
 
 
 def _measure(run: _Run, stats: _Stats, users_np: np.ndarray, draws: list[Draw], pos: torch.Tensor,

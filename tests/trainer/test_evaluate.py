@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-from trainer.evaluate import evaluate, popularity_scores
+from trainer.evaluate import evaluate, popularity_scores, top_k
 
 
 def test_metrics_match_hand_computation() -> None:
@@ -29,3 +29,21 @@ def test_popularity_baseline_ranks_by_count() -> None:
     out = evaluate(popularity_scores(np.array([5, 1, 3])), exclude, np.array([0, 1]), np.array([0, 1]),
                    np.ones(3, bool), ks=(1,))
     assert out["hitrate@1"] == 0.5 and out["users"] == 2
+
+
+def test_top_k_by_blocks_is_the_full_sort() -> None:
+    """top_k looks only inside the blocks with the best maxima and the ragged tail: the same columns, in the
+    same order, as a full sort, including rows whose best items crowd one block or sit in the tail, and
+    rows with fewer rankable (finite) items than k."""
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((50, 64 * 40 + 17)).astype(np.float32)
+    scores[1, 64:84] += 10.0  # all of row 1's best in one block
+    scores[2, -17:] += 10.0  # row 2's best in the tail after the last whole block
+    scores[3, 5:] = -np.inf  # five rankable items
+    for k in (1, 20, 30):
+        top = top_k(scores.copy(), k)
+        expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        assert top.shape == (50, k)
+        finite = np.isfinite(np.take_along_axis(scores, expected, axis=1))
+        assert (np.where(finite, top, -1) == np.where(finite, expected, -1)).all()
+    assert set(top_k(scores.copy(), 5)[3]) == {0, 1, 2, 3, 4}
