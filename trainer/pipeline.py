@@ -5,6 +5,9 @@ split) and early-stops on that held-out slice; its metrics there, against most-p
 slice, are the run's report. The *final* fit then trains on every event for the epochs selection chose,
 so the shipped model has seen each user's newest events (a model that never saw them lost a fifth of
 its NDCG@10 on ml-100k). ``ship="tested"`` ships the selection model instead, for experiments.
+With two or more threads the final fit runs in a second process beside selection, each fit on half the
+threads, and stops at the epoch selection chooses (trainer/lockstep.py): a run then costs about its
+longer fit rather than the sum of both.
 
 ``evaluate`` is the protocol's test: it holds out each user's newest 20% first, runs the same two fits
 on the rest (exactly what `recsys train` does with that file) and scores the shipped model on the test.
@@ -12,6 +15,7 @@ on the rest (exactly what `recsys train` does with that file) and scores the shi
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,6 +31,7 @@ from trainer.config import TrainConfig
 from trainer.data import Dataset, build_dataset, csr
 from trainer.evaluate import dot_scores, evaluate, popularity_scores
 from trainer.indexes import build_index, choose_index
+from trainer.lockstep import FinalFit, FinalFitFailed
 from trainer.train import TrainResult, fit, model_state_bytes
 
 SHIP = ("all", "tested")
@@ -95,7 +100,14 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
         raise ValueError(f"unknown ship {ship!r}; choose one of {', '.join(SHIP)}")
     t0 = time.perf_counter()
     cfg = cfg.for_data(final_set.median_positives())  # one tower for both fits, by the data that ships
-    selection = fit(selection_set, cfg, init_state=init_state, impressions=impressions)
+    side = _side_by_side(final_set, cfg, init_state, impressions) if ship == "all" else None
+    try:
+        selection = fit(selection_set, cfg if side is None else side.selection_cfg, init_state=init_state,
+                        impressions=impressions, on_epoch=None if side is None else side.selection_epoch)
+    except BaseException:
+        if side is not None:
+            side.close()
+        raise
     held_out: dict[str, float] = {}
     baseline: dict[str, float] = {}
     if dist.is_main() and selection_set.val_u.size:  # rank 0 reports; other ranks only help to train
@@ -104,10 +116,26 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
         baseline = score_held_out(selection_set, popularity_scores(selection_set.popularity()),
                                   selection_set.val_u, selection_set.val_i)
     final = selection
-    if ship == "all":
+    if side is not None:
+        try:
+            final = side.result(selection.best_epoch, len(selection.history))
+        except FinalFitFailed as exc:
+            print(f"the final fit's second process failed ({exc}); fitting every event here instead",
+                  file=sys.stderr, flush=True)
+            side = None
+    if ship == "all" and side is None:
         final = fit(final_set, replace(cfg, epochs=max(selection.best_epoch, 1)), init_state=init_state,
                     impressions=impressions)
     return RunResult(selection_set, selection, final, held_out, baseline, time.perf_counter() - t0, shipped=ship)
+
+
+def _side_by_side(final_set: Dataset, cfg: TrainConfig, init_state: dict[str, Any] | None,
+                  impressions: Any) -> FinalFit | None:
+    """Start the final fit in a second process when there are threads to split between the fits, in one
+    process on the CPU (trainer/lockstep.py); None: the fits run one after the other."""
+    if cfg.threads < 2 or dist.world_size() > 1 or cfg.device != "cpu":
+        return None
+    return FinalFit(final_set, cfg, init_state, impressions)
 
 
 def _dataset(events: pd.DataFrame, cfg: TrainConfig, validation: bool, watermark: int | None,

@@ -15,6 +15,7 @@ import io
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -154,9 +155,15 @@ class EarlyStopping:
         return self.bad >= self.patience
 
 
+EpochHook = Callable[[int, int, TowerModel], bool]  # (epoch, best epoch so far, model) -> stop now?
+
+
 def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = None,
-        impressions: Any = None) -> TrainResult:
-    """Train on data.train_*, early-stop on validation NDCG@10, return the best model and the history."""
+        impressions: Any = None, on_epoch: EpochHook | None = None, label: str = "") -> TrainResult:
+    """Train on data.train_*, early-stop on validation NDCG@10, return the best model and the history.
+
+    ``on_epoch`` is called after every epoch (trainer/lockstep.py steers a second fit with it) and may end
+    training; ``label`` prefixes the epoch lines."""
     t_start = time.perf_counter()
     rank, world = dist.rank(), dist.world_size()
     if cfg.tower == "auto":  # select_and_fit resolves it before both its fits; direct callers here
@@ -176,7 +183,9 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     history: list[dict[str, Any]] = []
     stopper = EarlyStopping(run.model, cfg.patience, cfg.min_delta)
     for epoch in range(1, cfg.epochs + 1):
-        stats, seconds, sampling = _epoch(run, rng.permutation(n_train), steps_per_epoch, epoch, rank, world)
+        # a labelled fit (the final fit's process) prints its lines but no bar: two bars garble a terminal
+        stats, seconds, sampling = _epoch(run, rng.permutation(n_train), steps_per_epoch, epoch, rank, world,
+                                          show_bar=rank == 0 and not label)
         run.model.eval()
         # rank 0 validates and tells the others, so that every rank stops at the same epoch
         val = dist.broadcast(_validate(run.model, data, run.train_csr, candidates, cfg)
@@ -187,8 +196,10 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
         diag["logits_precision"] = "bfloat16" if run.bf16 else "float32"
         history.append(diag)
         if rank == 0:
-            _epoch_line(cfg, diag)
+            _epoch_line(cfg, diag, label)
         if stopper.update(epoch, val.get("ndcg@10", float(epoch)), val):  # no validation: the last is best
+            break
+        if on_epoch is not None and on_epoch(epoch, stopper.epoch, run.model):
             break
     run.model.load_state_dict(stopper.state)
     run.model.to("cpu").eval()
@@ -216,9 +227,7 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
     if device.type == "cuda":
         for h in hard:  # FAISS GPU search when the GPU build is installed; CPU search otherwise
             h.use_gpu(device.index or 0)
-    model = TowerModel(data.n_users, data.n_items, cfg.dim, tower=cfg.user_tower(), sparse=cfg.sparse,
-                       tie_history=cfg.tie_history)
-    model.positives = train_csr
+    model = new_model(data, cfg, train_csr)
     if init_state is not None:
         _warm_start(model, init_state, data)
     model.to(device)
@@ -232,14 +241,22 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
                 bf16=_bf16_logits(cfg.logits_precision, device))
 
 
+def new_model(data: Dataset, cfg: TrainConfig, train_csr: Any = None) -> TowerModel:
+    """A fresh model for ``data`` (its tables initialised from torch's current seed)."""
+    model = TowerModel(data.n_users, data.n_items, cfg.dim, tower=cfg.user_tower(), sparse=cfg.sparse,
+                       tie_history=cfg.tie_history)
+    model.positives = data.train_csr() if train_csr is None else train_csr
+    return model
+
+
 def _epoch(run: _Run, perm: np.ndarray, steps: int, epoch: int, rank: int,
-           world: int) -> tuple[_Stats, float, float]:
+           world: int, show_bar: bool = True) -> tuple[_Stats, float, float]:
     """One pass over the training pairs; the epoch's statistics, seconds and seconds spent sampling."""
     for h in run.hard:
         h.reset_stats()
     stats = _Stats()
     t_epoch = time.perf_counter()
-    bar = _progress(run.cfg, steps, epoch) if rank == 0 else None
+    bar = _progress(run.cfg, steps, epoch) if show_bar else None
     run.model.train()
     bs = run.cfg.batch_size
     for b in range(steps):
@@ -438,12 +455,12 @@ def _progress(cfg: TrainConfig, total: int, epoch: int) -> Any:
     return tqdm(total=total, desc=f"epoch {epoch}", leave=False, unit="step", file=sys.stderr)
 
 
-def _epoch_line(cfg: TrainConfig, diag: dict[str, Any]) -> None:
+def _epoch_line(cfg: TrainConfig, diag: dict[str, Any], label: str = "") -> None:
     """One line per epoch on stderr (a log file or a container's log gets this, never bar redraws)."""
     if not cfg.progress:
         return
     val = f", validation NDCG@10 {diag['val_ndcg@10']:.4f}" if "val_ndcg@10" in diag else ""
-    print(f"epoch {diag['epoch']}: loss {diag['loss']:.4f}{val}, informative negatives "
+    print(f"{label}epoch {diag['epoch']}: loss {diag['loss']:.4f}{val}, informative negatives "
           f"{diag['informative_rate']:.1%}, {diag['train_seconds']:.1f}s", file=sys.stderr, flush=True)
 
 

@@ -1,0 +1,59 @@
+"""The final fit in a second process: the same model a sequential one-thread fit trains, whatever the timing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+import torch
+
+from trainer.config import TrainConfig
+from trainer.data import build_dataset
+from trainer.lockstep import FinalFit, FinalFitFailed
+from trainer.pipeline import everything, holdout_as_validation, select_and_fit
+from trainer.train import fit
+
+CFG = TrainConfig(epochs=6, batch_size=256, threads=2, progress=False, patience=2, tower="pooled")
+
+
+@pytest.fixture(scope="module")
+def data(small_events: pd.DataFrame):  # noqa: ANN201
+    return build_dataset(small_events, validation=False)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_side_by_side_ships_what_a_sequential_fit_for_the_chosen_epochs_trains(data) -> None:  # noqa: ANN001
+    result = select_and_fit(holdout_as_validation(data), everything(data), CFG)
+    best = result.selection.best_epoch
+    assert result.final.best_epoch == best and len(result.final.history) == best
+    assert result.final.config.threads == 1 and result.selection.history[-1]["threads"] == 1
+    alone = fit(everything(data), replace(CFG, threads=1, epochs=best))
+    assert _same_weights(result.final.model, alone.model)
+
+
+def test_a_final_fit_ahead_of_selection_hands_back_the_chosen_epoch(data) -> None:  # noqa: ANN001
+    final = FinalFit(everything(data), CFG, None, None)
+    final.selection_epoch(1, 1, None)
+    final.selection_epoch(2, 2, None)
+    final.selection_epoch(3, 2, None)
+    time.sleep(8)  # the child may run up to epoch 3 + patience (5) meanwhile
+    result = final.result(best_epoch=2, last_epoch=4)
+    assert result.best_epoch == 2 and [h["epoch"] for h in result.history] == [1, 2]
+    assert final.epochs_run > 2  # it did run ahead
+    alone = fit(everything(data), replace(CFG, threads=1, epochs=2))
+    assert _same_weights(result.model, alone.model)
+
+
+def test_a_final_fit_whose_process_died_says_so(data) -> None:  # noqa: ANN001
+    final = FinalFit(everything(data), CFG, None, None)
+    final.proc.kill()
+    final.proc.join()
+    final.selection_epoch(1, 1, None)  # selection goes on; the failure surfaces with the result
+    with pytest.raises(FinalFitFailed, match="ended without a result"):
+        final.result(best_epoch=1, last_epoch=1)
