@@ -8,16 +8,31 @@ with at least one held-out item.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 from scipy import sparse
+from threadpoolctl import ThreadpoolController
 
 from trainer.samplers import PairIndex
 
 KS = (10, 20)
 # user rows -> (len, n_items) scores, in a new array (evaluate writes into it)
 ScoreFn = Callable[[np.ndarray], np.ndarray]
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()  # finds the BLAS numpy loaded (once: it inspects the loaded libraries)
+
+
+def blas_threads(n: int) -> AbstractContextManager[Any]:
+    """numpy's matrix products on at most ``n`` threads inside the ``with`` block (by default its BLAS
+    takes every core, also those another process of the same run is training on)."""
+    return _blas().limit(limits=n, user_api="blas")
 
 
 def dot_scores(user_vectors: np.ndarray, item_vectors: np.ndarray) -> ScoreFn:

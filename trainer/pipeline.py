@@ -29,7 +29,7 @@ from trainer import distributed as dist
 from trainer.checkpoint import new_version, write_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import Dataset, build_dataset, csr
-from trainer.evaluate import dot_scores, evaluate, popularity_scores
+from trainer.evaluate import blas_threads, dot_scores, evaluate, popularity_scores
 from trainer.indexes import build_index, choose_index
 from trainer.lockstep import FinalFit, FinalFitFailed
 from trainer.train import TrainResult, fit, model_state_bytes
@@ -112,7 +112,9 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
     baseline: dict[str, float] = {}
     if dist.is_main() and selection_set.val_u.size:  # rank 0 reports; other ranks only help to train
         users, items = selection.model.export()
-        held_out = score_held_out(selection_set, dot_scores(users, items), selection_set.val_u, selection_set.val_i)
+        with blas_threads(cfg.threads if side is None else side.selection_cfg.threads):  # beside the final fit
+            held_out = score_held_out(selection_set, dot_scores(users, items), selection_set.val_u,
+                                      selection_set.val_i)
         baseline = score_held_out(selection_set, popularity_scores(selection_set.popularity()),
                                   selection_set.val_u, selection_set.val_i)
     final = selection
