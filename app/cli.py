@@ -305,7 +305,7 @@ def retrain_cmd(
     lr: Annotated[float | None, typer.Option(min=1e-7, help="Adam learning rate.")] = None,
     dim: Annotated[int | None, typer.Option(min=2, max=1024, help="Embedding dimension.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch/FAISS threads.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch/FAISS threads; with 2 or more, selection and the final fit run side by side, half each.")] = None,
     warm_start: Annotated[
         bool, typer.Option("--warm-start/--from-scratch", help="Start from the promoted model's embeddings.")
     ] = True,

@@ -71,7 +71,7 @@ MinDeltaOpt = Annotated[float | None, typer.Option(
     "--min-delta", min=0.0, max=1.0, help="An epoch counts as better only when its validation NDCG@10 beats "
     "the best by this share." + _d(T.min_delta), show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (runs repeat exactly with --threads 1; with more threads they differ in the last bits).")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch/FAISS threads." + _d(T.threads),
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch/FAISS threads; with 2 or more, selection and the final fit run side by side, half each." + _d(T.threads),
                                                 show_default=False)]
 LrOpt = Annotated[float | None, typer.Option("--lr", min=1e-6, help="Adam learning rate." + _d(T.lr),
                                              show_default=False)]
