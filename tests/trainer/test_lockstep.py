@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import threading
 import time
 from dataclasses import replace
 
@@ -57,3 +59,21 @@ def test_a_final_fit_whose_process_died_says_so(data) -> None:  # noqa: ANN001
     final.selection_epoch(1, 1, None)  # selection goes on; the failure surfaces with the result
     with pytest.raises(FinalFitFailed, match="ended without a result"):
         final.result(best_epoch=1, last_epoch=1)
+
+
+def test_a_run_whose_final_fit_process_dies_fits_every_event_itself(data, capfd) -> None:  # noqa: ANN001
+    def kill_the_final_fit() -> None:
+        for _ in range(600):
+            found = [p for p in multiprocessing.active_children() if p.name == "recsys-final-fit"]
+            if found:
+                found[0].kill()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_final_fit)
+    killer.start()
+    result = select_and_fit(holdout_as_validation(data), everything(data), CFG)
+    killer.join()
+    assert "fitting every event here instead" in capfd.readouterr().err
+    assert result.final is not result.selection and result.final.best_epoch == result.selection.best_epoch
+    assert result.final.history[-1]["threads"] == 2  # the sequential fit, on every thread
