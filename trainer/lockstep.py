@@ -76,8 +76,9 @@ def _final_worker(conn: Connection, data: Dataset, cfg: TrainConfig, init_state:
     except (EOFError, BrokenPipeError):
         pass  # the parent is gone: nobody to train for
     except Exception:  # noqa: BLE001 - whatever failed, the parent falls back to a sequential fit
-        print(traceback.format_exc(), file=sys.stderr, flush=True)
-        conn.send(("error", traceback.format_exc().strip().splitlines()[-1]))
+        trace = traceback.format_exc()
+        print(trace, file=sys.stderr, flush=True)
+        conn.send(("error", trace.strip().splitlines()[-1]))
     finally:
         conn.close()
 

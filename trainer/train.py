@@ -425,7 +425,6 @@ def _validate(model: TowerModel, data: Dataset, train_csr: Any, candidates: np.n
                         max_users=cfg.val_max_users, seed=cfg.seed)
 
 
-
 def _diagnostics(epoch: int, s: _Stats, sampler: Sampler, seconds: float, sampling: float, n_train: int,
                  val: dict[str, float]) -> dict[str, Any]:
     d: dict[str, Any] = {
