@@ -107,7 +107,6 @@ async def post_events(request: Request) -> Response:
             accepted = await committer.write(rows)
         except Refused as exc:
             return _refused(exc)
-        request.app.state.recent.add_local((e.user_id, e.item_id, e.type) for e in unique)
     metrics.EVENTS_WRITTEN.inc(accepted)
     metrics.EVENTS_DUPLICATE.inc(len(events) - accepted)
     return JSON({"received": len(events), "accepted": accepted, "duplicates": len(events) - accepted})

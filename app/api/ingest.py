@@ -24,6 +24,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -97,8 +98,12 @@ class GroupCommitter:
         max_queue: int,
         max_group: int,
         max_wait: float,
+        on_commit: Callable[[list[tuple[int, str, str, str]]], None] | None = None,
     ) -> None:
+        """``on_commit`` gets each group's new events as (events.id, user, item, type) after the commit
+        and before any request of the group is answered (the worker's view of recent events)."""
         self._engine = engine
+        self._on_commit = on_commit
         self._write_lock = write_lock
         self.max_queue, self.max_group, self.max_wait = max_queue, max_group, max_wait
         self._queue: collections.deque[_Pending] = collections.deque()
@@ -271,6 +276,12 @@ class GroupCommitter:
         metrics.EVENTS_PER_COMMIT.observe(len(rows))
         for event_id in new:
             owner[event_id].accepted += 1
+        if self._on_commit is not None and new:
+            try:
+                self._on_commit([(new[r["event_id"]], r["user_id"], r["item_id"], r["type"])
+                                 for r in rows if r["event_id"] in new])
+            except Exception:  # stored and committed: the view catches up through its tail
+                log.exception("could not add committed events to the recent-events view")
 
     def _connection(self, autocommit: bool = False) -> Connection:
         """The committer's own connections, kept between groups: a pool checkout pings the server first,

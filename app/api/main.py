@@ -120,15 +120,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine, write_lock=app.state.write_lock, batch=IMPRESSION_BATCH, interval=0.1
     )
     app.state.impressions.start()
+    app.state.recent = RecentEventsView(engine, negative_types=settings.negative_types)
     app.state.ingest = GroupCommitter(
         engine,
         app.state.write_lock,
         max_queue=settings.events_queue_max,
         max_group=settings.events_group_max,
         max_wait=settings.events_max_wait_seconds,
+        on_commit=app.state.recent.add_committed,
     )
     app.state.ingest.start()
-    app.state.recent = RecentEventsView(engine, negative_types=settings.negative_types)
     app.state.recommender = Recommender(
         engine, settings.negative_types, recent=app.state.recent, fresh_weight=settings.fresh_weight
     )

@@ -2,7 +2,8 @@
 
 Excluding what a user saw since training would cost one database query per recommendation; instead a
 background thread tails the events table every ``interval`` seconds and this worker's own POSTs are
-added on commit. A PostgreSQL transaction can commit after one with a higher id: the ids skipped over
+added on commit (by the group committer, with their ids, which the tail then leaves out of its reads:
+reading them back cost a worker ~13% of its CPU under batches of 1000 events). A PostgreSQL transaction can commit after one with a higher id: the ids skipped over
 are remembered as gaps and looked up again on every tick until they appear or ``GAP_SECONDS`` pass (a
 rolled-back insert never appears). Re-reading a fixed window of recent ids instead cost each worker
 ~20k rows a second, and the event loop its GIL, whether anything had been written or not. Staleness: an event written through another worker or process is excluded within about
@@ -22,9 +23,10 @@ import logging
 import threading
 import time
 from collections.abc import Collection, Iterable, Sequence
+from functools import lru_cache
 from typing import NamedTuple
 
-from sqlalchemy import Engine, bindparam, select
+from sqlalchemy import Engine, Select, and_, bindparam, select
 
 from app.api import metrics
 from app.db.models import Event, Item, User
@@ -34,6 +36,7 @@ log = logging.getLogger("recsys.recent")
 GAP_SECONDS = 60.0  # a skipped id still missing after this long was a rolled-back insert
 MAX_GAPS = 5000  # skipped ids remembered at most (the newest win)
 TAIL_BATCH = 100_000
+MAX_OWN_RANGES = 32  # id ranges of this worker's own events left out of one tail read (the lowest win)
 POSITIVE, NEGATIVE = 1, 2  # per (user, item): the kinds of event the user has on it since the watermark
 
 _ROWS = (
@@ -43,6 +46,25 @@ _ROWS = (
 )
 _TAIL = _ROWS.where(Event.id > bindparam("after")).order_by(Event.id).limit(TAIL_BATCH)
 _GAPS = _ROWS.where(Event.id.in_(bindparam("ids", expanding=True)))
+
+
+@lru_cache(maxsize=MAX_OWN_RANGES + 1)
+def _tail_without(ranges: int) -> Select:
+    """The tail's read, leaving out ``ranges`` id ranges (bound as lo0, hi0, lo1, …)."""
+    return _TAIL.where(and_(True, *(
+        ~Event.id.between(bindparam(f"lo{k}"), bindparam(f"hi{k}")) for k in range(ranges)
+    )))
+
+
+def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Ascending ids as (first, last) runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
 
 
 class UserEvents(NamedTuple):
@@ -70,6 +92,8 @@ class RecentEventsView:
         self._count = 0
         self._last_id = 0
         self._gaps: dict[int, float] = {}  # id skipped by the tail → when it was first missed
+        self._own: list[tuple[int, int]] = []  # id runs of this worker's events above the tail, added already
+        self._lock = threading.Lock()  # a rebuild's reset against a commit's rows and their id runs
         self.watermark: int | None = None  # None: not built yet
         self.overflow = False
         self._target: int | None = None
@@ -100,10 +124,14 @@ class RecentEventsView:
             [i for i, kind in newest if kind & NEGATIVE],
         )
 
-    def add_local(self, events: Iterable[tuple[str, str, str]]) -> None:
-        """Events (user, item, type) this worker just committed: visible to its next request without
-        waiting for the tail."""
-        self._add([(0, user, item, kind) for user, item, kind in events], count=False)
+    def add_committed(self, rows: Sequence[tuple[int, str, str, str]]) -> None:
+        """Events (id, user, item, type) this worker just stored: visible to its next request without
+        waiting for the tail, which then leaves their ids out of its reads."""
+        if not rows or self.overflow:
+            return
+        with self._lock:
+            self._add(rows)
+            self._own.extend(_runs(r[0] for r in rows))
 
     # --- the tail thread ----------------------------------------------------------------------------
     def follow(self, watermark: int) -> None:
@@ -149,31 +177,33 @@ class RecentEventsView:
     def _rebuild(self, watermark: int) -> None:
         self.watermark = None  # readers fall back to the database meanwhile
         metrics.RECENT_VIEW_READY.set(0)
-        self._users, self._count, self._last_id, self.overflow = {}, 0, watermark, False
-        self._gaps = {}
+        with self._lock:  # this worker's events since are read back with the rest
+            self._users, self._count, self._last_id, self.overflow = {}, 0, watermark, False
+            self._gaps, self._own = {}, []
         self._tail(watermark)
         self.watermark = watermark
         metrics.RECENT_VIEW_READY.set(0 if self.overflow else 1)
 
-    def _add(self, rows: Sequence[tuple[int, str, str, str]], *, count: bool = True) -> None:
-        """Merge events (id, user, item, type). An item keeps the place of its first event (never removed
-        and re-added, so a reader on another thread never misses it)."""
+    def _add(self, rows: Sequence[tuple[int, str, str, str]]) -> None:
+        """Merge events (id, user, item, type), under ``_lock``. An item keeps the place of its first event
+        (never removed and re-added, so a reader on another thread never misses it)."""
         users, negative_types = self._users, self.negative_types
         for _, user, item, kind in rows:
             bucket = users.setdefault(user, {})
             bits = bucket.get(item, 0)
-            if not bits and count:
+            if not bits:
                 self._count += 1
             bucket[item] = bits | (NEGATIVE if kind in negative_types else POSITIVE)
 
-    def _note_gaps(self, after: int, ids: Iterable[int]) -> None:
-        """Remember ids the tail jumped over (ascending ``ids``): they may still commit."""
+    def _note_gaps(self, after: int, seen: Iterable[tuple[int, int]]) -> None:
+        """Remember ids the tail jumped over (``seen``: ascending id runs it read or left out as this
+        worker's own): they may still commit."""
         now, prev = time.monotonic(), after
-        for event_id in ids:
-            if event_id > prev + 1:
-                for missing in range(max(prev + 1, event_id - MAX_GAPS), event_id):
+        for first, last in seen:
+            if first > prev + 1:
+                for missing in range(max(prev + 1, first - MAX_GAPS), first):
                     self._gaps.setdefault(missing, now)
-            prev = max(prev, event_id)
+            prev = max(prev, last)
         while len(self._gaps) > MAX_GAPS:
             del self._gaps[next(iter(self._gaps))]
 
@@ -182,7 +212,8 @@ class RecentEventsView:
             return
         with self.engine.connect() as conn:
             rows = conn.execute(_GAPS, {"ids": list(self._gaps)}).all()
-        self._add(rows)
+        with self._lock:
+            self._add(rows)
         for event_id, *_ in rows:
             self._gaps.pop(event_id, None)
         cutoff = time.monotonic() - GAP_SECONDS
@@ -193,18 +224,29 @@ class RecentEventsView:
         if self._count > self.max_events:
             self.overflow = True
             metrics.RECENT_VIEW_READY.set(0)
-            self._users, self._gaps = {}, {}
+            with self._lock:
+                self._users, self._gaps, self._own = {}, {}, []
             log.warning("too many events since the model's watermark; recommendations query the database")
         return self.overflow
 
     def _tail(self, after: int) -> None:
         while True:
+            with self._lock:
+                own = sorted(r for r in self._own if r[1] > after)[:MAX_OWN_RANGES]
+            params = {"after": after}
+            for k, (first, last) in enumerate(own):
+                params |= {f"lo{k}": first, f"hi{k}": last}
             with self.engine.connect() as conn:
-                rows = conn.execute(_TAIL, {"after": after}).all()
-            self._add(rows)
-            self._note_gaps(after, (r[0] for r in rows))
-            if rows:
-                self._last_id = max(self._last_id, rows[-1][0])
-            if self._check_size() or len(rows) < TAIL_BATCH:
+                rows = conn.execute(_tail_without(len(own)), params).all()
+            with self._lock:
+                self._add(rows)
+            full = len(rows) == TAIL_BATCH  # more may follow: own runs past the last row are not seen yet
+            top = rows[-1][0] if full else max([after, *(r[0] for r in rows[-1:]), *(last for _, last in own)])
+            seen = sorted([(r[0], r[0]) for r in rows] + [(f, min(last, top)) for f, last in own if f <= top])
+            self._note_gaps(after, seen)
+            self._last_id = max(self._last_id, top)
+            with self._lock:
+                self._own = [r for r in self._own if r[1] > self._last_id]
+            if self._check_size() or not full:
                 return
-            after = rows[-1][0]
+            after = top

@@ -94,18 +94,20 @@ def insert_event_rows(
     return _insert_records(conn, _records(rows, users, items), progress, None)
 
 
-def insert_new_events(conn: Connection, rows: list[dict[str, Any]], ids: IdCache) -> set[str]:
-    """``insert_event_rows`` that names the ``event_id``s it stored (the others were there already).
+def insert_new_events(conn: Connection, rows: list[dict[str, Any]], ids: IdCache) -> dict[str, int]:
+    """``insert_event_rows`` that names the ``event_id``s it stored (the others were there already), each
+    with its ``events.id``.
 
     The group commit of POST /v1/events writes several requests in one transaction and needs each
-    request's own count of new events. ``ids`` caches internal user and item ids across transactions
+    request's own count of new events, and each worker's view of recent events (app/api/recent.py) the
+    ids it need not read back. ``ids`` caches internal user and item ids across transactions
     (the caller drops it when a transaction rolls back): most events name known users and items, and
     looking them up again would cost more than the insert.
     """
     if not rows:
-        return set()
+        return {}
     ids.resolve(conn, {r["user_id"] for r in rows}, {r["item_id"] for r in rows})
-    new: set[str] = set()
+    new: dict[str, int] = {}
     _insert_records(conn, _records(rows, ids.users, ids.items), None, new)
     return new
 
@@ -123,11 +125,11 @@ def _records(rows: list[dict[str, Any]], users: dict[str, int], items: dict[str,
 
 @lru_cache(maxsize=256)
 def _values_sql(rows: int, mark: str) -> str:
-    """One multi-row INSERT … ON CONFLICT DO NOTHING RETURNING event_id (the driver caches it by its text)."""
+    """One multi-row INSERT … ON CONFLICT DO NOTHING RETURNING event_id, id (the driver caches it by its text)."""
     one = "(" + ", ".join([mark] * len(_COPY_COLUMNS)) + ")"
     return (
         f"INSERT INTO events ({', '.join(_COPY_COLUMNS)}) VALUES {', '.join([one] * rows)} "
-        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id, id"
     )
 
 
@@ -135,9 +137,10 @@ def _insert_records(
     conn: Connection,
     records: list[Record],
     progress: Callable[[int], None] | None,
-    new: set[str] | None,
+    new: dict[str, int] | None,
 ) -> int:
-    """Insert events in the caller's transaction; the new ``event_id``s go into ``new`` when given.
+    """Insert events in the caller's transaction; the new ``event_id``s (→ ``events.id``) go into ``new``
+    when given.
 
     Plain driver SQL, one statement per ``CHUNK`` rows: SQLAlchemy's per-row parameter handling cost
     more than the database's own work for the HTTP path's small groups.
@@ -149,7 +152,7 @@ def _insert_records(
     for start in range(0, len(records), CHUNK):
         part = records[start : start + CHUNK]
         flat = tuple(value for record in part for value in record)
-        stored = conn.exec_driver_sql(_values_sql(len(part), mark), flat).scalars().all()
+        stored = conn.exec_driver_sql(_values_sql(len(part), mark), flat).all()
         inserted += len(stored)
         if new is not None:
             new.update(stored)
@@ -162,7 +165,7 @@ def _copy_events_postgres(
     conn: Connection,
     records: list[Record],
     progress: Callable[[int], None] | None,
-    new: set[str] | None,
+    new: dict[str, int] | None,
 ) -> int:
     """COPY into a temporary table, then one INSERT … ON CONFLICT: several times faster than executemany."""
     cols = ", ".join(f'"{c}"' for c in _COPY_COLUMNS)
@@ -180,14 +183,14 @@ def _copy_events_postgres(
                     copy.write_row(row)
                 if progress:
                     progress(len(part))
-        returning = " RETURNING event_id" if new is not None else ""
+        returning = " RETURNING event_id, id" if new is not None else ""
         cursor.execute(
             f"INSERT INTO events ({cols}) SELECT {cols} FROM _incoming_events "
             f"ORDER BY timestamp ON CONFLICT (event_id) DO NOTHING{returning}"
         )
         if new is None:
             return max(cursor.rowcount, 0)
-        stored = [row[0] for row in cursor.fetchall()]
+        stored = cursor.fetchall()
         new.update(stored)
         return len(stored)
     finally:

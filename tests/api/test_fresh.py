@@ -297,7 +297,7 @@ def test_the_view_tells_positives_from_negatives(tmp_path: Path) -> None:
         assert view.events_for("u1", 0) == (["i2", "i1"], ["i1"], ["i2", "i1"])  # newest first
         assert view.events_for("u2", 0) == (["i3"], ["i3"], []) and view.events_for("nobody", 0) == ([], [], [])
         assert view.events_for("u1", -1) is None  # a model older than the view's watermark: ask the database
-        view.add_local([("u2", "i4", "dislike"), ("u3", "i5", "purchase")])  # this worker's own, at once
+        view.add_committed([(10, "u2", "i4", "dislike"), (11, "u3", "i5", "purchase")])  # this worker's own, at once
         assert view.events_for("u2", 0) == (["i4", "i3"], ["i3"], ["i4"])
         assert view.events_for("u3", 0) == (["i5"], ["i5"], []) and view.items_for("u3", 0) == ["i5"]
     finally:

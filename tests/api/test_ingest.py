@@ -248,13 +248,13 @@ def test_known_users_and_items_are_written_in_one_autocommitted_statement(db_url
         first = [row("e1", "u1", "i1"), row("e2", "u2", "i2")]
         assert not ids.one_statement(first)  # unknown users and items: looked up and created in a transaction
         with engine.connect() as conn, conn.begin():
-            assert insert_new_events(conn, first, ids) == {"e1", "e2"}
+            assert insert_new_events(conn, first, ids).keys() == {"e1", "e2"}
         again = [row("e2", "u2", "i2"), row("e3", "u1", "i2")]
         assert ids.one_statement(again)
         assert not ids.one_statement([*again, row("e4", "u1", "new item")])
         assert not ids.one_statement([row(f"x{k}", "u1", "i1") for k in range(VALUES_MAX + 1)])
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            assert insert_new_events(conn, again, ids) == {"e3"}  # e2 was stored already
+            assert insert_new_events(conn, again, ids).keys() == {"e3"}  # e2 was stored already
         with engine.connect() as conn:  # committed: another connection reads it
             assert conn.scalar(select(func.count()).select_from(Event)) == 3
     finally:

@@ -8,7 +8,7 @@ from sqlalchemy import text
 
 from app.api.recent import RecentEventsView
 from app.db.engine import make_engine
-from app.db.events import insert_event_rows
+from app.db.events import IdCache, insert_event_rows, insert_new_events
 from app.db.migrate import upgrade
 
 
@@ -50,4 +50,37 @@ def test_an_id_committed_late_is_picked_up(tmp_path: Path) -> None:
         insert_event_rows(conn, [_event(4, "u2", "i4")])
     view._tail(view._last_id)
     assert sorted(view.items_for("u2", 0)) == ["i3", "i4"]
+    engine.dispose()
+
+
+def test_the_tail_leaves_this_workers_own_events_out(tmp_path: Path) -> None:
+    """Events this worker committed reach the view from the committer, with their ids; the tail reads
+    only the others' and still notes a real gap (an id whose transaction has not committed)."""
+    url = f"sqlite:///{tmp_path / 'recsys.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    view = RecentEventsView(engine, negative_types={"dislike"})
+    view._rebuild(0)
+
+    def store(*events: dict) -> list[tuple[int, str, str, str]]:
+        with engine.connect() as conn, conn.begin():
+            new = insert_new_events(conn, list(events), IdCache())
+        return [(new[e["event_id"]], e["user_id"], e["item_id"], e["type"]) for e in events]
+
+    mine = store(_event(1, "u1", "i1"), _event(2, "u1", "i2"))
+    # told as dislikes while the rows say click: a tail that read them back would add the click's bit
+    view.add_committed([(i, u, item, "dislike") for i, u, item, _ in mine])
+    # another worker's, around an id whose transaction has not committed yet
+    theirs = store(_event(3, "u2", "i3"), _event(4, "u3", "i4"), _event(5, "u2", "i5"))
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM events WHERE event_id = 'e4'"))
+    mine += store(_event(6, "u1", "i6"))
+    view.add_committed([(i, u, item, "dislike") for i, u, item, _ in mine[2:]])
+
+    view._tail(view._last_id)
+    assert view.events_for("u1", 0) == (["i6", "i2", "i1"], [], ["i6", "i2", "i1"])  # none read back
+    assert view.events_for("u2", 0) == (["i5", "i3"], ["i5", "i3"], [])  # the other worker's
+    assert list(view._gaps) == [theirs[1][0]]  # the uncommitted id, not this worker's
+    assert view._last_id == mine[-1][0] and view._own == []  # past its own runs, which are dropped
+    assert view._count == 5
     engine.dispose()
