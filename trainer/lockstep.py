@@ -8,8 +8,9 @@ the sum of both.
 
 The final fit cannot know where to stop until selection has, so it keeps a copy of its weights after
 every epoch selection may still choose (those since selection's best so far) and, once told the chosen
-epoch, ends there and hands that copy back. It never runs more than ``patience`` epochs ahead of
-selection, the furthest selection can go past its best. Same seed, same batches: what it returns is the
+epoch, hands that copy back: at once when it holds it already, without finishing the epoch in progress
+(selection tells it before its held-out report, which then has the cores to itself). It never runs more
+than ``patience`` epochs ahead of selection, the furthest selection can go past its best. Same seed, same batches: what it returns is the
 model a sequential one-thread fit for the chosen epochs would train.
 """
 
@@ -18,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import os
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -43,42 +46,78 @@ class _Selection:
     best: int = 0
     stopped: bool = False
 
-    def read(self, conn: Connection, block: bool) -> None:
-        while block or conn.poll():
-            self.epoch, self.best, self.stopped = conn.recv()
-            block = False
+
+class _Child:
+    """The final fit's side of the pipe. A thread listens to selection; the fit's ``on_epoch`` hook keeps
+    the weights selection may still choose. Whichever holds the chosen epoch first answers: the listener
+    at once when selection stops on an epoch already kept (the fit is then mid-epoch, past it, and the
+    process ends without finishing that epoch), else the fit when it reaches that epoch."""
+
+    def __init__(self, conn: Connection, patience: int) -> None:
+        self.conn, self.patience = conn, patience
+        self.sel = _Selection()
+        self.kept: dict[int, tuple[dict[str, torch.Tensor], list[dict[str, Any]]]] = {}
+        self.cond = threading.Condition()
+        self.answered = False
+
+    def listen(self) -> None:
+        try:
+            while not self.sel.stopped:
+                msg = self.conn.recv()
+                with self.cond:
+                    self.sel = _Selection(*msg)
+                    self.cond.notify_all()
+        except (EOFError, OSError):
+            os._exit(0)  # the parent is gone: nobody to train for
+        with self.cond:
+            if self.sel.best in self.kept:
+                self.answer()
+        if self.answered:
+            sys.stdout.flush()
+            os._exit(0)  # the epoch in progress is past the chosen one
+
+    def on_epoch(self, epoch: int, _best: int, model: TowerModel, history: list[dict[str, Any]]) -> bool:
+        with self.cond:
+            while not self.sel.stopped and epoch >= self.sel.epoch + self.patience:  # selection cannot
+                self.cond.wait()  # choose beyond this
+            self.kept[epoch] = (copy.deepcopy(model.state_dict()), list(history))
+            for e in [e for e in self.kept if e < self.sel.best]:
+                del self.kept[e]
+            return self.sel.stopped and epoch >= self.sel.best
+
+    def finish(self) -> None:
+        """The fit returned: wait for selection's choice (the cap on epochs may come first), answer."""
+        with self.cond:
+            while not self.sel.stopped:
+                self.cond.wait()
+            if not self.answered:
+                self.answer()
+
+    def answer(self) -> None:
+        """Send the chosen epoch's weights (under ``cond``)."""
+        chosen = min(self.sel.best, max(self.kept))
+        state, history = self.kept[chosen]
+        buf = io.BytesIO()  # plain bytes: a tensor sent as itself lives on only while this process does
+        torch.save(state, buf)
+        self.conn.send(("done", buf.getvalue(), history[:chosen], chosen, len(self.kept[max(self.kept)][1])))
+        self.answered = True
 
 
 def _final_worker(conn: Connection, data: Dataset, cfg: TrainConfig, init_state: dict[str, Any] | None,
                   impressions: Any) -> None:
     """The child process: fit ``data`` epoch by epoch until selection names the epoch to ship."""
-    sel = _Selection()
-    kept: dict[int, dict[str, torch.Tensor]] = {}
-
-    def on_epoch(epoch: int, _best: int, model: TowerModel) -> bool:
-        sel.read(conn, block=False)
-        while not sel.stopped and epoch >= sel.epoch + cfg.patience:  # selection cannot choose beyond this
-            sel.read(conn, block=True)
-        kept[epoch] = copy.deepcopy(model.state_dict())
-        for e in [e for e in kept if e < sel.best]:
-            del kept[e]
-        return sel.stopped and epoch >= sel.best
-
+    child = _Child(conn, cfg.patience)
+    threading.Thread(target=child.listen, name="selection", daemon=True).start()
     try:
-        result = fit(data, cfg, init_state=init_state, impressions=impressions, on_epoch=on_epoch,
-                     label=FINAL_LABEL)
-        while not sel.stopped:  # the cap on epochs came first: wait for selection's choice
-            sel.read(conn, block=True)
-        chosen = min(sel.best, max(kept))
-        buf = io.BytesIO()  # plain bytes: a tensor sent as itself lives on only while this process does
-        torch.save(kept[chosen], buf)
-        conn.send(("done", buf.getvalue(), result.history[:chosen], chosen, len(result.history)))
+        fit(data, cfg, init_state=init_state, impressions=impressions, on_epoch=child.on_epoch, label=FINAL_LABEL)
+        child.finish()
     except (EOFError, BrokenPipeError):
         pass  # the parent is gone: nobody to train for
     except Exception:  # noqa: BLE001 - whatever failed, the parent falls back to a sequential fit
         trace = traceback.format_exc()
         print(trace, file=sys.stderr, flush=True)
-        conn.send(("error", trace.strip().splitlines()[-1]))
+        with child.cond:
+            conn.send(("error", trace.strip().splitlines()[-1]))
     finally:
         conn.close()
 
@@ -95,6 +134,8 @@ class FinalFit:
                  impressions: Any) -> None:
         self.data, self.threads = data, cfg.threads
         self.epochs_run = 0  # how far the child trained (it may pass the epoch selection chooses)
+        self._answer: tuple[Any, ...] | None = None
+        self._receiver: threading.Thread | None = None
         self.cfg = replace(cfg, threads=cfg.threads // 2)
         self.selection_cfg = replace(cfg, threads=cfg.threads - self.cfg.threads)
         ctx = mp.get_context("spawn")  # a fork would copy the parent's OpenMP and numba threads' state
@@ -104,19 +145,31 @@ class FinalFit:
         self.proc.start()
         child.close()
 
-    def selection_epoch(self, epoch: int, best: int, _model: TowerModel) -> bool:
+    def selection_epoch(self, epoch: int, best: int, _model: TowerModel, _history: list[dict[str, Any]]) -> bool:
         self._send(epoch, best, False)
         return False
 
-    def result(self, best_epoch: int, last_epoch: int) -> TrainResult:
-        """Tell the child selection's choice; wait for the model it trained for that many epochs."""
+    def stop(self, best_epoch: int, last_epoch: int) -> None:
+        """Tell the child selection's choice as soon as it is made; a thread here takes its answer while
+        this process goes on (the held-out report)."""
         self._send(last_epoch, best_epoch, True)
+        self._receiver = threading.Thread(target=self._receive, name="final-fit-answer", daemon=True)
+        self._receiver.start()
+
+    def _receive(self) -> None:
         try:
-            msg = self.conn.recv()
+            self._answer = self.conn.recv()
         except (EOFError, OSError):
-            self.close()
-            raise FinalFitFailed(f"its process ended without a result (exit code {self.proc.exitcode})") from None
+            self._answer = None
+
+    def result(self) -> TrainResult:
+        """The model the child trained for the epochs ``stop`` named."""
+        assert self._receiver is not None, "stop() first"
+        self._receiver.join()
+        msg = self._answer
         self.close()
+        if msg is None:
+            raise FinalFitFailed(f"its process ended without a result (exit code {self.proc.exitcode})")
         if msg[0] == "error":
             raise FinalFitFailed(msg[1])
         _, state, history, chosen, self.epochs_run = msg

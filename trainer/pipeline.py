@@ -108,6 +108,8 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
         if side is not None:
             side.close()
         raise
+    if side is not None:
+        side.stop(selection.best_epoch, len(selection.history))
     held_out: dict[str, float] = {}
     baseline: dict[str, float] = {}
     if dist.is_main() and selection_set.val_u.size:  # rank 0 reports; other ranks only help to train
@@ -120,7 +122,7 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
     final = selection
     if side is not None:
         try:
-            final = side.result(selection.best_epoch, len(selection.history))
+            final = side.result()
         except FinalFitFailed as exc:
             print(f"the final fit's second process failed ({exc}); fitting every event here instead",
                   file=sys.stderr, flush=True)

@@ -155,7 +155,8 @@ class EarlyStopping:
         return self.bad >= self.patience
 
 
-EpochHook = Callable[[int, int, TowerModel], bool]  # (epoch, best epoch so far, model) -> stop now?
+# (epoch, best epoch so far, model, the epochs' diagnostics so far) -> stop now?
+EpochHook = Callable[[int, int, TowerModel, list[dict[str, Any]]], bool]
 
 
 def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = None,
@@ -199,7 +200,7 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
             _epoch_line(cfg, diag, label)
         if stopper.update(epoch, val.get("ndcg@10", float(epoch)), val):  # no validation: the last is best
             break
-        if on_epoch is not None and on_epoch(epoch, stopper.epoch, run.model):
+        if on_epoch is not None and on_epoch(epoch, stopper.epoch, run.model, history):
             break
     run.model.load_state_dict(stopper.state)
     run.model.to("cpu").eval()

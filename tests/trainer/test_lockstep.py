@@ -41,11 +41,12 @@ def test_side_by_side_ships_what_a_sequential_fit_for_the_chosen_epochs_trains(d
 
 def test_a_final_fit_ahead_of_selection_hands_back_the_chosen_epoch(data) -> None:  # noqa: ANN001
     final = FinalFit(everything(data), CFG, None, None)
-    final.selection_epoch(1, 1, None)
-    final.selection_epoch(2, 2, None)
-    final.selection_epoch(3, 2, None)
+    final.selection_epoch(1, 1, None, [])
+    final.selection_epoch(2, 2, None, [])
+    final.selection_epoch(3, 2, None, [])
     time.sleep(8)  # the child may run up to epoch 3 + patience (5) meanwhile
-    result = final.result(best_epoch=2, last_epoch=4)
+    final.stop(best_epoch=2, last_epoch=4)
+    result = final.result()
     assert result.best_epoch == 2 and [h["epoch"] for h in result.history] == [1, 2]
     assert final.epochs_run > 2  # it did run ahead
     alone = fit(everything(data), replace(CFG, threads=1, epochs=2))
@@ -56,9 +57,10 @@ def test_a_final_fit_whose_process_died_says_so(data) -> None:  # noqa: ANN001
     final = FinalFit(everything(data), CFG, None, None)
     final.proc.kill()
     final.proc.join()
-    final.selection_epoch(1, 1, None)  # selection goes on; the failure surfaces with the result
+    final.selection_epoch(1, 1, None, [])  # selection goes on; the failure surfaces with the result
+    final.stop(best_epoch=1, last_epoch=1)
     with pytest.raises(FinalFitFailed, match="ended without a result"):
-        final.result(best_epoch=1, last_epoch=1)
+        final.result()
 
 
 def test_a_run_whose_final_fit_process_dies_fits_every_event_itself(data, capfd) -> None:  # noqa: ANN001
