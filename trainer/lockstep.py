@@ -32,7 +32,6 @@ import torch.multiprocessing as mp
 
 from trainer.config import TrainConfig
 from trainer.data import Dataset
-from trainer.model import TowerModel
 from trainer.train import TrainResult, fit, new_model
 
 FINAL_LABEL = "final fit, "
@@ -76,11 +75,12 @@ class _Child:
             sys.stdout.flush()
             os._exit(0)  # the epoch in progress is past the chosen one
 
-    def on_epoch(self, epoch: int, _best: int, model: TowerModel, history: list[dict[str, Any]]) -> bool:
+    def on_epoch(self, epoch: int, _best: int, state: dict[str, torch.Tensor],
+                 history: list[dict[str, Any]]) -> bool:
         with self.cond:
             while not self.sel.stopped and epoch >= self.sel.epoch + self.patience:  # selection cannot
                 self.cond.wait()  # choose beyond this
-            self.kept[epoch] = (copy.deepcopy(model.state_dict()), list(history))
+            self.kept[epoch] = (copy.deepcopy(state), list(history))
             for e in [e for e in self.kept if e < self.sel.best]:
                 del self.kept[e]
             return self.sel.stopped and epoch >= self.sel.best
@@ -145,7 +145,8 @@ class FinalFit:
         self.proc.start()
         child.close()
 
-    def selection_epoch(self, epoch: int, best: int, _model: TowerModel, _history: list[dict[str, Any]]) -> bool:
+    def selection_epoch(self, epoch: int, best: int, _state: dict[str, torch.Tensor],
+                        _history: list[dict[str, Any]]) -> bool:
         self._send(epoch, best, False)
         return False
 

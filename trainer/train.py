@@ -10,7 +10,7 @@ share of time spent sampling, events/s) so that strategies can be compared on mo
 
 from __future__ import annotations
 
-import copy
+import functools
 import io
 import os
 import sys
@@ -33,6 +33,7 @@ from trainer.losses import get_loss  # noqa: E402
 from trainer.model import HistorySampler, TowerModel  # noqa: E402
 from trainer.optim import RowAdam  # noqa: E402
 from trainer.samplers import Draw, HardSampler, MixedSampler, PairIndex, Sampler, make_sampler  # noqa: E402
+from trainer.stopping import EarlyStopping, Validation  # noqa: E402
 
 INFORMATIVE_MARGIN = 1.0  # a negative is informative when its logit is within this of the positive's
 
@@ -134,29 +135,36 @@ class _Run:
     step: int = 0
 
 
-class EarlyStopping:
-    """Keeps the best epoch's weights; says stop after ``patience`` epochs without a better score.
+# (epoch, best epoch so far, that epoch's weights, the epochs' diagnostics so far) -> stop now?
+EpochHook = Callable[[int, int, dict[str, torch.Tensor], list[dict[str, Any]]], bool]
 
-    Better means more than ``min_delta`` (a share) above the best so far, so that a plateau of noise-sized
-    gains ends training instead of extending it; the best epoch is the one that last cleared that bar."""
 
-    def __init__(self, model: torch.nn.Module, patience: int, min_delta: float = 0.0) -> None:
-        self.model, self.patience, self.min_delta = model, patience, min_delta
-        self.score, self.epoch, self.val, self.bad = -1.0, 0, {}, 0
-        self.state: dict[str, Any] = copy.deepcopy(model.state_dict())
+@dataclass
+class _Epochs:
+    """What a fit keeps across epochs: early stopping, the history, the hook, the epoch lines."""
 
-    def update(self, epoch: int, score: float, val: dict[str, float]) -> bool:
-        """Record an epoch's score; True when training should stop."""
-        if epoch == 1 or score > self.score * (1 + self.min_delta):
-            self.score, self.epoch, self.val, self.bad = score, epoch, val, 0
-            self.state = copy.deepcopy(self.model.state_dict())
+    cfg: TrainConfig
+    stopper: EarlyStopping
+    on_epoch: EpochHook | None
+    label: str
+    rank: int
+    history: list[dict[str, Any]]
+
+    def close(self, epoch: int, diag: dict[str, Any], val: dict[str, float],
+              state: dict[str, torch.Tensor] | None = None) -> bool:
+        """An epoch's validation is known: record it, print its line; True: the fit stops here. ``state``
+        is a copy of the epoch's weights when the model has trained on since (None: the model's own)."""
+        diag.update({f"val_{k}": v for k, v in val.items()})
+        self.history.append(diag)
+        if self.rank == 0:
+            _epoch_line(self.cfg, diag, self.label)
+        # no validation: the last is best
+        if self.stopper.update(epoch, val.get("ndcg@10", float(epoch)), val, state):
+            return True
+        if self.on_epoch is None:
             return False
-        self.bad += 1
-        return self.bad >= self.patience
-
-
-# (epoch, best epoch so far, model, the epochs' diagnostics so far) -> stop now?
-EpochHook = Callable[[int, int, TowerModel, list[dict[str, Any]]], bool]
+        return self.on_epoch(epoch, self.stopper.epoch, self.stopper.model.state_dict() if state is None else state,
+                             self.history)
 
 
 def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = None,
@@ -181,27 +189,36 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     run = _setup(data, cfg, steps_per_epoch, rng, init_state, impressions)
     candidates = data.candidates()
     has_val = data.val_u.size > 0
-    history: list[dict[str, Any]] = []
     stopper = EarlyStopping(run.model, cfg.patience, cfg.min_delta)
+    epochs = _Epochs(cfg, stopper, on_epoch, label, rank, [])
+    pending: Validation | None = None  # the last epoch's validation, beside this one (one process only)
     for epoch in range(1, cfg.epochs + 1):
+        abort = None if pending is None else functools.partial(pending.says_stop, stopper)
         # a labelled fit (the final fit's process) prints its lines but no bar: two bars garble a terminal
         stats, seconds, sampling = _epoch(run, rng.permutation(n_train), steps_per_epoch, epoch, rank, world,
-                                          show_bar=rank == 0 and not label)
+                                          show_bar=rank == 0 and not label, abort=abort)
         run.model.eval()
-        # rank 0 validates and tells the others, so that every rank stops at the same epoch
-        val = dist.broadcast(_validate(run.model, data, run.train_csr, candidates, cfg)
-                             if has_val and rank == 0 else {})
-        diag = _diagnostics(epoch, stats, run.sampler, seconds, sampling, n_train, val)
+        diag = _diagnostics(epoch, stats, run.sampler, seconds, sampling, n_train)
         diag["processes"] = world
         diag["threads"] = torch.get_num_threads()  # what this process's steps really ran on
         diag["logits_precision"] = "bfloat16" if run.bf16 else "float32"
-        history.append(diag)
-        if rank == 0:
-            _epoch_line(cfg, diag, label)
-        if stopper.update(epoch, val.get("ndcg@10", float(epoch)), val):  # no validation: the last is best
+        if pending is not None:
+            last, pending = pending, None
+            if epochs.close(last.epoch, last.diag, last.result(), last.state):
+                break  # this epoch trained past the end: its weights are never used
+        if has_val and world == 1:
+            vectors = run.model.export()
+            pending = Validation(epoch, diag, run.model, functools.partial(
+                _score_validation, *vectors, data, run.train_csr, candidates, cfg))
+            continue
+        # rank 0 validates and tells the others, so that every rank stops at the same epoch
+        val = dist.broadcast(_validate(run.model, data, run.train_csr, candidates, cfg)
+                             if has_val and rank == 0 else {})
+        if epochs.close(epoch, diag, val):
             break
-        if on_epoch is not None and on_epoch(epoch, stopper.epoch, run.model, history):
-            break
+    if pending is not None:  # the cap on epochs came first
+        epochs.close(pending.epoch, pending.diag, pending.result(), pending.state)
+    history = epochs.history
     run.model.load_state_dict(stopper.state)
     run.model.to("cpu").eval()
     return TrainResult(run.model, cfg, history, stopper.epoch, stopper.val, time.perf_counter() - t_start)
@@ -250,9 +267,10 @@ def new_model(data: Dataset, cfg: TrainConfig, train_csr: Any = None) -> TowerMo
     return model
 
 
-def _epoch(run: _Run, perm: np.ndarray, steps: int, epoch: int, rank: int,
-           world: int, show_bar: bool = True) -> tuple[_Stats, float, float]:
-    """One pass over the training pairs; the epoch's statistics, seconds and seconds spent sampling."""
+def _epoch(run: _Run, perm: np.ndarray, steps: int, epoch: int, rank: int, world: int,
+           show_bar: bool = True, abort: Callable[[], bool] | None = None) -> tuple[_Stats, float, float]:
+    """One pass over the training pairs (cut short when ``abort()`` says so); the epoch's statistics,
+    seconds and seconds spent sampling."""
     for h in run.hard:
         h.reset_stats()
     stats = _Stats()
@@ -261,6 +279,8 @@ def _epoch(run: _Run, perm: np.ndarray, steps: int, epoch: int, rank: int,
     run.model.train()
     bs = run.cfg.batch_size
     for b in range(steps):
+        if abort is not None and abort():
+            break
         idx = perm[b * bs:(b + 1) * bs]
         if world > 1:
             idx = np.array_split(idx, world)[rank]  # the global batch, shared between the ranks
@@ -417,17 +437,25 @@ def _device(name: str) -> torch.device:
 
 def _validate(model: TowerModel, data: Dataset, train_csr: Any, candidates: np.ndarray,
               cfg: TrainConfig) -> dict[str, float]:
-    """Validation NDCG@10 and friends. Its score products run on the fit's threads: numpy's BLAS would
-    take every core, and beside the final fit's process (trainer/lockstep.py) its extra thread ran at
-    half speed on a shared core and held up the others (the products took ~2x as long)."""
-    users, items = model.export()
-    with blas_threads(torch.get_num_threads()):
+    """Validation NDCG@10 and friends of the model as it is now."""
+    return _score_validation(*model.export(), data, train_csr, candidates, cfg)
+
+
+def _score_validation(users: np.ndarray, items: np.ndarray, data: Dataset, train_csr: Any,
+                      candidates: np.ndarray, cfg: TrainConfig) -> dict[str, float]:
+    """Validation NDCG@10 and friends of exported vectors. The score products run on the fit's threads:
+    numpy's BLAS would take every core, and beside the final fit's process (trainer/lockstep.py) its
+    extra thread ran at half speed on a shared core and held up the others (the products took ~2x as
+    long). Set here too: on a thread of its own, torch's count is OpenMP's default, every core."""
+    threads = max(1, cfg.threads // dist.local_world_size())
+    torch.set_num_threads(threads)
+    with blas_threads(threads):
         return evaluate(dot_scores(users, items), train_csr, data.val_u, data.val_i, candidates,
                         max_users=cfg.val_max_users, seed=cfg.seed)
 
 
-def _diagnostics(epoch: int, s: _Stats, sampler: Sampler, seconds: float, sampling: float, n_train: int,
-                 val: dict[str, float]) -> dict[str, Any]:
+def _diagnostics(epoch: int, s: _Stats, sampler: Sampler, seconds: float, sampling: float,
+                 n_train: int) -> dict[str, Any]:
     d: dict[str, Any] = {
         "epoch": epoch,
         "loss": s.loss_sum / max(s.steps, 1),
@@ -447,7 +475,6 @@ def _diagnostics(epoch: int, s: _Stats, sampler: Sampler, seconds: float, sampli
     d.update(sampler.stats())
     if "index_refresh_s" in d:
         d["index_share"] = round((d["index_refresh_s"] + d["hard_search_s"]) / max(seconds, 1e-9), 4)
-    d.update({f"val_{k}": v for k, v in val.items()})
     return d
 
 

@@ -11,7 +11,8 @@ from trainer.batch import assemble
 from trainer.config import SamplerConfig, TrainConfig
 from trainer.data import build_dataset
 from trainer.pipeline import run
-from trainer.train import EarlyStopping, _active, _setup, fit
+from trainer.stopping import EarlyStopping
+from trainer.train import _active, _setup, fit
 
 FAST = dict(epochs=6, batch_size=256, threads=1, progress=False, patience=2)
 
@@ -112,6 +113,31 @@ def test_early_stopping_counts_only_gains_above_min_delta() -> None:
     plain = EarlyStopping(model, patience=2)  # min_delta 0: any gain counts
     assert [plain.update(e, s, {}) for e, s in enumerate(scores[:4], 1)] == [False] * 4
     assert plain.epoch == 4
+
+
+def test_would_stop_says_what_update_will() -> None:
+    stop = EarlyStopping(torch.nn.Linear(2, 1), patience=2, min_delta=0.01)
+    for epoch, score in enumerate([0.1, 0.12, 0.1201, 0.05, 0.3, 0.2, 0.2], 1):
+        predicted = stop.would_stop(epoch, score)
+        assert predicted == stop.update(epoch, score, {})
+
+
+def test_validating_beside_the_next_epoch_ships_the_best_epochs_own_weights(data) -> None:  # noqa: ANN001
+    """The fit validates each epoch on a thread while the next one trains, and cuts that one short when
+    the score says stop: it still returns exactly the weights of its best epoch, the model a fit capped
+    at that many epochs trains, and every epoch it reports was validated."""
+    cfg = TrainConfig(**{**FAST, "epochs": 30, "patience": 1, "min_delta": 0.02})
+    stopped = fit(data, cfg)
+    best = stopped.best_epoch
+    assert len(stopped.history) == best + 1 < 30  # stopped by validation, not by the cap
+    assert all("val_ndcg@10" in h for h in stopped.history)
+    capped = fit(data, TrainConfig(**{**FAST, "epochs": best, "patience": 30}))
+    assert capped.best_epoch == best and _same_state(stopped.model, capped.model)
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_a_rows_own_training_items_are_never_its_shared_negatives(data) -> None:  # noqa: ANN001
