@@ -10,8 +10,8 @@ The final fit cannot know where to stop until selection has, so it keeps a copy 
 every epoch selection may still choose (those since selection's best so far) and, once told the chosen
 epoch, hands that copy back: at once when it holds it already, without finishing the epoch in progress
 (selection tells it before its held-out report, which then has the cores to itself). It never runs more
-than ``patience`` epochs ahead of selection, the furthest selection can go past its best. Same seed, same batches: what it returns is the
-model a sequential one-thread fit for the chosen epochs would train.
+than ``patience`` epochs ahead of selection, the furthest selection can go past its best. Same seed,
+same batches: what it returns is the model a sequential one-thread fit for the chosen epochs would train.
 """
 
 from __future__ import annotations
