@@ -3,12 +3,14 @@
 Excluding what a user saw since training would cost one database query per recommendation; instead a
 background thread tails the events table every ``interval`` seconds and this worker's own POSTs are
 added on commit (by the group committer, with their ids, which the tail then leaves out of its reads:
-reading them back cost a worker ~13% of its CPU under batches of 1000 events). A PostgreSQL transaction can commit after one with a higher id: the ids skipped over
-are remembered as gaps and looked up again on every tick until they appear or ``GAP_SECONDS`` pass (a
-rolled-back insert never appears). Re-reading a fixed window of recent ids instead cost each worker
-~20k rows a second, and the event loop its GIL, whether anything had been written or not. Staleness: an event written through another worker or process is excluded within about
-``interval`` seconds. When the view cannot answer (too many events since the watermark, a model with an
-older watermark, the first load still running) the caller falls back to the database query.
+reading them back cost a worker ~13% of its CPU under batches of 1000 events). A PostgreSQL transaction
+can commit after one with a higher id: the ids skipped over are remembered as gaps and looked up again
+on every tick until they appear or ``GAP_SECONDS`` pass (a rolled-back insert never appears).
+Re-reading a fixed window of recent ids instead cost each worker ~20k rows a second, and the event loop
+its GIL, whether anything had been written or not. Staleness: an event written through another worker
+or process is excluded within about ``interval`` seconds. When the view cannot answer (too many events
+since the watermark, a model with an older watermark, the first load still running) the caller falls
+back to the database query.
 
 Each (user, item) keeps whether the user has a positive and/or an explicit negative event on it since the
 watermark (``POSITIVE``/``NEGATIVE`` bits), so the serving core remakes a known user's vector from the view
