@@ -218,10 +218,9 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
             break
     if pending is not None:  # the cap on epochs came first
         epochs.close(pending.epoch, pending.diag, pending.result(), pending.state)
-    history = epochs.history
     run.model.load_state_dict(stopper.state)
     run.model.to("cpu").eval()
-    return TrainResult(run.model, cfg, history, stopper.epoch, stopper.val, time.perf_counter() - t_start)
+    return TrainResult(run.model, cfg, epochs.history, stopper.epoch, stopper.val, time.perf_counter() - t_start)
 
 
 def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random.Generator,
@@ -233,7 +232,7 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
     # The only thread setting of a fit. FAISS and torch can resolve to one OpenMP runtime: a FAISS setting
     # of 1 thread made after this one left every fit but a process's first on one thread (measured: the
     # final fit's gowalla epochs took 5.3 s instead of 3.6 s). Mining's FAISS searches use the same threads.
-    torch.set_num_threads(max(1, cfg.threads // dist.local_world_size()))  # ranks on one machine share cores
+    torch.set_num_threads(_fit_threads(cfg))
     draw_rng = rng if world == 1 else np.random.default_rng((cfg.seed, rank))  # negatives: each rank its own
     hard_rows = cfg.sampler.hard_rows  # per global batch: each rank mines its share of the rows
     scfg = replace(cfg.sampler, hard_warmup_steps=cfg.hard_warmup_epochs * steps_per_epoch,
@@ -435,6 +434,11 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _fit_threads(cfg: TrainConfig) -> int:
+    """The threads of one process of a fit: ranks on one machine share its cores."""
+    return max(1, cfg.threads // dist.local_world_size())
+
+
 def _validate(model: TowerModel, data: Dataset, train_csr: Any, candidates: np.ndarray,
               cfg: TrainConfig) -> dict[str, float]:
     """Validation NDCG@10 and friends of the model as it is now."""
@@ -447,7 +451,7 @@ def _score_validation(users: np.ndarray, items: np.ndarray, data: Dataset, train
     numpy's BLAS would take every core, and beside the final fit's process (trainer/lockstep.py) its
     extra thread ran at half speed on a shared core and held up the others (the products took ~2x as
     long). Set here too: on a thread of its own, torch's count is OpenMP's default, every core."""
-    threads = max(1, cfg.threads // dist.local_world_size())
+    threads = _fit_threads(cfg)
     torch.set_num_threads(threads)
     with blas_threads(threads):
         return evaluate(dot_scores(users, items), train_csr, data.val_u, data.val_i, candidates,

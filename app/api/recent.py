@@ -243,7 +243,9 @@ class RecentEventsView:
             with self._lock:
                 self._add(rows)
             full = len(rows) == TAIL_BATCH  # more may follow: own runs past the last row are not seen yet
-            top = rows[-1][0] if full else max([after, *(r[0] for r in rows[-1:]), *(last for _, last in own)])
+            top = rows[-1][0] if rows else after
+            if not full:
+                top = max([top, *(last for _, last in own)])
             seen = sorted([(r[0], r[0]) for r in rows] + [(f, min(last, top)) for f, last in own if f <= top])
             self._note_gaps(after, seen)
             self._last_id = max(self._last_id, top)
