@@ -36,6 +36,8 @@ from trainer.samplers import Draw, HardSampler, MixedSampler, PairIndex, Sampler
 from trainer.stopping import EarlyStopping, Validation  # noqa: E402
 
 INFORMATIVE_MARGIN = 1.0  # a negative is informative when its logit is within this of the positive's
+# losses for which a repeated shared item may be one column with its correction lowered (trainer/batch.py)
+MERGING_LOSSES = ("softmax", "bpr")
 
 
 @dataclass
@@ -318,7 +320,7 @@ def _step(run: _Run, idx: np.ndarray, stats: _Stats, measure: bool) -> float:
     # the rows' own training items are not negatives (TrainConfig.mask_known; trainer/batch.py)
     known = run.train_csr[q_users] if run.cfg.mask_known else None
     cols = assemble(pos_np, draws, [s for s in active if s.prob(pos_np[:1]) is not None], run.cfg.logq, known,
-                    row_query)
+                    row_query, merge=run.cfg.loss in MERGING_LOSSES)
     stats.sampling_seconds += time.perf_counter() - ts
     # one forward through DDP: every embedding row this step touches
     u, iv = run.net(users, bags, torch.from_numpy(cols.lookup).to(device))
@@ -380,6 +382,9 @@ def _measure(run: _Run, stats: _Stats, users_np: np.ndarray, draws: list[Draw], 
     rows = slice(0, min(users_np.size, 256))
     mask = cols.row_mask(rows)
     neg_rows = neg[rows] if cols.query_of_row is None else neg[torch.from_numpy(cols.query_of_row[rows])]
+    per_draw = cols.draw_columns()  # merged columns seen again as one per draw, as the sources drew them
+    if per_draw is not None:
+        neg_rows = neg_rows.index_select(1, torch.from_numpy(per_draw).to(neg_rows.device))
     stats.add(pos[rows].cpu(), neg_rows.cpu(), torch.from_numpy(mask), cols.sources)
     if run.data.val_u.size:
         fn = _validation_hits(run, users_np, draws, rows) & mask

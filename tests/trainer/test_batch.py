@@ -66,3 +66,44 @@ def test_a_per_user_source_alone_leaves_the_positives_uncorrected() -> None:
     assert cols.pos_logq.tolist() == [0.0]
     assert cols.mask.tolist() == [[True, False]]
     assert cols.neg_logq[0, 0] == pytest.approx(0.0)  # log(2 × 0.5)
+
+
+def _loss_and_grads(cols, positives: np.ndarray, loss_name: str, seed: int = 0) -> tuple[float, np.ndarray]:
+    """The loss of one batch scored the way trainer/train.py scores it, and its gradient on the item table."""
+    import torch
+
+    from trainer.losses import get_loss
+    from trainer.train import _logits
+
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(N, 8, generator=gen, requires_grad=True)
+    users = torch.randn(positives.size, 8, generator=gen)
+    pos, neg = _logits(users, table[torch.from_numpy(cols.lookup)], cols, positives.size)
+    loss = get_loss(loss_name)(pos, neg, torch.from_numpy(cols.pos_logq), torch.from_numpy(cols.neg_logq),
+                               torch.from_numpy(cols.mask))
+    loss.backward()
+    return float(loss.detach()), table.grad.numpy()
+
+
+@pytest.mark.parametrize("loss_name", ["softmax", "bpr"])
+@pytest.mark.parametrize("logq", [True, False])
+@pytest.mark.parametrize("with_hard", [False, True])
+def test_merged_repeats_give_the_same_loss_and_gradients(loss_name: str, logq: bool, with_hard: bool) -> None:
+    """A popular item that is several rows' positive, or also a uniform draw, is scored once with its
+    correction lowered by log m: the loss and every gradient are those of one column per draw."""
+    rng = np.random.default_rng(3)
+    in_batch, uniform = InBatchSampler(POPULARITY), UniformSampler(np.ones(N, bool), n=12)
+    positives = np.array([3, 7, 3, 3, 9, 7])
+    draws = in_batch.sample(None, positives, rng) + uniform.sample(None, positives, rng)
+    if with_hard:  # per-user columns after the shared ones, never merged
+        valid = np.array([[1, 1], [1, 1], [1, 1], [0, 0], [1, 0], [1, 1]], bool)
+        items = np.array([[3, 11], [7, 12], [5, 3], [0, 0], [9, 9], [1, 2]])
+        draws.append(Draw(items, np.full((6, 2), 0.25), "hard", False, 2, valid))
+    plain = assemble(positives, draws, [in_batch, uniform], logq)
+    merged = assemble(positives, draws, [in_batch, uniform], logq, merge=True)
+    assert merged.mask.shape[1] < plain.mask.shape[1]  # the repeats are gone
+    assert np.array_equal(merged.row_mask(slice(0, 6)), plain.row_mask(slice(0, 6)))
+    loss, grad = _loss_and_grads(plain, positives, loss_name)
+    m_loss, m_grad = _loss_and_grads(merged, positives, loss_name)
+    assert m_loss == pytest.approx(loss, rel=1e-5)
+    assert np.allclose(m_grad, grad, rtol=1e-4, atol=1e-6)
