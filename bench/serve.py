@@ -526,6 +526,9 @@ def main() -> None:
     args = parser.parse_args()
     if "healthz" not in args.endpoints:
         parser.error("--endpoints must include healthz: every row is reported as a ratio to it, in the same run")
+    if args.loadgen == "httpx":  # Python's client takes most of a core: the server's figures fall ~15x
+        print("load generator: httpx (wrk is not installed: `apt-get install -y wrk`); its figures are not "
+              "comparable with wrk's", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     if args.fixture and not args.postgres and (args.fixture / "recsys.db").exists():
