@@ -4,6 +4,11 @@ numpy, torch or scipy calls that made a large share of a step (trainer/optim.py,
 ``in_rows`` say which and by how much). The first two run threads over rows, so every row's result is
 the same whatever the thread count; the membership test is one thread (a batch's lookups take ~0.6 ms).
 
+No ``fastmath``: with it, the kernels a process compiled itself and the ones a process loaded from
+numba's cache gave results apart in the last bits on one CPU (AMD EPYC, AVX2: Adam's sqrt and division),
+so the final fit's process (trainer/lockstep.py) no longer trained the weights of a one-thread fit here
+(tests/trainer/test_lockstep.py, from a cold cache); without it, a ml-latest-small step took as long.
+
 Threads come from numba's own "workqueue" pool, not its OpenMP one: beside torch's OpenMP runtime a
 two-process training run crashed once in ~30 with the OpenMP pool (a segfault mid-training; scanpy
 saw the same with torch, scverse/scanpy#4026), none with workqueue; OpenMP was ~15% faster on these
@@ -27,7 +32,7 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(parallel=True, cache=True)
 def adam_rows(weight: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, rows: np.ndarray,
               starts: np.ndarray, order: np.ndarray, values: np.ndarray, b1: float, b2: float,
               step_size: float, eps: float) -> None:  # pragma: no cover - compiled
@@ -46,7 +51,7 @@ def adam_rows(weight: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, r
             weight[r, j] -= step_size * m / (math.sqrt(v) + eps)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(parallel=True, cache=True)
 def sum_rows(indptr: np.ndarray, cols: np.ndarray, vectors: np.ndarray) -> np.ndarray:  # pragma: no cover
     """Row b of the result is the sum of ``vectors[cols[indptr[b]:indptr[b + 1]]]``: a CSR matrix of ones
     times ``vectors``, threads over rows (scipy's product is one thread and multiplies by the ones)."""
