@@ -93,10 +93,10 @@ def assemble(positives: np.ndarray, draws: Sequence[Draw], shared_samplers: Sequ
     b = positives.size
     shared = [d for d in draws if d.shared]
     per_user = [d for d in draws if not d.shared]
-    s_items = np.concatenate([d.items for d in shared]) if shared else np.zeros(0, dtype=np.int64)
-    expand = None
-    if merge and s_items.size:
-        s_items, expand = np.unique(s_items, return_inverse=True)
+    drawn = np.concatenate([d.items for d in shared]) if shared else np.zeros(0, dtype=np.int64)
+    s_items, expand = drawn, None  # the shared columns: one per draw, or (merged) one per distinct item
+    if merge and drawn.size:
+        s_items, expand = np.unique(drawn, return_inverse=True)
         lookup = [positives, s_items]
     else:
         lookup = [positives, *[d.items for d in shared if d.source != "in-batch"]]  # in-batch reuses positives
@@ -108,7 +108,7 @@ def assemble(positives: np.ndarray, draws: Sequence[Draw], shared_samplers: Sequ
         mask = s_items[None, :] != positives[:, None]
         if known is not None and s_items.size:
             mask &= ~(known[:, s_items].toarray() > 0)
-    s_logq, pos_logq = _shared_logq(positives, shared, shared_samplers, b, expand, logq)
+    s_logq, pos_logq = _shared_logq(positives, drawn, shared, shared_samplers, b, expand, logq)
     live, width = np.zeros(0, dtype=np.int64), 0
     neg_logq = s_logq[None, :]
     if per_user:
@@ -132,13 +132,13 @@ def assemble(positives: np.ndarray, draws: Sequence[Draw], shared_samplers: Sequ
                    [(d.source, d.items.shape[-1]) for d in (*shared, *per_user)], query_of_row, expand)
 
 
-def _shared_logq(positives: np.ndarray, shared: Sequence[Draw], shared_samplers: Sequence[Sampler], b: int,
-                 expand: np.ndarray | None, logq: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The shared columns' corrections (C,) and the positives' (B,). A merged column holds m draws:
-    its correction is -log Σ over them of e^(-correction) (log n·q - log m when they share their q)."""
+def _shared_logq(positives: np.ndarray, drawn: np.ndarray, shared: Sequence[Draw], shared_samplers: Sequence[Sampler],
+                 b: int, expand: np.ndarray | None, logq: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The shared columns' corrections (C,) and the positives' (B,); ``drawn`` are the shared draws' items
+    in order. A merged column holds m draws: its correction is -log Σ over them of e^(-correction)
+    (log n·q - log m when they share their q)."""
     if shared_samplers:
-        s_count = expected_counts(np.concatenate([d.items for d in shared]) if shared else np.zeros(0, np.int64),
-                                  shared_samplers, b)
+        s_count = expected_counts(drawn, shared_samplers, b)
         pos_count = expected_counts(positives, shared_samplers, b)
     else:  # no global q (a per-user source alone): each shared draw by its own q, positives uncorrected
         s_count = np.concatenate([d.n * d.q for d in shared]) if shared else np.zeros(0)
