@@ -12,7 +12,7 @@ from trainer.config import SamplerConfig, TrainConfig
 from trainer.data import build_dataset
 from trainer.pipeline import run
 from trainer.stopping import EarlyStopping
-from trainer.train import _active, _setup, fit
+from trainer.train import BF16_ROWS, _active, _bf16_product, _setup, fit
 
 FAST = dict(epochs=6, batch_size=256, threads=1, progress=False, patience=2)
 
@@ -162,6 +162,22 @@ def test_a_rows_own_training_items_are_never_its_shared_negatives(data) -> None:
     assert shared_cols.mask.shape == (q_users.size, shared_cols.mask.shape[1])
     assert np.array_equal(shared_cols.row_mask(slice(0, users.size)), assemble(pos, draws, shared,
                                                                                 known=state.train_csr[users]).mask)
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (BF16_ROWS, 3 * BF16_ROWS), (BF16_ROWS + 1, 2 * BF16_ROWS - 1)])
+def test_the_padded_bfloat16_product_is_the_plain_one(rows: tuple[int, int]) -> None:
+    """Padding with zero rows (one compiled kernel per shape bucket) changes neither the product nor
+    its gradients, to the bit."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(rows[0], 129, generator=gen, requires_grad=True)
+    b = torch.randn(rows[1], 129, generator=gen, requires_grad=True)
+    w = torch.randn(*rows, generator=gen)
+    padded = _bf16_product(a, b)
+    ga, gb = torch.autograd.grad((padded * w).sum(), (a, b))
+    plain = (a.bfloat16() @ b.bfloat16().T).float()
+    pa, pb = torch.autograd.grad((plain * w).sum(), (a, b))
+    assert padded.shape == rows and padded.dtype == torch.float32
+    assert torch.equal(padded, plain) and torch.equal(ga, pa) and torch.equal(gb, pb)
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
