@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -108,7 +109,10 @@ def insert_new_events(conn: Connection, rows: list[dict[str, Any]], ids: IdCache
         return {}
     ids.resolve(conn, {r["user_id"] for r in rows}, {r["item_id"] for r in rows})
     new: dict[str, int] = {}
-    _insert_records(conn, _records(rows, ids.users, ids.items), None, new)
+    # in user order (stable: a user's own events keep theirs): the user index is then updated page after
+    # page instead of at random places, 15% less work for a SQLite batch of 1000 (docs/benchmarks.md)
+    records = sorted(_records(rows, ids.users, ids.items), key=itemgetter(1))
+    _insert_records(conn, records, None, new)
     return new
 
 

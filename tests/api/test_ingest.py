@@ -261,6 +261,27 @@ def test_known_users_and_items_are_written_in_one_autocommitted_statement(db_url
         engine.dispose()
 
 
+def test_a_group_is_written_in_user_order_and_each_users_events_keep_theirs(db_url: str) -> None:
+    """The committer's rows go in by user (the user index's pages in order); a user's own events keep
+    the order they came in, so their ids still say which of two same-time events came later."""
+    from app.db.events import IdCache, insert_new_events
+    from app.db.migrate import upgrade
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    ids = IdCache()
+    try:
+        arrived = [("a", "u2"), ("b", "u1"), ("c", "u2"), ("d", "u1"), ("e", "u3"), ("f", "u2")]
+        rows = [{"event_id": e, "user_id": u, "item_id": "i1", "type": "view", "value": None, "timestamp": 1.0}
+                for e, u in arrived]
+        with engine.connect() as conn, conn.begin():
+            conn.exec_driver_sql("INSERT INTO users (external_id) VALUES ('u3'), ('u1'), ('u2')")
+            stored = insert_new_events(conn, rows, ids)
+        assert sorted(stored, key=stored.get) == ["e", "b", "d", "a", "c", "f"]  # users u3, u1, u2 by id
+    finally:
+        engine.dispose()
+
+
 def test_the_id_cache_warms_with_the_newest_users_and_items(db_url: str) -> None:
     """What the committer loads at start (app/api/ingest.py): the newest users and items with their
     database ids, so that their events take the one-statement path from the first request on."""

@@ -70,8 +70,9 @@ def test_the_tail_leaves_this_workers_own_events_out(tmp_path: Path) -> None:
     mine = store(_event(1, "u1", "i1"), _event(2, "u1", "i2"))
     # told as dislikes while the rows say click: a tail that read them back would add the click's bit
     view.add_committed([(i, u, item, "dislike") for i, u, item, _ in mine])
-    # another worker's, around an id whose transaction has not committed yet
-    theirs = store(_event(3, "u2", "i3"), _event(4, "u3", "i4"), _event(5, "u2", "i5"))
+    # another worker's, around an id whose transaction has not committed yet (one user: a group is
+    # written in user order, and a user's own events keep theirs)
+    theirs = store(_event(3, "u2", "i3"), _event(4, "u2", "i4"), _event(5, "u2", "i5"))
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM events WHERE event_id = 'e4'"))
     mine += store(_event(6, "u1", "i6"))
