@@ -17,6 +17,9 @@ Event ingestion on both backends, 2 workers at 16 connections:
 
     .venv/bin/python bench/serve.py --workers 2 --concurrency 16 --endpoints healthz events events_100 \
         events_1000 [--postgres postgresql://postgres@127.0.0.1:5432/test]
+
+The server runs with the service's defaults; ``--setting RECSYS_EVENTS_GROUP_MAX=20000`` (repeatable)
+changes one for the run and is recorded in the JSON's setup.
 """
 
 from __future__ import annotations
@@ -371,13 +374,14 @@ def free_port() -> int:
 
 
 def start_server(
-    data_dir: Path, url: str, workers: int, log_level: str
+    data_dir: Path, url: str, workers: int, log_level: str, settings: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen, str, float, dict]:
     import httpx
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
     env.update(RECSYS_DATABASE_URL=url, RECSYS_DATA_DIR=str(data_dir), RECSYS_LOG_LEVEL=log_level)
+    env.update(settings or {})
     code = (
         f"from app.api.server import run; run(host='127.0.0.1', port={port}, workers={workers}, "
         f"checkpoint=None, log_level={log_level!r})"
@@ -518,6 +522,15 @@ def main() -> None:
         help="Keep the SQLite fixture in this directory and reuse it on later runs (built when missing).",
     )
     parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        type=_setting,
+        metavar="RECSYS_NAME=VALUE",
+        help="A service setting for the server under test (repeatable), e.g. RECSYS_EVENTS_GROUP_MAX=20000; "
+        "the server otherwise runs with the defaults, whatever RECSYS_* this shell has.",
+    )
+    parser.add_argument(
         "--loadgen",
         choices=["wrk", "httpx"],
         default="wrk" if shutil.which("wrk") else "httpx",
@@ -558,10 +571,17 @@ def main() -> None:
     report(args, results)
 
 
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("RECSYS_"):
+        raise argparse.ArgumentTypeError(f"expected RECSYS_NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
     results: list[dict] = []
     for workers in args.workers:
-        proc, base, ready, index = start_server(data_dir, url, workers, args.log_level)
+        proc, base, ready, index = start_server(data_dir, url, workers, args.log_level, dict(args.setting))
         if "recommendations_recent" in args.endpoints:
             post_recent_events(base, args.items)
         print(
@@ -667,6 +687,7 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
         "database": "postgresql" if args.postgres else "sqlite",
         "embeddings": args.embeddings,
         "loadgen": args.loadgen,
+        "settings": dict(args.setting),
     }
     args.out.write_text(json.dumps({"setup": meta, "results": results}, indent=2))
 
