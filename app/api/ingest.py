@@ -100,8 +100,9 @@ class GroupCommitter:
         max_wait: float,
         on_commit: Callable[[list[tuple[int, str, str, str]]], None] | None = None,
     ) -> None:
-        """``on_commit`` gets each group's new events as (events.id, user, item, type) after the commit
-        and before any request of the group is answered (the worker's view of recent events)."""
+        """``on_commit`` gets each group's new events as (events.id, user, item, type) after the commit,
+        outside the write lock, and before any request of the group is answered (the worker's view of
+        recent events)."""
         self._engine = engine
         self._on_commit = on_commit
         self._write_lock = write_lock
@@ -112,6 +113,7 @@ class GroupCommitter:
         self._closed = False
         self._outage = False
         self._ids = IdCache()  # internal user and item ids, kept across commits
+        self._committed: list[tuple[int, str, str, str]] = []  # for on_commit, after the write lock
         self._conn: Connection | None = None
         self._autocommit: Connection | None = None
         self._thread: threading.Thread | None = None
@@ -180,6 +182,7 @@ class GroupCommitter:
                 refusal = _unavailable() if unavailable(exc) else Refused(500, "internal_error", "internal error")
                 for pending in group:
                     pending.error = pending.error or refusal
+            self._publish()
             self._resolve(group)
 
     def _warm(self) -> None:
@@ -277,11 +280,19 @@ class GroupCommitter:
         for event_id in new:
             owner[event_id].accepted += 1
         if self._on_commit is not None and new:
-            try:
-                self._on_commit([(new[r["event_id"]], r["user_id"], r["item_id"], r["type"])
-                                 for r in rows if r["event_id"] in new])
-            except Exception:  # stored and committed: the view catches up through its tail
-                log.exception("could not add committed events to the recent-events view")
+            self._committed.extend((new[r["event_id"]], r["user_id"], r["item_id"], r["type"])
+                                   for r in rows if r["event_id"] in new)
+
+    def _publish(self) -> None:
+        """Hand the group's new events to ``on_commit`` once the write lock is released (the other
+        worker's committer may take it meanwhile), before any request of the group is answered."""
+        committed, self._committed = self._committed, []
+        if self._on_commit is None or not committed:
+            return
+        try:
+            self._on_commit(committed)
+        except Exception:  # stored and committed: the view catches up through its tail
+            log.exception("could not add committed events to the recent-events view")
 
     def _connection(self, autocommit: bool = False) -> Connection:
         """The committer's own connections, kept between groups: a pool checkout pings the server first,

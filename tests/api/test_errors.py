@@ -40,6 +40,9 @@ def test_wrong_method(server: Server) -> None:
         {**GOOD, "user_id": "u" * 257},
         {**GOOD, "item_id": ""},
         {**GOOD, "item_id": "a\nb"},
+        {**GOOD, "user_id": "u\x00"},
+        {**GOOD, "event_id": "e\x7f"},
+        {**GOOD, "event_id": "\x1f"},
         {**GOOD, "type": "Not A Type"},
         {**GOOD, "type": "t" * 33},
         {**GOOD, "value": "high"},
@@ -60,13 +63,23 @@ def test_invalid_events_are_rejected_whole(server: Server, body: object) -> None
 
 
 @pytest.mark.parametrize(
-    "raw", [b'{"event_id": "x", ', b"NaN", b'{"event_id": "n", "value": NaN}', b"\xff\xfe"]
+    "raw",
+    [b'{"event_id": "x", ', b"NaN", b'{"event_id": "n", "value": NaN}', b"\xff\xfe",
+     b'{"event_id": "s\\ud800", "user_id": "u1", "item_id": "i1", "type": "click"}'],  # a lone surrogate
 )
 def test_malformed_or_non_finite_json(server: Server, raw: bytes) -> None:
     with server.client() as c:
         resp = c.post("/v1/events", content=raw, headers={"content-type": "application/json"})
     body = assert_error(resp, 422)
     assert body["error"]["code"] in {"malformed_json", "validation_error"}
+
+
+def test_ids_in_any_script_are_accepted(server: Server) -> None:
+    event = {"event_id": "évé-字-1", "user_id": "usér 夏", "item_id": "ïtem\u00a0x", "type": "click"}
+    with server.client() as c:
+        resp = c.post("/v1/events", json=event)
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"received": 1, "accepted": 1, "duplicates": 0}
 
 
 def test_oversized_batch_is_413(server: Server) -> None:
