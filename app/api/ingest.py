@@ -6,8 +6,9 @@ over (a deque append under a lock, on the event loop) and awaits a future; the t
 queued, writes it in one transaction and resolves each request's future only after that commit has
 returned. An acknowledged event is exactly as durable as before (SQLite WAL with ``synchronous=FULL``,
 PostgreSQL synchronous commit); a request waits for the commit in progress and its own (on SQLite also
-for other workers' commits, which take turns on the write lock: a committer takes the lock first and
-its group second, so what arrives meanwhile joins the group).
+for other workers' commits, which take turns on the write lock: a committer makes what is queued ready
+for the database first, so that the lock is held for the database's own work, and takes what arrived
+while it waited for the lock into the same group).
 
 Per request, all or nothing, and the counts stay exact: within a group the first request to carry an
 ``event_id`` owns it, and the insert names the ids it stored. When a group's transaction fails for a
@@ -27,13 +28,14 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, Engine
 
 from app.api import metrics
 from app.db.engine import unavailable
-from app.db.events import IdCache, insert_new_events
+from app.db.events import VALUES_MAX, IdCache, Record, cached_records, insert_new_events
 
 log = logging.getLogger("recsys.ingest")
 
@@ -83,6 +85,33 @@ class _Pending:
     error: Refused | None = None
 
 
+class _Batch:
+    """A group's rows, each event_id once (the first request of the group to carry it owns it), and
+    their records when every user and item id is cached (``cached_records``): made before the write
+    lock is taken, so that the lock is held for the database's own work."""
+
+    def __init__(self, ids: IdCache) -> None:
+        self.ids = ids
+        self.owner: dict[str, _Pending] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.records: list[Record] | None = []
+
+    def add(self, group: list[_Pending]) -> _Batch:
+        """This batch with ``group``'s rows after its own (user order kept: a stable merge of the runs)."""
+        fresh: list[dict[str, Any]] = []
+        for pending in group:
+            pending.accepted = 0
+            for row in pending.rows:
+                if self.owner.setdefault(row["event_id"], pending) is pending:
+                    fresh.append(row)  # an id repeated by a later request of the group is its duplicate
+        if not fresh:
+            return self
+        self.rows += fresh
+        records = cached_records(fresh, self.ids) if self.records is not None else None
+        self.records = None if records is None else sorted(self.records + records, key=itemgetter(1))
+        return self
+
+
 def _is_transient(exc: BaseException) -> bool:
     return str(getattr(getattr(exc, "orig", None), "sqlstate", None) or "").startswith("40")
 
@@ -113,7 +142,7 @@ class GroupCommitter:
         self._closed = False
         self._outage = False
         self._ids = IdCache()  # internal user and item ids, kept across commits
-        self._committed: list[tuple[int, str, str, str]] = []  # for on_commit, after the write lock
+        self._committed: list[tuple[list[dict[str, Any]], dict[str, int]]] = []  # (rows, new) for on_commit
         self._conn: Connection | None = None
         self._autocommit: Connection | None = None
         self._thread: threading.Thread | None = None
@@ -170,15 +199,25 @@ class GroupCommitter:
         self._warm()
         while self._wait_for_work():
             group: list[_Pending] = []
+            held = 0  # events taken before the write lock: they count as queued until it is ours
             try:
-                # The write lock first, then the queue: what arrives while another worker's commit holds
-                # the SQLite lock joins this group instead of waiting for the next one.
+                # What is queued is made ready for the database before the write lock is taken (another
+                # worker's commit may hold it: SQLite has one writer); what arrives while waiting for it
+                # joins the group.
+                group = self._take(self.max_group, counted=True)
+                held = sum(len(pending.rows) for pending in group)
+                batch = _Batch(self._ids).add(group)
                 with self._write_lock:
-                    group = self._take()
-                    self._commit(group)
+                    self._uncount(held)
+                    held = 0
+                    group, batch = self._live(group, batch)
+                    more = self._take(self.max_group - len(batch.rows))
+                    group += more
+                    self._commit(group, batch.add(more))
             except Exception as exc:  # the lock file, or a bug: answer, and keep the thread alive
                 log.exception("event group commit failed")
-                group = group or self._take()
+                self._uncount(held)
+                group = group or self._take(self.max_group)
                 refusal = _unavailable() if unavailable(exc) else Refused(500, "internal_error", "internal error")
                 for pending in group:
                     pending.error = pending.error or refusal
@@ -207,27 +246,46 @@ class GroupCommitter:
                 self._cond.wait()
         return True
 
-    def _take(self) -> list[_Pending]:
-        """Everything queued, up to ``max_group`` events (a request is never split, the first always fits)."""
+    def _take(self, room: int, counted: bool = False) -> list[_Pending]:
+        """Queued requests, up to ``room`` events; a request is never split, and one of any size is
+        taken when ``room`` is the whole of ``max_group``. ``counted``: their events still count as
+        queued (the bound, the gauge) until ``_uncount``."""
         with self._cond:
             group: list[_Pending] = []
-            size = 0
-            while self._queue and (not group or size + len(self._queue[0].rows) <= self.max_group):
+            whole = room >= self.max_group
+            while self._queue and ((whole and not group) or len(self._queue[0].rows) <= room):
                 pending = self._queue.popleft()
-                self._queued -= len(pending.rows)
+                if not counted or pending.future.done():
+                    self._queued -= len(pending.rows)
                 if not pending.future.done():  # done: its request timed out and was answered 503
                     group.append(pending)
-                    size += len(pending.rows)
+                    room -= len(pending.rows)
             metrics.EVENTS_QUEUE_DEPTH.set(self._queued)
         return group
 
-    def _commit(self, group: list[_Pending]) -> None:
+    def _uncount(self, events: int) -> None:
+        """Events taken ``counted`` leave the queue's count."""
+        if events:
+            with self._cond:
+                self._queued -= events
+                metrics.EVENTS_QUEUE_DEPTH.set(self._queued)
+
+    def _live(self, group: list[_Pending], batch: _Batch) -> tuple[list[_Pending], _Batch]:
+        """The group without the requests that timed out while the write lock was held elsewhere (they
+        were answered 503 and are not written)."""
+        live = [pending for pending in group if not pending.future.done()]
+        if len(live) == len(group):
+            return group, batch
+        return live, _Batch(self._ids).add(live)
+
+    def _commit(self, group: list[_Pending], batch: _Batch | None = None) -> None:
         """One transaction for the group; split per request when the group fails for one request's rows."""
         if not group:
             return
+        batch = batch or _Batch(self._ids).add(group)
         for attempt in range(TRANSIENT_TRIES):
             try:
-                self._write(group)
+                self._write(batch)
             except Exception as exc:
                 if _is_transient(exc) and attempt + 1 < TRANSIENT_TRIES:
                     continue
@@ -255,22 +313,17 @@ class GroupCommitter:
             group[0].error = Refused(422, "rejected_by_database", f"the database refused these events: {reason}")
             metrics.EVENTS_REFUSED.labels("rejected_by_database").inc()
 
-    def _write(self, group: list[_Pending]) -> None:
-        owner: dict[str, _Pending] = {}
-        rows: list[dict[str, Any]] = []
-        for pending in group:
-            pending.accepted = 0
-            for row in pending.rows:
-                if owner.setdefault(row["event_id"], pending) is pending:
-                    rows.append(row)  # an id repeated by a later request of the group is its duplicate
+    def _write(self, batch: _Batch) -> None:
+        rows = batch.rows
         start = time.perf_counter()
         try:
-            if self._ids.one_statement(rows):  # committed by the database as it runs: no BEGIN, no COMMIT
-                new = insert_new_events(self._connection(autocommit=True), rows, self._ids)
+            if batch.records is not None and len(rows) <= VALUES_MAX:
+                # one statement, committed by the database as it runs: no BEGIN, no COMMIT
+                new = insert_new_events(self._connection(autocommit=True), rows, self._ids, batch.records)
             else:
                 conn = self._connection()
                 with conn.begin():
-                    new = insert_new_events(conn, rows, self._ids)
+                    new = insert_new_events(conn, rows, self._ids, batch.records)
         except BaseException:
             self._ids = IdCache()  # ids created in the rolled-back transaction do not exist
             self._drop_connection()
@@ -278,10 +331,9 @@ class GroupCommitter:
         metrics.EVENTS_COMMIT_SECONDS.observe(time.perf_counter() - start)
         metrics.EVENTS_PER_COMMIT.observe(len(rows))
         for event_id in new:
-            owner[event_id].accepted += 1
+            batch.owner[event_id].accepted += 1
         if self._on_commit is not None and new:
-            self._committed.extend((new[r["event_id"]], r["user_id"], r["item_id"], r["type"])
-                                   for r in rows if r["event_id"] in new)
+            self._committed.append((rows, new))
 
     def _publish(self) -> None:
         """Hand the group's new events to ``on_commit`` once the write lock is released (the other
@@ -290,7 +342,8 @@ class GroupCommitter:
         if self._on_commit is None or not committed:
             return
         try:
-            self._on_commit(committed)
+            self._on_commit([(new[r["event_id"]], r["user_id"], r["item_id"], r["type"])
+                             for rows, new in committed for r in rows if r["event_id"] in new])
         except Exception:  # stored and committed: the view catches up through its tail
             log.exception("could not add committed events to the recent-events view")
 

@@ -30,7 +30,9 @@ def make_engine(url: str | None = None, settings: Settings | None = None) -> Eng
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        # the event writer's statements alone come in ~130 sizes (app/db/events.py: statement_sizes): a
+        # driver cache of 128 statements would compile some of them again and again
+        engine = create_engine(url, connect_args={"timeout": 30, "cached_statements": 512})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]

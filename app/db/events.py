@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from app.db.models import Event, Item, User
 
-CHUNK = 5000
+CHUNK = 4096  # rows per statement at most (SQLite: 6 × 4096 parameters of its 32,766)
 VALUES_MAX = 100  # up to this many events, one INSERT … VALUES; PostgreSQL COPYs larger batches
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "type", "value", "event_id")
 
@@ -95,7 +95,8 @@ def insert_event_rows(
     return _insert_records(conn, _records(rows, users, items), progress, None)
 
 
-def insert_new_events(conn: Connection, rows: list[dict[str, Any]], ids: IdCache) -> dict[str, int]:
+def insert_new_events(conn: Connection, rows: list[dict[str, Any]], ids: IdCache,
+                      records: list[Record] | None = None) -> dict[str, int]:
     """``insert_event_rows`` that names the ``event_id``s it stored (the others were there already), each
     with its ``events.id``.
 
@@ -103,17 +104,30 @@ def insert_new_events(conn: Connection, rows: list[dict[str, Any]], ids: IdCache
     request's own count of new events, and each worker's view of recent events (app/api/recent.py) the
     ids it need not read back. ``ids`` caches internal user and item ids across transactions
     (the caller drops it when a transaction rolls back): most events name known users and items, and
-    looking them up again would cost more than the insert.
+    looking them up again would cost more than the insert. ``records``: the rows' ``cached_records``,
+    made beforehand (the group committer makes them before it takes the write lock).
     """
     if not rows:
         return {}
-    ids.resolve(conn, {r["user_id"] for r in rows}, {r["item_id"] for r in rows})
+    if records is None:
+        ids.resolve(conn, {r["user_id"] for r in rows}, {r["item_id"] for r in rows})
+        records = cached_records(rows, ids)
+        assert records is not None  # every id was just resolved
     new: dict[str, int] = {}
-    # in user order (stable: a user's own events keep theirs): the user index is then updated page after
-    # page instead of at random places, 15% less work for a SQLite batch of 1000 (docs/benchmarks.md)
-    records = sorted(_records(rows, ids.users, ids.items), key=itemgetter(1))
     _insert_records(conn, records, None, new)
     return new
+
+
+def cached_records(rows: list[dict[str, Any]], ids: IdCache) -> list[Record] | None:
+    """The rows as records in user order when ``ids`` holds every user and item they name, else None.
+
+    User order (stable: a user's own events keep theirs) updates the user index page after page instead
+    of at random places: 15% less work for a SQLite batch of 1000 (docs/benchmarks.md)."""
+    users, items = ids.users, ids.items
+    try:
+        return sorted(_records(rows, users, items), key=itemgetter(1))
+    except KeyError:
+        return None
 
 
 _COPY_COLUMNS = ("event_id", "user_id", "item_id", "type", "value", "timestamp")
@@ -125,6 +139,23 @@ def _records(rows: list[dict[str, Any]], users: dict[str, int], items: dict[str,
         (r["event_id"], users[r["user_id"]], items[r["item_id"]], r["type"], r["value"], float(r["timestamp"]))
         for r in rows
     ]
+
+
+def statement_sizes(n: int) -> list[int]:
+    """Rows per INSERT for ``n`` rows: one statement up to ``VALUES_MAX``, else powers of two from
+    ``CHUNK`` down to 128 and one statement for the rest (< 128 rows). SQLite compiles a statement
+    for every new text (~10 ms for 5000 rows, as long as running it); a few sizes stay compiled in the
+    driver's statement cache whatever the groups' sizes."""
+    if n <= VALUES_MAX:
+        return [n] if n else []
+    sizes = []
+    size = CHUNK
+    while n >= 128:
+        while size > n:
+            size //= 2
+        sizes.append(size)
+        n -= size
+    return sizes + ([n] if n else [])
 
 
 @lru_cache(maxsize=256)
@@ -146,15 +177,16 @@ def _insert_records(
     """Insert events in the caller's transaction; the new ``event_id``s (→ ``events.id``) go into ``new``
     when given.
 
-    Plain driver SQL, one statement per ``CHUNK`` rows: SQLAlchemy's per-row parameter handling cost
+    Plain driver SQL, statements of ``statement_sizes`` rows: SQLAlchemy's per-row parameter handling cost
     more than the database's own work for the HTTP path's small groups.
     """
     if conn.dialect.name == "postgresql" and len(records) > VALUES_MAX:
         return _copy_events_postgres(conn, records, progress, new)
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-    inserted = 0
-    for start in range(0, len(records), CHUNK):
-        part = records[start : start + CHUNK]
+    inserted = start = 0
+    for size in statement_sizes(len(records)):
+        part = records[start : start + size]
+        start += size
         flat = tuple(value for record in part for value in record)
         stored = conn.exec_driver_sql(_values_sql(len(part), mark), flat).all()
         inserted += len(stored)
@@ -328,13 +360,6 @@ class IdCache:
             sql = f"SELECT external_id, id FROM {model.__tablename__} ORDER BY id DESC LIMIT {int(per_table)}"
             cache.update(conn.exec_driver_sql(sql).all())
         return len(self.users) + len(self.items)
-
-    def one_statement(self, rows: list[dict[str, Any]]) -> bool:
-        """Whether ``insert_new_events`` will write ``rows`` in a single statement: every user and item
-        is cached (no lookup, no upsert) and the rows fit one INSERT … VALUES."""
-        users, items = self.users, self.items
-        return (len(rows) <= VALUES_MAX and len(users) + len(items) <= self.limit
-                and all(r["user_id"] in users and r["item_id"] in items for r in rows))
 
     def resolve(self, conn: Connection, users: set[str], items: set[str]) -> None:
         if len(self.users) + len(self.items) > self.limit:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 from api_support import Server, assert_error, deploy
 from sqlalchemy import func, select, text
 
@@ -234,7 +235,7 @@ def test_full_queue_and_stalled_commits_answer_503(tmp_path: Path) -> None:
 def test_known_users_and_items_are_written_in_one_autocommitted_statement(db_url: str) -> None:
     """The committer's short path (app/api/ingest.py): a group whose users and items the worker knows is
     one INSERT on an autocommit connection; it stores and names exactly the new events, on both backends."""
-    from app.db.events import VALUES_MAX, IdCache, insert_new_events
+    from app.db.events import IdCache, cached_records, insert_new_events
     from app.db.migrate import upgrade
 
     def row(event_id: str, user: str, item: str) -> dict:
@@ -246,19 +247,37 @@ def test_known_users_and_items_are_written_in_one_autocommitted_statement(db_url
     ids = IdCache()
     try:
         first = [row("e1", "u1", "i1"), row("e2", "u2", "i2")]
-        assert not ids.one_statement(first)  # unknown users and items: looked up and created in a transaction
+        assert cached_records(first, ids) is None  # unknown users and items: looked up and created first
         with engine.connect() as conn, conn.begin():
             assert insert_new_events(conn, first, ids).keys() == {"e1", "e2"}
         again = [row("e2", "u2", "i2"), row("e3", "u1", "i2")]
-        assert ids.one_statement(again)
-        assert not ids.one_statement([*again, row("e4", "u1", "new item")])
-        assert not ids.one_statement([row(f"x{k}", "u1", "i1") for k in range(VALUES_MAX + 1)])
+        records = cached_records(again, ids)
+        assert records is not None
+        assert cached_records([*again, row("e4", "u1", "new item")], ids) is None
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            assert insert_new_events(conn, again, ids).keys() == {"e3"}  # e2 was stored already
+            assert insert_new_events(conn, again, ids, records).keys() == {"e3"}  # e2 was stored already
         with engine.connect() as conn:  # committed: another connection reads it
             assert conn.scalar(select(func.count()).select_from(Event)) == 3
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("n", [0, 1, 99, 100, 101, 127, 128, 129, 4095, 4096, 4097, 10_000, 123_457])
+def test_statements_come_in_a_few_sizes(n: int) -> None:
+    """A group of any size is written in statements of a few sizes (each compiled once per connection):
+    one statement up to VALUES_MAX rows (the autocommit path needs exactly one), else powers of two."""
+    from app.db.events import CHUNK, VALUES_MAX, statement_sizes
+
+    sizes = statement_sizes(n)
+    assert sum(sizes) == n
+    assert all(0 < s <= CHUNK for s in sizes)
+    if n <= VALUES_MAX:
+        assert sizes == ([n] if n else [])
+    else:
+        *powers, last = sizes
+        assert all(s >= 128 and s & (s - 1) == 0 for s in powers)
+        assert last < 128 or last & (last - 1) == 0
+        assert len(sizes) <= n // CHUNK + 6
 
 
 def test_a_group_is_written_in_user_order_and_each_users_events_keep_theirs(db_url: str) -> None:
@@ -285,7 +304,7 @@ def test_a_group_is_written_in_user_order_and_each_users_events_keep_theirs(db_u
 def test_the_id_cache_warms_with_the_newest_users_and_items(db_url: str) -> None:
     """What the committer loads at start (app/api/ingest.py): the newest users and items with their
     database ids, so that their events take the one-statement path from the first request on."""
-    from app.db.events import IdCache, insert_event_rows
+    from app.db.events import IdCache, cached_records, insert_event_rows
     from app.db.migrate import upgrade
     from app.db.models import User
 
@@ -304,7 +323,8 @@ def test_the_id_cache_warms_with_the_newest_users_and_items(db_url: str) -> None
         newest = sorted(internal, key=internal.get)[-3:]
         assert ids.users == {u: internal[u] for u in newest}
         assert len(ids.items) == 3
-        known = [{"event_id": "n1", "user_id": newest[0], "item_id": next(iter(ids.items)), "type": "view"}]
-        assert ids.one_statement(known)
+        known = [{"event_id": "n1", "user_id": newest[0], "item_id": next(iter(ids.items)), "type": "view",
+                  "value": None, "timestamp": 1.0}]
+        assert cached_records(known, ids) is not None
     finally:
         engine.dispose()
