@@ -81,13 +81,29 @@ def _like(client: httpx.Client, user: str, items: list[str], kind: str = "like")
 
 def _workers(server: Server, n: int = 8) -> list[list[httpx.Client]]:
     """Keep-alive connections grouped by the worker that holds them: an item hidden through the first one
-    (model polling is off, so only that worker knows) disappears from the similar lists of its group."""
-    clients = [server.client() for _ in range(n)]
+    (model polling is off, so only that worker knows) disappears from the similar lists of its group.
+
+    Which worker accepts a connection is the kernel's and the event loops' choice (the workers share one
+    listening socket, and a busy loop leaves a burst to the other): connections are added, ``n`` at a
+    time, until both workers hold some."""
+    clients: list[httpx.Client] = []
     deadline = time.monotonic() + 60
-    for c in clients:  # each keep-alive connection stays on its worker: wait until that worker has the model
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "a worker never became ready"
-            time.sleep(0.1)
+    while True:
+        fresh = [server.client() for _ in range(n)]
+        for c in fresh:  # each keep-alive connection stays on its worker: wait until that worker has the model
+            while c.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "a worker never became ready"
+                time.sleep(0.1)
+        clients += fresh
+        groups = _by_worker(clients)
+        if groups[0] and groups[1]:
+            return groups
+        assert time.monotonic() < deadline, f"two workers, but all {len(clients)} connections went to one"
+        time.sleep(0.5)
+
+
+def _by_worker(clients: list[httpx.Client]) -> list[list[httpx.Client]]:
+    """[the clients on the first client's worker, the others]."""
     probe_of = "i0"
     hidden = clients[0].get(f"/v1/items/{probe_of}/similar", params={"k": 20}).json()["items"][0]["item_id"]
     resp = clients[0].put(f"/v1/items/{hidden}", json={"hidden": True})
@@ -105,9 +121,6 @@ def test_three_likes_of_another_cluster_move_the_next_list_on_every_worker(poole
     uc, ic, k = _clusters(server.dep.frame)
     seen = server.dep.frame.groupby("user_id")["item_id"].agg(set)
     here, there = _workers(server)
-    if not there:  # every connection landed on one worker: open more until one does not
-        here, there = _workers(server, 24)
-    assert here and there, "two workers, but every connection went to one of them"
     rng = np.random.default_rng(1)
     picked: dict[str, tuple[int, list[str]]] = {}
     for u in rng.permutation(len(uc)):
@@ -141,7 +154,6 @@ def test_the_answering_worker_sees_the_events_the_other_one_took_within_a_poll(
 ) -> None:
     server, _ = pooled
     here, there = _workers(server, 12)
-    assert here and there
     uc, ic, k = _clusters(server.dep.frame)
     user = "u3"
     target = int((uc[3] + 1) % k)
