@@ -10,7 +10,8 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 
 from app.db.models import EVENT_TYPES_NEGATIVE, EVENT_TYPES_POSITIVE
 
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_CONTROL_CHARS = r"\x00-\x1f\x7f"  # one rule: checked in Python (_printable) and by pydantic-core (PRINTABLE)
+_CONTROL = re.compile(f"[{_CONTROL_CHARS}]")
 
 
 def _printable(value: str) -> str:
@@ -27,7 +28,7 @@ def _printable(value: str) -> str:
 # The event body's ids check the same in pydantic-core's own regex: a Python validator per field cost
 # more than the rest of parsing a batch (1000 events: 3.5 against 1.4 ms with the TypedDict below). Lone
 # surrogates cannot arrive there: the JSON parser refuses an unpaired \\ud800 escape as invalid JSON.
-PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+PRINTABLE = f"^[^{_CONTROL_CHARS}]*$"
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=PRINTABLE)]
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=PRINTABLE)]
 EventType = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
