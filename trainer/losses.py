@@ -2,7 +2,7 @@
 
 Inputs, for B rows and C negative columns: ``pos`` (B,) and ``neg`` (B, C) logits, the log expected
 counts ``pos_logq`` (B,) and ``neg_logq`` (B, C) (zeros to switch the correction off) and a validity
-``mask`` (B, C). ``neg_logq`` may be (1, C) when the negatives are shared by the batch. The logQ correction (Yi et al. 2019; TensorFlow's sampled_softmax) subtracts
+``mask`` (B, C), or the (row, column) positions of its False entries when they are few. ``neg_logq`` may be (1, C) when the negatives are shared by the batch. The logQ correction (Yi et al. 2019; TensorFlow's sampled_softmax) subtracts
 log(n·q) from every logit so that sampled negatives estimate the full-catalogue partition function
 rather than over-penalising the items the sampler favours.
 
@@ -20,6 +20,17 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from trainer.config import LOSSES
+
+Mask = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # dense validity, or the masked positions
+
+
+def _dense(mask: Mask, like: torch.Tensor) -> torch.Tensor:
+    """The dense validity of a mask given as masked positions, shaped like ``like``."""
+    if not isinstance(mask, tuple):
+        return mask
+    dense = torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    dense[mask] = False
+    return dense
 
 
 def _reduce(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -39,10 +50,12 @@ class _SoftmaxNormaliser(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, neg: torch.Tensor, neg_logq: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        # torch.where, not masked_fill_: with a bool mask the fill alone took 8x the subtraction (1000 x 1536:
-        # 1.4 against 1.8 ms for the pair on one thread)
-        x = torch.where(mask, neg - neg_logq, float("-inf"))
+                mask: Mask) -> torch.Tensor:
+        if isinstance(mask, tuple):  # a few masked positions: write them, no pass over the whole block
+            x = neg - neg_logq
+            x[mask] = float("-inf")
+        else:  # torch.where, not masked_fill_: with a bool mask the fill alone took 8x the subtraction
+            x = torch.where(mask, neg - neg_logq, float("-inf"))
         top = x.amax(dim=1)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row without valid columns
         x.sub_(top[:, None]).exp_()
@@ -59,9 +72,10 @@ class _SoftmaxNormaliser(torch.autograd.Function):
         return x.mul_(scale[:, None]), None, None
 
 
-def _per_row(neg: torch.Tensor, neg_logq: torch.Tensor, mask: torch.Tensor,
+def _per_row(neg: torch.Tensor, neg_logq: torch.Tensor, mask: Mask,
              rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Query-row blocks expanded to one row per training row."""
+    """Query-row blocks expanded to one row per training row (the mask dense)."""
+    mask = _dense(mask, neg)
     if rows is None:
         return neg, neg_logq, mask
     # index_select, not neg[rows]: its backward is index_add, not a serial accumulating index_put
@@ -70,7 +84,7 @@ def _per_row(neg: torch.Tensor, neg_logq: torch.Tensor, mask: torch.Tensor,
 
 
 def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
-                    mask: torch.Tensor, weight: torch.Tensor | None = None,
+                    mask: Mask, weight: torch.Tensor | None = None,
                     rows: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the positive against the corrected negatives (mean over rows). The negatives'
     log-sum is computed once per query row and shared by the training rows that read it."""
@@ -80,7 +94,7 @@ def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor
 
 
 def binary_ns(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
-              mask: torch.Tensor, weight: torch.Tensor | None = None,
+              mask: Mask, weight: torch.Tensor | None = None,
               rows: torch.Tensor | None = None) -> torch.Tensor:
     """word2vec's -log σ(s⁺) - mean log σ(-s⁻) on corrected logits (the NCE form of the correction).
 
@@ -94,7 +108,7 @@ def binary_ns(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_
 
 
 def bpr(pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor, neg_logq: torch.Tensor,
-        mask: torch.Tensor, weight: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        mask: Mask, weight: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """-log σ(s⁺ - s⁻), each negative weighted by self-normalised importance weights 1/(n·q).
 
     With the correction on, the weights turn the sampler's distribution back into uniform, so the

@@ -328,7 +328,8 @@ def _step(run: _Run, idx: np.ndarray, stats: _Stats, measure: bool) -> float:
     u, iv = run.net(users, bags, torch.from_numpy(cols.lookup).to(device))
     rows = None if row_query is None else torch.from_numpy(row_query).to(device)
     pos, neg = _logits(u, iv, cols, idx.size, rows, run.bf16)
-    mask = torch.from_numpy(cols.mask).to(device)
+    mask = (tuple(torch.from_numpy(a).to(device) for a in cols.off_positions()) if cols.off is not None
+            else torch.from_numpy(cols.mask).to(device))
     # pair weights enter as per-row loss weights: measured better than drawing pairs in proportion
     # to their weight (a planted log, all three losses, two seeds; see docs/operations.md)
     row_w = None if data.train_w is None else torch.from_numpy(data.train_w[idx].astype(np.float32)).to(device)

@@ -103,3 +103,30 @@ def test_rows_that_share_a_query_read_its_negatives_as_if_each_had_its_own_copy(
             results.append((loss.detach(), pos.grad, neg.grad))
         for ours, ref in zip(*results, strict=True):
             assert torch.allclose(ours, ref, atol=1e-6), (name, ours, ref)
+
+
+def _positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = (~mask).nonzero().T
+    return rows, cols
+
+
+def test_a_mask_given_as_its_masked_positions_is_the_dense_mask() -> None:
+    """The shared block's mask travels as the positions of its few masked logits (trainer/batch.py): every
+    loss, with and without shared queries, gives the same value and gradients as with the dense mask."""
+    g = torch.Generator().manual_seed(4)
+    q, b, c = 4, 9, 7
+    rows = torch.tensor([0, 0, 1, 2, 2, 2, 3, 1, 0])
+    mask = torch.rand(q, c, generator=g) > 0.2
+    mask[3] = False  # a user without any valid negative
+    neg_logq, pos_logq = torch.randn(1, c, generator=g), torch.randn(b, generator=g)
+    for name in ("softmax", "nce", "bpr"):
+        for query_rows, block_mask in ((rows, mask), (None, mask[rows])):  # shared queries, one per row
+            results = []
+            for m in (block_mask, _positions(block_mask)):
+                pos = torch.randn(b, generator=torch.Generator().manual_seed(1)).requires_grad_()
+                neg = torch.randn(block_mask.shape, generator=torch.Generator().manual_seed(2)).requires_grad_()
+                loss = get_loss(name)(pos, neg, pos_logq, neg_logq, m, None, query_rows)
+                loss.backward()
+                results.append((loss.detach(), pos.grad, neg.grad))
+            for dense, sparse in zip(*results, strict=True):
+                assert torch.equal(dense, sparse), (name, dense, sparse)
