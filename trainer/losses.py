@@ -2,9 +2,10 @@
 
 Inputs, for B rows and C negative columns: ``pos`` (B,) and ``neg`` (B, C) logits, the log expected
 counts ``pos_logq`` (B,) and ``neg_logq`` (B, C) (zeros to switch the correction off) and a validity
-``mask`` (B, C), or the (row, column) positions of its False entries when they are few. ``neg_logq`` may be (1, C) when the negatives are shared by the batch. The logQ correction (Yi et al. 2019; TensorFlow's sampled_softmax) subtracts
-log(n·q) from every logit so that sampled negatives estimate the full-catalogue partition function
-rather than over-penalising the items the sampler favours.
+``mask`` (B, C), or the (row, column) positions of its False entries when they are few. ``neg_logq`` may
+be (1, C) when the negatives are shared by the batch. The logQ correction (Yi et al. 2019; TensorFlow's
+sampled_softmax) subtracts log(n·q) from every logit so that sampled negatives estimate the
+full-catalogue partition function rather than over-penalising the items the sampler favours.
 
 Every loss takes an optional ``weight`` (B,): per-row weights (event-type weights of the positives);
 the loss is then the weighted mean over rows. Without it, the plain mean (bit-identical to before).
