@@ -85,3 +85,28 @@ def test_the_tail_leaves_this_workers_own_events_out(tmp_path: Path) -> None:
     assert view._last_id == mine[-1][0] and view._own == []  # past its own runs, which are dropped
     assert view._count == 5
     engine.dispose()
+
+
+def test_too_many_events_since_the_watermark_are_counted_not_read(tmp_path: Path) -> None:
+    """Over ``max_events`` the view gives up and recommendations ask the database: a rebuild decides that
+    from a count, without reading the events first; a view that fits overflows once its tail passes the
+    bound. Repeated (user, item) pairs count as the events they are."""
+    url = f"sqlite:///{tmp_path / 'recsys.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        insert_event_rows(conn, [_event(n, "u1", "i1") for n in range(5)])
+
+    crowded = RecentEventsView(engine, max_events=4)
+    crowded._rebuild(0)
+    assert crowded.overflow and crowded.watermark == 0
+    assert crowded.items_for("u1", 0) is None and crowded._users == {} and crowded._last_id == 0
+
+    fits = RecentEventsView(engine, max_events=5)
+    fits._rebuild(0)
+    assert not fits.overflow and fits.items_for("u1", 0) == ["i1"]
+    with engine.begin() as conn:
+        insert_event_rows(conn, [_event(5, "u2", "i2")])
+    fits._tail(fits._last_id)
+    assert fits.overflow and fits.items_for("u2", 0) is None
+    engine.dispose()
