@@ -2,7 +2,8 @@
 
 Start-up refuses a stale schema (SchemaError with the fix command), then loads the model in a
 thread so /healthz answers at once and /readyz turns 200 when the model is in. A poller follows
-newly promoted versions every RECSYS_RELOAD_POLL_SECONDS. Shutdown commits the queued events and drains
+newly promoted versions every RECSYS_RELOAD_POLL_SECONDS. On SQLite a thread checkpoints the WAL, so no
+event commit does (app/db/wal.py). Shutdown commits the queued events and drains
 the impression queue.
 """
 
@@ -18,15 +19,18 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Engine
 
-from app.api import admin, catalog, errors, events, logs, routes
+from app.api import admin, catalog, errors, events, logs, metrics, routes
 from app.api.ingest import GroupCommitter
 from app.api.middleware import RequestContext
 from app.api.recent import RecentEventsView
 from app.dashboard import install as install_dashboard
+from app.db.engine import WAL_PAGES
 from app.db.impressions import ImpressionWriter
 from app.db.lock import SqliteWriteLock
 from app.db.migrate import checked_engine
+from app.db.wal import WalCheckpointer
 from app.serving.checkpoints import resolve_checkpoint
 from app.serving.holder import ModelHolder
 from app.serving.model import open_checkpoint
@@ -80,6 +84,17 @@ def _freeze_heap(_model: object) -> None:
     gc.freeze()
 
 
+def _observe_checkpoint(kind: str, seconds: float, frames: int) -> None:
+    metrics.SQLITE_CHECKPOINT_SECONDS.labels(kind).observe(seconds)
+    metrics.SQLITE_WAL_FRAMES.set(frames)
+
+
+def _checkpointer(engine: Engine, write_lock: SqliteWriteLock) -> WalCheckpointer:
+    checkpointer = WalCheckpointer(engine, write_lock, restart_pages=WAL_PAGES, observe=_observe_checkpoint)
+    checkpointer.start()
+    return checkpointer
+
+
 def _pinned_checkpoint() -> Path | None:
     """The checkpoint named by RECSYS_SERVE_CHECKPOINT (a version directory, or a root: its newest valid
     version), checked as a load would check it. One that cannot be served stops start-up with the reason,
@@ -99,14 +114,15 @@ def _pinned_checkpoint() -> Path | None:
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    engine = checked_engine(settings.sqlalchemy_url)  # raises SchemaError on a stale schema
+    # raises SchemaError on a stale schema; on SQLite no commit checkpoints the WAL: _checkpointer does
+    engine = checked_engine(settings.sqlalchemy_url, autocheckpoint=False)
     pinned = _pinned_checkpoint()
     app.state.engine = engine
+    sqlite = engine.dialect.name == "sqlite"
     app.state.write_lock = (
-        SqliteWriteLock(engine.url.database or "recsys.db")
-        if engine.dialect.name == "sqlite"
-        else contextlib.nullcontext()
+        SqliteWriteLock(engine.url.database or "recsys.db") if sqlite else contextlib.nullcontext()
     )
+    checkpointer = _checkpointer(engine, app.state.write_lock) if sqlite else None
     app.state.holder = ModelHolder(
         engine,
         settings.checkpoints_path,
@@ -148,6 +164,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(app.state.ingest.close)
         await run_in_threadpool(app.state.impressions.close)
         await run_in_threadpool(app.state.recent.close)
+        if checkpointer is not None:
+            await run_in_threadpool(checkpointer.close)
         engine.dispose()
 
 

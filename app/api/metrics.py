@@ -53,6 +53,18 @@ EVENTS_REFUSED = Counter(
     "database_unavailable, shutting_down, rejected_by_database)",
     ["code"],
 )
+SQLITE_CHECKPOINT_SECONDS = Histogram(
+    "recsys_sqlite_checkpoint_seconds",
+    "Duration of one WAL checkpoint pass on SQLite, by pass: background (beside the writers) or under_lock "
+    "(event commits wait for it; taken only when the WAL has grown past 16,000 pages)",
+    ["pass"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+SQLITE_WAL_FRAMES = Gauge(
+    "recsys_sqlite_wal_frames",
+    "Frames (pages) in the SQLite WAL after the last checkpoint pass of a worker",
+    multiprocess_mode="livemax",
+)
 RECENT_VIEW_READY = Gauge(
     "recsys_recent_events_view_ready",
     "1 when this worker's in-memory view of events since the model's watermark answers; 0 while it is "

@@ -18,12 +18,18 @@ def unavailable(exc: BaseException) -> bool:
     return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, OSError))
 
 
+WAL_PAGES = 16_000  # the WAL's size, in pages, at which it is copied back into the database file
+
+
 class SchemaError(RuntimeError):
     """The database schema is not at the revision this code expects."""
 
 
-def make_engine(url: str | None = None, settings: Settings | None = None) -> Engine:
-    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout, and its folder is created."""
+def make_engine(url: str | None = None, settings: Settings | None = None, *, autocheckpoint: bool = True) -> Engine:
+    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout, and its folder is created.
+
+    ``autocheckpoint=False`` leaves WAL checkpoints to the caller (the service's ``app.db.wal``), so that
+    no commit pays for one."""
     settings = settings or get_settings()
     url = url or settings.sqlalchemy_url
     if url.startswith("sqlite"):
@@ -43,7 +49,7 @@ def make_engine(url: str | None = None, settings: Settings | None = None) -> Eng
             cur.execute("PRAGMA busy_timeout=30000")
             # Copy the WAL back every 16000 pages (64 MiB) instead of 1000: an index page dirtied by many
             # commits (random keys: users, UUIDv4 event ids) is then written back once, not once per commit.
-            cur.execute("PRAGMA wal_autocheckpoint=16000")
+            cur.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES if autocheckpoint else 0}")
             cur.close()
 
         return engine

@@ -55,9 +55,9 @@ def ensure_current(engine: Engine) -> None:
     )
 
 
-def checked_engine(url: str | None = None) -> Engine:
+def checked_engine(url: str | None = None, *, autocheckpoint: bool = True) -> Engine:
     """An engine for the configured database, refused (SchemaError) unless the schema is current."""
-    engine = make_engine(url)
+    engine = make_engine(url, autocheckpoint=autocheckpoint)
     try:
         ensure_current(engine)
     except BaseException:
