@@ -155,3 +155,27 @@ def test_a_background_pass_syncs_the_database_file(tmp_path: Path, monkeypatch: 
     WalCheckpointer(engine, lock).step()
     assert synced == [os.path.realpath(path)]
     engine.dispose()
+
+
+def test_a_failing_database_is_logged_once_and_checkpoints_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database the thread cannot checkpoint (here: its file replaced by a directory) is said once, and
+    the thread goes on, so it resumes by itself when the database is back."""
+    path = tmp_path / "db.sqlite"
+    engine, lock = _engine(path, autocheckpoint=False), SqliteWriteLock(str(path))
+    engine.dispose()
+    path.rename(tmp_path / "aside.sqlite")
+    path.mkdir()
+    checkpointer = WalCheckpointer(engine, lock, interval=0.01)
+    with caplog.at_level("WARNING", logger="recsys.db.wal"):
+        checkpointer.start()
+        time.sleep(0.3)
+        path.rmdir()
+        (tmp_path / "aside.sqlite").rename(path)
+        time.sleep(0.3)
+        checkpointer.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("fail" in m for m in messages) == 1, messages
+    assert messages[-1] == "WAL checkpoints succeed again"
+    engine.dispose()

@@ -84,12 +84,19 @@ class WalCheckpointer:
         return int(frames)
 
     def _run(self) -> None:
+        failing = False
         while True:
             stopping = self._stop.wait(self._interval)
             try:
                 self.step()
-            except Exception:  # a locked or vanished database: try again at the next interval
-                log.warning("WAL checkpoint failed", exc_info=True)
+            except Exception as exc:  # a locked or vanished database: try again at the next interval
+                if not failing:  # once per outage, not twice a second
+                    log.warning("WAL checkpoints fail; retrying every %.1f s: %s", self._interval, exc)
+                failing = True
+            else:
+                if failing:
+                    log.warning("WAL checkpoints succeed again")
+                failing = False
             if stopping:
                 return
 
