@@ -26,7 +26,6 @@ from app.api.ingest import GroupCommitter
 from app.api.middleware import RequestContext
 from app.api.recent import RecentEventsView
 from app.dashboard import install as install_dashboard
-from app.db.engine import WAL_PAGES
 from app.db.impressions import ImpressionWriter
 from app.db.lock import SqliteWriteLock
 from app.db.migrate import checked_engine
@@ -90,7 +89,7 @@ def _observe_checkpoint(kind: str, seconds: float, frames: int) -> None:
 
 
 def _checkpointer(engine: Engine, write_lock: SqliteWriteLock) -> WalCheckpointer:
-    checkpointer = WalCheckpointer(engine, write_lock, restart_pages=WAL_PAGES, observe=_observe_checkpoint)
+    checkpointer = WalCheckpointer(engine, write_lock, observe=_observe_checkpoint)
     checkpointer.start()
     return checkpointer
 

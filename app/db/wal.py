@@ -23,6 +23,8 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from app.db.engine import WAL_PAGES
+
 log = logging.getLogger("recsys.db.wal")
 
 Observer = Callable[[str, float, int], None]  # (pass: "background" | "under_lock", seconds, WAL frames)
@@ -37,7 +39,7 @@ class WalCheckpointer:
         write_lock: AbstractContextManager[Any],
         *,
         interval: float = 0.5,
-        restart_pages: int = 16_000,
+        restart_pages: int = WAL_PAGES,
         observe: Observer | None = None,
     ) -> None:
         self._engine = engine
