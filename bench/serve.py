@@ -19,7 +19,10 @@ Event ingestion on both backends, 2 workers at 16 connections:
         events_1000 [--postgres postgresql://postgres@127.0.0.1:5432/test]
 
 The server runs with the service's defaults; ``--setting RECSYS_EVENTS_GROUP_MAX=20000`` (repeatable)
-changes one for the run and is recorded in the JSON's setup.
+changes one for the run and is recorded in the JSON's setup. Before each measurement the bench waits (at
+most ``--settle-timeout`` seconds) until the machine's CPU is below ``--settle-cpu`` busy, so that what a
+cell leaves behind (a database's background work after batches) does not land in the next; each run's
+wait is in the JSON (``settle_s``).
 """
 
 from __future__ import annotations
@@ -454,6 +457,29 @@ def wait_for_index(base: str, workers: int, timeout: float = 180.0) -> dict:
     }
 
 
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def settle(limit: float, timeout: float, window: float = 0.5) -> float:
+    """Wait until the machine's CPU is below ``limit`` busy (a share of all cores) over ``window`` seconds,
+    at most ``timeout`` seconds; the seconds waited. What a cell leaves behind (PostgreSQL's autovacuum
+    and checkpoints after a batch cell, SQLite's WAL checkpoints, writeback) then does not land in the
+    next cell: after the batches of 1000, PostgreSQL's `/healthz` rounds fell from ~9,500 to 3,100-4,300
+    req/s without this wait."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        busy0, total0 = _cpu_jiffies()
+        time.sleep(window)
+        busy1, total1 = _cpu_jiffies()
+        if (busy1 - busy0) / max(total1 - total0, 1) < limit:
+            break
+    return round(time.monotonic() - start, 2)
+
+
 def group_cpu_seconds(pgid: int) -> float:
     """User+system CPU of every process in the server's process group (uvicorn supervisor and workers)."""
     total = 0.0
@@ -531,6 +557,16 @@ def main() -> None:
         "the server otherwise runs with the defaults, whatever RECSYS_* this shell has.",
     )
     parser.add_argument(
+        "--settle-cpu",
+        type=float,
+        default=0.15,
+        help="Before each measurement, wait until the machine's CPU is below this share busy (all cores), "
+        "so that one cell's aftermath (database background work) does not land in the next.",
+    )
+    parser.add_argument(
+        "--settle-timeout", type=float, default=15.0, help="Longest wait for --settle-cpu, in seconds (0: no wait)."
+    )
+    parser.add_argument(
         "--loadgen",
         choices=["wrk", "httpx"],
         default="wrk" if shutil.which("wrk") else "httpx",
@@ -594,6 +630,7 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
                 runs: dict[str, list[dict]] = {endpoint: [] for endpoint in args.endpoints}
                 for _ in range(args.repeat):  # rounds, so every endpoint sees the same machine state
                     for endpoint in args.endpoints:
+                        waited = settle(args.settle_cpu, args.settle_timeout)
                         cpu0 = group_cpu_seconds(proc.pid)
                         if args.loadgen == "wrk":
                             load = wrk_load(base, endpoint, conc, args.seconds, args.users, args.items)
@@ -601,6 +638,7 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
                             load = httpx_load(args, base, endpoint, conc)
                         cpu = group_cpu_seconds(proc.pid) - cpu0
                         load["server_cpu_ms_per_req"] = round(1000 * cpu / max(load["requests"], 1), 3)
+                        load["settle_s"] = waited
                         runs[endpoint].append(load)
                         print(
                             json.dumps(
@@ -688,6 +726,7 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
         "embeddings": args.embeddings,
         "loadgen": args.loadgen,
         "settings": dict(args.setting),
+        "settle": {"cpu": args.settle_cpu, "timeout_s": args.settle_timeout},
     }
     args.out.write_text(json.dumps({"setup": meta, "results": results}, indent=2))
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
+from app.api import recent
 from app.api.recent import RecentEventsView
 from app.db.engine import make_engine
 from app.db.events import IdCache, insert_event_rows, insert_new_events
@@ -23,8 +25,8 @@ def _event(n: int, user: str, item: str) -> dict:
     }
 
 
-def test_an_id_committed_late_is_picked_up(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'recsys.db'}"
+def test_an_id_committed_late_is_picked_up(fresh_url: str) -> None:
+    url = fresh_url
     upgrade(url)
     engine = make_engine(url)
     with engine.begin() as conn:
@@ -53,10 +55,12 @@ def test_an_id_committed_late_is_picked_up(tmp_path: Path) -> None:
     engine.dispose()
 
 
-def test_the_tail_leaves_this_workers_own_events_out(tmp_path: Path) -> None:
+def test_the_tail_leaves_this_workers_own_events_out(fresh_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Events this worker committed reach the view from the committer, with their ids; the tail reads
-    only the others' and still notes a real gap (an id whose transaction has not committed)."""
-    url = f"sqlite:///{tmp_path / 'recsys.db'}"
+    only the others' and still notes a real gap (an id whose transaction has not committed). The users
+    and items the tail reads are named one lookup at a time here (chunks of one id)."""
+    monkeypatch.setattr(recent, "NAMES_CHUNK", 1)
+    url = fresh_url
     upgrade(url)
     engine = make_engine(url)
     view = RecentEventsView(engine, negative_types={"dislike"})
@@ -109,4 +113,31 @@ def test_too_many_events_since_the_watermark_are_counted_not_read(tmp_path: Path
         insert_event_rows(conn, [_event(5, "u2", "i2")])
     fits._tail(fits._last_id)
     assert fits.overflow and fits.items_for("u2", 0) is None
+    engine.dispose()
+
+
+def test_the_tail_reads_in_windows_of_ids_and_notes_gaps_between_them(
+    fresh_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read covers at most TAIL_BATCH ids (2 here); ids missing inside a window that has committed
+    ids above it, or at the end of one, are gaps, picked up once they commit."""
+    monkeypatch.setattr(recent, "TAIL_BATCH", 2)
+    upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    with engine.begin() as conn:
+        insert_event_rows(conn, [_event(n, f"u{n % 2}", f"i{n}") for n in range(1, 8)])
+        late = [dict(r) for r in conn.execute(text("SELECT * FROM events WHERE id IN (4, 5) ORDER BY id")).mappings()]
+        conn.execute(text("DELETE FROM events WHERE id IN (4, 5)"))  # "not committed yet"
+    view = RecentEventsView(engine)
+    view._rebuild(0)
+    assert sorted(view._gaps) == [4, 5] and view._last_id == 7 and view._count == 5
+    assert view.items_for("u1", 0) == ["i1", "i3", "i7"] and view.items_for("u0", 0) == ["i2", "i6"]
+
+    with engine.begin() as conn:
+        for row in late:
+            cols = ", ".join(row)
+            conn.execute(text(f"INSERT INTO events ({cols}) VALUES ({', '.join(':' + c for c in row)})"), row)
+    view._tail(view._last_id)  # nothing above 7
+    view._fill_gaps()
+    assert not view._gaps and view.items_for("u0", 0) == ["i2", "i6", "i4"] and view._count == 7
     engine.dispose()
