@@ -269,26 +269,25 @@ class RecentEventsView:
         statistics and the excluded ranges, PostgreSQL scanned and sorted every event above ``after`` for
         each batch (0.4 s a read a million events behind), and an open ``id > after`` with a large limit
         got a parallel sequential scan of the whole table on every tick (47 ms at 1.2M events)."""
-        with self.engine.connect() as conn:
+        with self.engine.connect() as conn:  # one checkout for the whole read (PostgreSQL pings on each)
             newest = conn.execute(_NEWEST).scalar() or 0
-        while after < newest:
-            upto = min(after + TAIL_BATCH, newest)
-            with self._lock:
-                own = sorted(r for r in self._own if r[1] > after and r[0] <= upto)[:MAX_OWN_RANGES]
-            params = {"after": after, "upto": upto}
-            for k, (first, last) in enumerate(own):
-                params |= {f"lo{k}": first, f"hi{k}": last}
-            with self.engine.connect() as conn:
+            while after < newest:
+                upto = min(after + TAIL_BATCH, newest)
+                with self._lock:
+                    own = sorted(r for r in self._own if r[1] > after and r[0] <= upto)[:MAX_OWN_RANGES]
+                params = {"after": after, "upto": upto}
+                for k, (first, last) in enumerate(own):
+                    params |= {f"lo{k}": first, f"hi{k}": last}
                 rows = self._names.named(conn, conn.execute(_tail_without(len(own)), params).all())
-            with self._lock:
-                self._add(rows)
-            seen = sorted([(r[0], r[0]) for r in rows] + [(f, min(last, upto)) for f, last in own])
-            if upto < newest:  # a committed id lies above the window: its ids not seen are gaps
-                seen.append((upto + 1, upto + 1))
-            self._note_gaps(after, seen)
-            self._last_id = max(self._last_id, upto)
-            with self._lock:
-                self._own = [r for r in self._own if r[1] > self._last_id]
-            if self._check_size():
-                return
-            after = upto
+                with self._lock:
+                    self._add(rows)
+                seen = sorted([(r[0], r[0]) for r in rows] + [(f, min(last, upto)) for f, last in own])
+                if upto < newest:  # a committed id lies above the window: its ids not seen are gaps
+                    seen.append((upto + 1, upto + 1))
+                self._note_gaps(after, seen)
+                self._last_id = max(self._last_id, upto)
+                with self._lock:
+                    self._own = [r for r in self._own if r[1] > self._last_id]
+                if self._check_size():
+                    return
+                after = upto
