@@ -25,7 +25,7 @@ from scipy import sparse  # noqa: E402
 from torch import nn  # noqa: E402
 
 from trainer import towers  # noqa: E402
-from trainer.kernels import set_threads, sum_rows  # noqa: E402
+from trainer.kernels import sum_rows  # noqa: E402
 from trainer.towers import UserTower  # noqa: E402
 
 
@@ -112,14 +112,14 @@ class _PoolSum(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, vectors: torch.Tensor,
                 pool: sparse.csr_matrix) -> torch.Tensor:
         ctx.pool = pool
-        set_threads(torch.get_num_threads())
-        return torch.from_numpy(sum_rows(pool.indptr, pool.indices, vectors.detach().contiguous().numpy()))
+        return torch.from_numpy(sum_rows(torch.get_num_threads(), pool.indptr, pool.indices,
+                                         vectors.detach().contiguous().numpy()))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         t = ctx.pool.T.tocsr()  # type: ignore[attr-defined]
-        set_threads(torch.get_num_threads())
-        return torch.from_numpy(sum_rows(t.indptr, t.indices, grad.contiguous().numpy())), None
+        return torch.from_numpy(sum_rows(torch.get_num_threads(), t.indptr, t.indices,
+                                         grad.contiguous().numpy())), None
 
 
 class HistorySampler:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.kernels import adam_rows, set_threads
+from trainer.kernels import adam_rows
 
 
 def _cpu_step(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], b1: float, b2: float,
@@ -32,8 +32,7 @@ def _cpu_step(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], b1: fl
     order = np.argsort(idx, kind="stable")
     ordered = idx[order]
     starts = np.concatenate(([0], np.flatnonzero(np.diff(ordered)) + 1, [ordered.size]))
-    set_threads(torch.get_num_threads())
-    adam_rows(p.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(), ordered[starts[:-1]],
+    adam_rows(torch.get_num_threads(), p.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(), ordered[starts[:-1]],
               starts, order, grad._values().contiguous().numpy(), b1, b2, step_size, eps)
 
 
