@@ -106,7 +106,7 @@ def import_events(
     """
     from tqdm import tqdm
 
-    from app.db.events import count_events, insert_events
+    from app.db.events import analyze_after_import, count_events, insert_events
     from app.eventfiles import EventFileError, read_event_file
 
     engine = _engine()
@@ -120,6 +120,8 @@ def import_events(
         engine.begin() as conn,
     ):
         inserted = insert_events(conn, frame, progress=bar.update)
+        if inserted:
+            analyze_after_import(conn)
         total = count_events(conn)
     seconds = time.perf_counter() - start
     typer.echo(

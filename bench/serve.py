@@ -155,7 +155,7 @@ def build(
 
     from app.db import registry
     from app.db.engine import make_engine
-    from app.db.events import insert_events, max_event_id
+    from app.db.events import analyze_after_import, insert_events, max_event_id
     from app.db.migrate import upgrade
     from trainer.checkpoint import write_checkpoint
     from trainer.synth import SynthSpec, generate
@@ -172,6 +172,7 @@ def build(
     engine = make_engine(url)
     with engine.begin() as conn:
         insert_events(conn, frame)
+        analyze_after_import(conn)  # as `recsys import` leaves a database
         watermark = max_event_id(conn)
 
     def pairs(mask):  # noqa: ANN001, ANN202

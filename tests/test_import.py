@@ -85,6 +85,33 @@ def test_import_u_data_counts_and_idempotent_reimport(db: str, tmp_path: Path) -
     assert sorted(events["value"]) == sorted(source["r"].astype(float))
 
 
+def test_import_leaves_postgresql_with_planner_statistics(postgres_url: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table PostgreSQL never analysed has reltuples -1 and no column statistics; autovacuum would
+    gather them only on its next pass, and reads planned blind meanwhile can be very slow."""
+    from app.db.migrate import downgrade
+
+    downgrade(postgres_url, "base")
+    upgrade(postgres_url)
+    monkeypatch.setenv("RECSYS_DATABASE_URL", postgres_url)
+    get_settings.cache_clear()
+    try:
+        result = invoke("import", str(write_u_data(tmp_path / "u.data", 500)))
+        assert result.exit_code == 0, result.output
+        engine = make_engine(postgres_url)
+        with engine.connect() as conn:
+            tuples = dict(conn.exec_driver_sql(
+                "SELECT relname, reltuples FROM pg_class WHERE relname IN ('events', 'users', 'items')").all())
+            columns = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stats WHERE tablename = 'events' AND attname IN ('id', 'user_id')").scalar()
+        engine.dispose()
+        assert tuples == {"events": 500, "users": 50, "items": 80}
+        assert columns == 2
+    finally:
+        get_settings.cache_clear()
+        downgrade(postgres_url, "base")
+
+
 def test_import_ratings_csv_keeps_half_star_values(db: str, tmp_path: Path) -> None:
     path = write_ratings_csv(tmp_path / "ratings.csv", 400)
     result = invoke("import", str(path))

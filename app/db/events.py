@@ -84,6 +84,16 @@ def insert_events(
     return insert_event_rows(conn, rows, progress)
 
 
+def analyze_after_import(conn: Connection) -> None:
+    """PostgreSQL: gather the planner's statistics of the tables an import filled, in its transaction.
+
+    Until autovacuum's next pass (up to a minute after a load) PostgreSQL plans without them, and a read
+    planned blind can take a nested loop over a whole table: the recent-events read took 74 s that way
+    right after a bulk load (docs/benchmarks.md). SQLite plans without statistics; nothing is run there."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("ANALYZE events, users, items")
+
+
 def insert_event_rows(
     conn: Connection, rows: list[dict[str, Any]], progress: Callable[[int], None] | None = None
 ) -> int:
