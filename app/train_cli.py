@@ -255,9 +255,8 @@ def train(
     With --nproc N the command re-runs itself as N ranks under torchrun; rank 0 writes the checkpoint.
     """
     import os
-    import sys
 
-    from trainer import distributed as dist
+    from trainer import prespawn
 
     cfg = _config(seed, logq, progress, strategy=strategy, mix=mix, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
                   epochs=epochs, patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, mask_known=mask_known, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
@@ -265,6 +264,22 @@ def train(
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
     cfg = replace(cfg, device=device)
+    world = max(nproc, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks see WORLD_SIZE
+    if ship == "all" and prespawn.side_by_side(cfg.threads, world, device):
+        prespawn.start()  # the final fit's process imports torch beside this one's imports and reading
+    try:
+        _train(cfg, out, events, fmt, ship, warm_start, version, nproc, device)
+    finally:
+        prespawn.discard()  # unless the run took it
+
+
+def _train(cfg: TrainConfig, out: Path | None, events: Path | None, fmt: Any, ship: str,
+           warm_start: Path | None, version: str | None, nproc: int, device: str) -> None:
+    import os
+    import sys
+
+    from trainer import distributed as dist
+
     if nproc > 1 and not dist.in_torchrun():
         raise typer.Exit(dist.launch(nproc, "app.cli", dist.strip_option(sys.argv[1:], "--nproc")))
     try:

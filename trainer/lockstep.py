@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from trainer import prespawn
 from trainer.config import TrainConfig
 from trainer.data import Dataset
 from trainer.train import TrainResult, fit, new_model
@@ -103,7 +104,7 @@ class _Child:
         self.answered = True
 
 
-def _final_worker(conn: Connection, data: Dataset, cfg: TrainConfig, init_state: dict[str, Any] | None,
+def final_worker(conn: Connection, data: Dataset, cfg: TrainConfig, init_state: dict[str, Any] | None,
                   impressions: Any) -> None:
     """The child process: fit ``data`` epoch by epoch until selection names the epoch to ship."""
     child = _Child(conn, cfg.patience)
@@ -138,10 +139,18 @@ class FinalFit:
         self._receiver: threading.Thread | None = None
         self.cfg = replace(cfg, threads=cfg.threads // 2)
         self.selection_cfg = replace(cfg, threads=cfg.threads - self.cfg.threads)
+        args = (data, self.cfg, init_state, impressions)
+        waiting = prespawn.claim()  # started early by `recsys train`, its imports done meanwhile
+        if waiting is not None:
+            self.proc, self.conn = waiting
+            try:
+                self.conn.send(args)
+                return
+            except OSError:  # it died before its job came: start one here
+                self.conn.close()
         ctx = mp.get_context("spawn")  # a fork would copy the parent's OpenMP and numba threads' state
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_final_worker, args=(child, data, self.cfg, init_state, impressions),
-                                name="recsys-final-fit", daemon=True)
+        self.proc = ctx.Process(target=final_worker, args=(child, *args), name="recsys-final-fit", daemon=True)
         self.proc.start()
         child.close()
 

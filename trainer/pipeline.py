@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from trainer import distributed as dist
+from trainer import prespawn
 from trainer.checkpoint import new_version, write_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import Dataset, build_dataset, csr
@@ -137,7 +138,7 @@ def _side_by_side(final_set: Dataset, cfg: TrainConfig, init_state: dict[str, An
                   impressions: Any) -> FinalFit | None:
     """Start the final fit in a second process when there are threads to split between the fits, in one
     process on the CPU (trainer/lockstep.py); None: the fits run one after the other."""
-    if cfg.threads < 2 or dist.world_size() > 1 or cfg.device != "cpu":
+    if not prespawn.side_by_side(cfg.threads, dist.world_size(), cfg.device):
         return None
     return FinalFit(final_set, cfg, init_state, impressions)
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from trainer import prespawn
 from trainer.config import TrainConfig
 from trainer.data import build_dataset
 from trainer.lockstep import FinalFit, FinalFitFailed
@@ -41,6 +42,33 @@ def test_side_by_side_ships_what_a_sequential_fit_for_the_chosen_epochs_trains(d
     assert result.final.config.threads == 1 and result.selection.history[-1]["threads"] == 1
     alone = fit(everything(data), replace(CFG, threads=1, epochs=best))
     assert _same_weights(result.final.model, alone.model)
+
+
+def test_a_process_started_early_takes_the_final_fit_and_trains_the_same_model(data) -> None:  # noqa: ANN001
+    prespawn.start()
+    early = prespawn._waiting[0]  # type: ignore[index]
+    result = select_and_fit(holdout_as_validation(data), everything(data), CFG)
+    assert prespawn.claim() is None and not early.is_alive()  # claimed, and done
+    alone = fit(everything(data), replace(CFG, threads=1, epochs=result.selection.best_epoch))
+    assert _same_weights(result.final.model, alone.model)
+
+
+def test_a_process_started_early_that_died_is_replaced(data) -> None:  # noqa: ANN001
+    prespawn.start()
+    early = prespawn._waiting[0]  # type: ignore[index]
+    early.kill()
+    early.join()
+    result = select_and_fit(holdout_as_validation(data), everything(data), CFG)
+    assert result.final.config.threads == 1  # the side-by-side fit, in a process started then
+    alone = fit(everything(data), replace(CFG, threads=1, epochs=result.selection.best_epoch))
+    assert _same_weights(result.final.model, alone.model)
+
+
+def test_a_process_started_early_and_not_claimed_is_stopped() -> None:
+    prespawn.start()
+    early = prespawn._waiting[0]  # type: ignore[index]
+    prespawn.discard()
+    assert not early.is_alive() and prespawn.claim() is None
 
 
 def test_a_final_fit_ahead_of_selection_hands_back_the_chosen_epoch(data) -> None:  # noqa: ANN001
