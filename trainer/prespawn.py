@@ -3,8 +3,9 @@
 A spawned process spends ~2.5 s importing torch and the trainer before it can train, and
 ``Process.start`` waits until it has read its arguments, so the side-by-side final fit
 (trainer/lockstep.py) used to hold selection up by about that long. Started first, it imports beside the
-command's own imports and data loading on the other core, then waits for its job on a pipe: `recsys
-train` starts both fits ~1 s sooner (ml-100k 14.9 against 15.8 s in the median of three).
+command's own imports and data loading on the other core, then waits for its job on a pipe: both fits
+of `recsys train` begin ~1.3 s sooner (ml-100k's whole run 15.0-15.8 s against 17.5-19.6 s back to back;
+docs/benchmarks.md).
 
 This module imports no torch itself, so that `start` can run first. A process nobody claims is stopped by
 ``discard`` (and, a daemon, at exit).
