@@ -148,6 +148,7 @@ class FinalFit:
                 return
             except OSError:  # it died before its job came: start one here
                 self.conn.close()
+                self.proc.join(timeout=5)  # reap it
         ctx = mp.get_context("spawn")  # a fork would copy the parent's OpenMP and numba threads' state
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=final_worker, args=(child, *args), name="recsys-final-fit", daemon=True)
