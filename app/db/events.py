@@ -195,21 +195,24 @@ def _insert_records(
     if conn.dialect.name == "postgresql" and len(records) > VALUES_MAX:
         return _copy_events_postgres(conn, records, progress, new)
     sqlite = conn.dialect.name == "sqlite"
-    cursor = conn.connection.driver_connection.cursor() if sqlite else None
+    cursor = conn.connection.driver_connection.cursor()
     inserted = start = 0
-    for size in statement_sizes(len(records)):
-        part = records[start : start + size]
-        start += size
-        flat = tuple(value for record in part for value in record)
-        if cursor is not None:
-            inserted += _insert_sqlite(cursor, part, flat, new)
-        else:
-            stored = conn.exec_driver_sql(_values_sql(len(part), "%s", True), flat).all()
-            inserted += len(stored)
-            if new is not None:
-                new.update(stored)
-        if progress:
-            progress(len(part))
+    try:
+        for size in statement_sizes(len(records)):
+            part = records[start : start + size]
+            start += size
+            flat = tuple(value for record in part for value in record)
+            if sqlite:
+                inserted += _insert_sqlite(cursor, part, flat, new)
+            else:
+                stored = cursor.execute(_values_sql(len(part), "%s", True), flat).fetchall()
+                inserted += len(stored)
+                if new is not None:
+                    new.update(stored)
+            if progress:
+                progress(len(part))
+    finally:
+        cursor.close()
     return inserted
 
 
