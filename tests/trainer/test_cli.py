@@ -206,6 +206,23 @@ def test_progress_in_a_log_file_is_a_line_per_epoch(small_file: Path, tmp_path: 
     assert text.count("epoch ") >= 2 and "held-out NDCG@10" in text
 
 
+def test_the_command_keeps_its_status_and_output_without_the_interpreter_teardown(tmp_path: Path) -> None:
+    """`recsys` ends with os._exit once a command is done (app/cli.py: main): the status and every line
+    written must survive that."""
+    import subprocess
+    import sys
+
+    def recsys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, check=False)
+
+    missing = recsys("train", "--events", str(tmp_path / "none.csv"), "--out", str(tmp_path / "ck"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr, missing.stderr
+    unknown = recsys("no-such-command")
+    assert unknown.returncode == 2 and "No such command" in unknown.stderr
+    helped = recsys("train", "--help")
+    assert helped.returncode == 0 and "--events" in helped.stdout and "--ship" in helped.stdout
+
+
 def test_the_shipped_model_has_learned_a_taste_planted_in_the_newest_events(
     app: typer.Typer, small_events: pd.DataFrame, tmp_path: Path,
 ) -> None:
