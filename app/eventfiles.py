@@ -86,8 +86,9 @@ def _parse_text(path: Path, text: str, fmt: str) -> tuple[pd.DataFrame, int]:
     return frame, first_line
 
 
-def _normalise(path: Path, frame: pd.DataFrame, first_line: int, default_type: str) -> pd.DataFrame:
-    """Validate columns and values; fill defaults; derive deterministic event ids when absent."""
+def _normalise(path: Path, frame: pd.DataFrame, first_line: int, default_type: str,
+               event_ids: bool = True) -> pd.DataFrame:
+    """Validate columns and values; fill defaults; derive deterministic event ids when absent (and wanted)."""
     if frame.empty:
         raise EventFileError(f"{path}: no events in the file")
     missing = [c for c in ("user_id", "item_id") if c not in frame.columns]
@@ -142,7 +143,7 @@ def _normalise(path: Path, frame: pd.DataFrame, first_line: int, default_type: s
         fail(ids.duplicated().to_numpy(), "event_id repeats an earlier line of the file")
         out["event_id"] = ids
     else:
-        out["event_id"] = content_event_ids(out)
+        out["event_id"] = content_event_ids(out) if event_ids else None
     return out.reset_index(drop=True)
 
 
@@ -165,8 +166,13 @@ def content_event_ids(frame: pd.DataFrame) -> pd.Series:
     )
 
 
-def read_event_file(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
-    """Read and validate a whole file; return columns EVENT_COLUMNS or raise EventFileError."""
+def read_event_file(path: str | Path, fmt: str | None = None, *, event_ids: bool = True) -> pd.DataFrame:
+    """Read and validate a whole file; return columns EVENT_COLUMNS or raise EventFileError.
+
+    ``event_ids=False``: a file without an ``event_id`` column gets None there instead of ids derived
+    from each line's content. Training never reads them, and hashing every line is two thirds of reading
+    a file (yelp2018's 250k-line train split: 0.62 s with them, 0.19 s without).
+    """
     path = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise EventFileError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -187,10 +193,10 @@ def read_event_file(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
             frame = frame.astype(object).where(frame.notna(), "").astype(str)
         except Exception as exc:  # pyarrow raises several unrelated types for a bad file
             raise EventFileError(f"{path}: not a readable Parquet file ({exc})") from exc
-        return _normalise(path, frame, 1, "view")
+        return _normalise(path, frame, 1, "view", event_ids)
     frame, first_line = _parse_text(path, _decode(path, data), fmt)
     default_type = "rating" if fmt.startswith("movielens") else "view"
-    return _normalise(path, frame, first_line, default_type)
+    return _normalise(path, frame, first_line, default_type, event_ids)
 
 
 def write_event_file(frame: pd.DataFrame, path: str | Path) -> Path:

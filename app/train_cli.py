@@ -178,7 +178,7 @@ def _load(events: Path | None, fmt: str | None) -> tuple[Any, int | None]:
             raise _fail("the database holds no events; import some or pass --events FILE")
         return frame, int(frame["id"].max())
     try:
-        return read_event_file(events, fmt), None
+        return read_event_file(events, fmt, event_ids=False), None  # training needs no event ids
     except (OSError, ValueError, EventFileError) as exc:
         raise _fail(str(exc)) from None
 

@@ -199,3 +199,17 @@ def test_unknown_format_is_a_usage_error(tmp_path: Path) -> None:
     assert result.exit_code == 2
     with pytest.raises(EventFileError, match="unknown format"):
         read_event_file(tmp_path / "x", "xml")
+
+
+def test_a_read_for_training_derives_no_event_ids_but_checks_given_ones(tmp_path: Path) -> None:
+    """`recsys train` reads without deriving ids (hashing every line is most of a read); a file's own
+    ids are still validated."""
+    plain = tmp_path / "plain.csv"
+    plain.write_text("user_id,item_id\nu1,a\nu1,a\nu2,b\n")
+    derived = read_event_file(plain)["event_id"]
+    assert derived.str.startswith("h:").all() and derived.nunique() == 3  # a repeated line is its own event
+    assert read_event_file(plain, event_ids=False)["event_id"].isna().all()
+    given = tmp_path / "given.csv"
+    given.write_text("user_id,item_id,event_id\nu1,a,e1\nu2,b,e1\n")
+    with pytest.raises(EventFileError, match="event_id repeats"):
+        read_event_file(given, event_ids=False)
