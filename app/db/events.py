@@ -195,28 +195,24 @@ def _insert_records(
     if conn.dialect.name == "postgresql" and len(records) > VALUES_MAX:
         return _copy_events_postgres(conn, records, progress, new)
     sqlite = conn.dialect.name == "sqlite"
-    cursor = conn.connection.driver_connection.cursor()
     inserted = start = 0
-    try:
-        for size in statement_sizes(len(records)):
-            part = records[start : start + size]
-            start += size
-            flat = tuple(value for record in part for value in record)
-            if sqlite:
-                inserted += _insert_sqlite(cursor, part, flat, new)
-            else:
-                stored = cursor.execute(_values_sql(len(part), "%s", True), flat).fetchall()
-                inserted += len(stored)
-                if new is not None:
-                    new.update(stored)
-            if progress:
-                progress(len(part))
-    finally:
-        cursor.close()
+    for size in statement_sizes(len(records)):
+        part = records[start : start + size]
+        start += size
+        flat = tuple(value for record in part for value in record)
+        if sqlite:
+            inserted += _insert_sqlite(conn, part, flat, new)
+        else:
+            stored = conn.exec_driver_sql(_values_sql(len(part), "%s", True), flat).all()
+            inserted += len(stored)
+            if new is not None:
+                new.update(stored)
+        if progress:
+            progress(len(part))
     return inserted
 
 
-def _insert_sqlite(cursor: Any, part: list[Record], flat: tuple[Any, ...], new: dict[str, int] | None) -> int:
+def _insert_sqlite(conn: Connection, part: list[Record], flat: tuple[Any, ...], new: dict[str, int] | None) -> int:
     """One SQLite INSERT without RETURNING: how many rows were new, and their ids into ``new`` when given.
 
     Within one statement SQLite gives the new rows consecutive rowids in VALUES order (it holds the write
@@ -225,14 +221,15 @@ def _insert_sqlite(cursor: Any, part: list[Record], flat: tuple[Any, ...], new: 
     at every step: with the write lock held, each step waited for the event loop to hand the interpreter
     back (docs/benchmarks.md, "Event ingestion").
     """
-    cursor.execute(_values_sql(len(part), "?", False), flat)
-    count, last = max(cursor.rowcount, 0), cursor.lastrowid
+    result = conn.exec_driver_sql(_values_sql(len(part), "?", False), flat)
+    count, last = max(result.rowcount, 0), result.lastrowid
     if count and new is not None:
         first = last - count + 1
         if count == len(part):
             new.update((record[0], first + k) for k, record in enumerate(part))
         else:
-            new.update(cursor.execute("SELECT event_id, id FROM events WHERE id BETWEEN ? AND ?", (first, last)))
+            new.update(conn.exec_driver_sql("SELECT event_id, id FROM events WHERE id BETWEEN ? AND ?",
+                                            (first, last)).all())
     return count
 
 
