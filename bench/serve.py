@@ -11,7 +11,9 @@ similar items, event POSTs and /healthz at concurrency 1, 16 and 64, ``--repeat`
 rounds over the endpoints (medians reported). ``events`` posts one new event per request (a unique
 ``event_id`` each), ``events_100`` and ``events_1000`` batches of 100 and 1000; their events/s column is
 requests/s × batch. Measurement starts once every worker has its serving index and top lists. Prints a
-Markdown table and writes bench/results/serve.json.
+Markdown table and writes bench/results/serve.json. Each round records how the load generator's
+connections fell between the workers (they share one listening socket, and the split, from 8/8 to 16/0,
+moves a round's rate as much as any code change): the table's last column, one split per round.
 
 Event ingestion on both backends, 2 workers at 16 connections:
 
@@ -39,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -497,6 +500,48 @@ def group_cpu_seconds(pgid: int) -> float:
     return total
 
 
+def connections_per_process(pgid: int, port: int) -> list[int]:
+    """Established connections to ``port`` held by each process of the server's group, most first.
+
+    The workers share one listening socket, and which of them accepts a connection is a race: `wrk`'s 16
+    connections have split 16/0 as often as 8/8, and a single event's rate with them (docs/benchmarks.md),
+    so each run records its split. Linux only (/proc); [] elsewhere."""
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        lines += Path("/proc/net/tcp6").read_text().splitlines()[1:]
+    except OSError:
+        return []
+    wanted = f":{port:04X}"
+    inodes = {f[9] for f in (line.split() for line in lines) if f[1].endswith(wanted) and f[3] == "01"}
+    counts = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
+        except OSError:
+            continue
+        if held & inodes:
+            counts.append(len(held & inodes))
+    return sorted(counts, reverse=True)
+
+
+def split_after(delay: float, pgid: int, port: int) -> dict:
+    """Start a thread that records ``connections_per_process`` ``delay`` seconds from now, into the dict."""
+    out: dict = {}
+
+    def probe() -> None:
+        time.sleep(delay)
+        out["connections"] = connections_per_process(pgid, port)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    out["thread"] = thread
+    return out
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -633,6 +678,7 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
                     for endpoint in args.endpoints:
                         waited = settle(args.settle_cpu, args.settle_timeout)
                         cpu0 = group_cpu_seconds(proc.pid)
+                        probe = split_after(min(1.0, args.seconds / 2), proc.pid, int(base.rsplit(":", 1)[1]))
                         if args.loadgen == "wrk":
                             load = wrk_load(base, endpoint, conc, args.seconds, args.users, args.items)
                         else:
@@ -640,6 +686,9 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
                         cpu = group_cpu_seconds(proc.pid) - cpu0
                         load["server_cpu_ms_per_req"] = round(1000 * cpu / max(load["requests"], 1), 3)
                         load["settle_s"] = waited
+                        probe["thread"].join()
+                        held = probe.get("connections", [])
+                        load["connections_per_worker"] = held + [0] * (workers - len(held)) if held else []
                         runs[endpoint].append(load)
                         print(
                             json.dumps(
@@ -660,6 +709,7 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
                         **{key: float(statistics.median(d[key] for d in done)) for key in MEDIAN_KEYS},
                         "requests": sum(d["requests"] for d in done),
                         "errors": sum(d["errors"] for d in done),
+                        "splits": [_split(d) for d in done],
                         "runs": done,
                     }
                     results.append(row)
@@ -667,6 +717,11 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
             stop_server(proc)
 
     return results
+
+
+def _split(run: dict) -> str:
+    """A run's connections per worker as "9/7" ("?" when they could not be read)."""
+    return "/".join(map(str, run["connections_per_worker"])) or "?"
 
 
 def httpx_load(args: argparse.Namespace, base: str, endpoint: str, conc: int) -> dict:
@@ -695,8 +750,8 @@ def httpx_load(args: argparse.Namespace, base: str, endpoint: str, conc: int) ->
 def report(args: argparse.Namespace, results: list[dict]) -> None:
     lines = [
         "| workers | concurrency | endpoint | req/s | vs healthz | events/s | p50 ms | p95 ms | p99 ms "
-        "| errors | server CPU ms/req |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| errors | server CPU ms/req | connections per worker |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         trivial = next(
@@ -712,7 +767,7 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
         lines.append(
             f"| {r['workers']} | {r['concurrency']} | {r['endpoint']} | {r['rps']:.0f} | "
             f"{r['ratio_to_healthz']:.2f} | {events} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
-            f"{r['p99_ms']:.2f} | {r['errors']} | {r['server_cpu_ms_per_req']:.2f} |"
+            f"{r['p99_ms']:.2f} | {r['errors']} | {r['server_cpu_ms_per_req']:.2f} | {' '.join(r['splits'])} |"
         )
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
