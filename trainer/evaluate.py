@@ -35,24 +35,38 @@ def blas_threads(n: int) -> AbstractContextManager[Any]:
     return _blas().limit(limits=n, user_api="blas")
 
 
-def dot_scores(user_vectors: np.ndarray, item_vectors: np.ndarray) -> ScoreFn:
-    """Inner products, written into one buffer for every call: a new (1024, 37k) array per batch is
-    150 MB of fresh pages to fault in and zero, which took validation's products 1.2-2.4x as long
-    (gowalla, one thread)."""
-    buf = np.empty((0, item_vectors.shape[0]), dtype=np.result_type(user_vectors, item_vectors))
+def _reused_rows(n_cols: int, dtype: Any) -> Callable[[int], np.ndarray]:
+    """A (rows, n_cols) array handed out again on every call (grown when needed): a new (1024, 37k) array
+    per batch is 150 MB of fresh pages to fault in and zero, which took validation's products 1.2-2.4x as
+    long (gowalla, one thread)."""
+    buf = np.empty((0, n_cols), dtype=dtype)
 
-    def scores(rows: np.ndarray) -> np.ndarray:
+    def rows(n: int) -> np.ndarray:
         nonlocal buf
-        if buf.shape[0] < len(rows):
-            buf = np.empty((len(rows), buf.shape[1]), dtype=buf.dtype)
-        return np.matmul(user_vectors[rows], item_vectors.T, out=buf[:len(rows)])
+        if buf.shape[0] < n:
+            buf = np.empty((n, n_cols), dtype=dtype)
+        return buf[:n]
 
-    return scores
+    return rows
+
+
+def dot_scores(user_vectors: np.ndarray, item_vectors: np.ndarray) -> ScoreFn:
+    """Inner products, written into one buffer for every call."""
+    out = _reused_rows(item_vectors.shape[0], np.result_type(user_vectors, item_vectors))
+    return lambda rows: np.matmul(user_vectors[rows], item_vectors.T, out=out(len(rows)))
 
 
 def popularity_scores(popularity: np.ndarray) -> ScoreFn:
+    """Every user's row is the items' popularity, written into one buffer for every call."""
     pop = np.asarray(popularity, dtype=np.float32)
-    return lambda rows: np.broadcast_to(pop, (len(rows), pop.size)).copy()
+    out = _reused_rows(pop.size, np.float32)
+
+    def scores(rows: np.ndarray) -> np.ndarray:
+        block = out(len(rows))
+        block[:] = pop
+        return block
+
+    return scores
 
 
 def top_k(scores: np.ndarray, k: int, block: int = 64) -> np.ndarray:

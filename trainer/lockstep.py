@@ -167,6 +167,12 @@ class FinalFit:
         self._receiver = threading.Thread(target=self._receive, name="final-fit-answer", daemon=True)
         self._receiver.start()
 
+    def answered(self, wait: float) -> bool:
+        """Whether the child's answer is in, waiting at most ``wait`` seconds for it (after ``stop``)."""
+        assert self._receiver is not None, "stop() first"
+        self._receiver.join(wait)
+        return not self._receiver.is_alive()
+
     def _receive(self) -> None:
         try:
             self._answer = self.conn.recv()

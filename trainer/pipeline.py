@@ -36,6 +36,9 @@ from trainer.lockstep import FinalFit, FinalFitFailed
 from trainer.train import TrainResult, fit, model_state_bytes
 
 SHIP = ("all", "tested")
+# how long the held-out report waits for the final fit's answer before it scores beside the still-running
+# fit on this process's share of the threads (an answer from a kept epoch takes a fraction of this)
+ANSWER_WAIT = 0.25
 EMPTY = np.zeros(0, dtype=np.int64)
 
 
@@ -115,11 +118,15 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
     baseline: dict[str, float] = {}
     if dist.is_main() and selection_set.val_u.size:  # rank 0 reports; other ranks only help to train
         users, items = selection.model.export()
-        with blas_threads(cfg.threads if side is None else side.selection_cfg.threads):  # beside the final fit
+        # every thread once the final fit has answered (it hands a kept epoch back at once, and when
+        # selection is the longer fit this report is all that is left: ~2.5 s on one thread for gowalla),
+        # else this process's share beside it
+        alone = side is None or side.answered(wait=ANSWER_WAIT)
+        with blas_threads(cfg.threads if alone else side.selection_cfg.threads):
             held_out = score_held_out(selection_set, dot_scores(users, items), selection_set.val_u,
                                       selection_set.val_i)
-        baseline = score_held_out(selection_set, popularity_scores(selection_set.popularity()),
-                                  selection_set.val_u, selection_set.val_i)
+            baseline = score_held_out(selection_set, popularity_scores(selection_set.popularity()),
+                                      selection_set.val_u, selection_set.val_i)
     final = selection
     if side is not None:
         try:
