@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -484,10 +485,10 @@ def settle(limit: float, timeout: float, window: float = 0.5) -> float:
     return round(time.monotonic() - start, 2)
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User+system CPU of every process in the server's process group (uvicorn supervisor and workers)."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
+def _group_stats(pgid: int) -> list[tuple[str, list[str]]]:
+    """(pid, /proc/<pid>/stat fields after the command name) of every process in the server's process
+    group (uvicorn supervisor and workers)."""
+    found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -495,9 +496,15 @@ def group_cpu_seconds(pgid: int) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # field 5 (pgrp) after the command name
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+        if int(fields[2]) == pgid:  # field 5 (pgrp)
+            found.append((pid, fields))
+    return found
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User+system CPU of every process in the server's process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(int(fields[11]) + int(fields[12]) for _, fields in _group_stats(pgid)) / tick
 
 
 def connections_per_process(pgid: int, port: int) -> list[int]:
@@ -514,12 +521,8 @@ def connections_per_process(pgid: int, port: int) -> list[int]:
     wanted = f":{port:04X}"
     inodes = {f[9] for f in (line.split() for line in lines) if f[1].endswith(wanted) and f[3] == "01"}
     counts = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid, _ in _group_stats(pgid):
         try:
-            if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
             held = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
         except OSError:
             continue
@@ -528,18 +531,18 @@ def connections_per_process(pgid: int, port: int) -> list[int]:
     return sorted(counts, reverse=True)
 
 
-def split_after(delay: float, pgid: int, port: int) -> dict:
-    """Start a thread that records ``connections_per_process`` ``delay`` seconds from now, into the dict."""
-    out: dict = {}
+def split_after(delay: float, pgid: int, port: int) -> Callable[[], list[int]]:
+    """Read ``connections_per_process`` ``delay`` seconds from now, on a timer thread; the returned
+    function waits for that reading and gives it."""
+    found: list[int] = []
+    timer = threading.Timer(delay, lambda: found.extend(connections_per_process(pgid, port)))
+    timer.start()
 
-    def probe() -> None:
-        time.sleep(delay)
-        out["connections"] = connections_per_process(pgid, port)
+    def reading() -> list[int]:
+        timer.join()
+        return found
 
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    out["thread"] = thread
-    return out
+    return reading
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -686,8 +689,7 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
                         cpu = group_cpu_seconds(proc.pid) - cpu0
                         load["server_cpu_ms_per_req"] = round(1000 * cpu / max(load["requests"], 1), 3)
                         load["settle_s"] = waited
-                        probe["thread"].join()
-                        held = probe.get("connections", [])
+                        held = probe()
                         load["connections_per_worker"] = held + [0] * (workers - len(held)) if held else []
                         runs[endpoint].append(load)
                         print(
