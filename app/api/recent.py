@@ -5,7 +5,12 @@ background thread tails the events table every ``interval`` seconds and this wor
 added on commit (by the group committer, with their ids, which the tail then leaves out of its reads:
 reading them back cost a worker ~13% of its CPU under batches of 1000 events). A PostgreSQL transaction
 can commit after one with a higher id: the ids skipped over are remembered as gaps and looked up again
-on every tick until they appear or ``GAP_SECONDS`` pass (a rolled-back insert never appears).
+until they appear or ``GAP_SECONDS`` pass: on the next tick, then after as long again as each has been
+missing. Most gaps are transactions still committing and appear on the next tick; the rest never do (a
+rolled-back insert, or a duplicate event: PostgreSQL draws an id for every row ``ON CONFLICT DO NOTHING``
+then skips), and looking up thousands of those on every tick took a worker's tail thread a fifth of a core
+under load (docs/benchmarks.md, "Event ingestion"). An id that commits ``t`` seconds late is seen within
+about ``2t``.
 Re-reading a fixed window of recent ids instead cost each worker ~20k rows a second, and the event loop
 its GIL, whether anything had been written or not. Staleness: an event written through another worker
 or process is excluded within about ``interval`` seconds. When the view cannot answer (too many events
@@ -119,7 +124,7 @@ class RecentEventsView:
         self._users: dict[str, dict[str, int]] = {}  # user → item → POSITIVE | NEGATIVE bits, oldest first
         self._count = 0  # events since the watermark, read or added; more than max_events: overflow
         self._last_id = 0
-        self._gaps: dict[int, float] = {}  # id skipped by the tail → when it was first missed
+        self._gaps: dict[int, tuple[float, float]] = {}  # id skipped by the tail → (first missed, next lookup)
         self._own: list[tuple[int, int]] = []  # id runs of this worker's events above the tail, added already
         self._names = _Names()  # the tail thread's
         self._lock = threading.Lock()  # a rebuild's reset against a commit's rows and their id runs
@@ -235,22 +240,28 @@ class RecentEventsView:
         for first, last in seen:
             if first > prev + 1:
                 for missing in range(max(prev + 1, first - MAX_GAPS), first):
-                    self._gaps.setdefault(missing, now)
+                    self._gaps.setdefault(missing, (now, now))
             prev = max(prev, last)
         while len(self._gaps) > MAX_GAPS:
             del self._gaps[next(iter(self._gaps))]
 
     def _fill_gaps(self) -> None:
-        if not self._gaps:
+        """Look up the gaps that are due; one still missing is due again after as long as it has been."""
+        now = time.monotonic()
+        self._gaps = {i: t for i, t in self._gaps.items() if t[0] > now - GAP_SECONDS}
+        due = [i for i, (_, at) in self._gaps.items() if at <= now]
+        if not due:
             return
         with self.engine.connect() as conn:
-            rows = self._names.named(conn, conn.execute(_GAPS, {"ids": list(self._gaps)}).all())
+            rows = self._names.named(conn, conn.execute(_GAPS, {"ids": due}).all())
         with self._lock:
             self._add(rows)
         for event_id, *_ in rows:
             self._gaps.pop(event_id, None)
-        cutoff = time.monotonic() - GAP_SECONDS
-        self._gaps = {i: t for i, t in self._gaps.items() if t > cutoff}
+        for i in due:
+            if i in self._gaps:
+                first = self._gaps[i][0]
+                self._gaps[i] = (first, now + max(self.interval, now - first))
         self._check_size()
 
     def _check_size(self) -> bool:

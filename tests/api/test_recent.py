@@ -141,3 +141,36 @@ def test_the_tail_reads_in_windows_of_ids_and_notes_gaps_between_them(
     view._fill_gaps()
     assert not view._gaps and view.items_for("u0", 0) == ["i2", "i6", "i4"] and view._count == 7
     engine.dispose()
+
+
+def test_a_gap_that_never_commits_is_looked_up_less_and_less_often(
+    fresh_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolled-back insert or a duplicate leaves an id that never appears: it is looked up on the next
+    tick, then after as long again as it has been missing, and forgotten after GAP_SECONDS."""
+    from sqlalchemy import event
+
+    upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    with engine.begin() as conn:
+        insert_event_rows(conn, [_event(n, "u1", f"i{n}") for n in range(1, 4)])
+        conn.execute(text("DELETE FROM events WHERE id = 2"))  # never committed
+    clock = [100.0]
+    monkeypatch.setattr(recent.time, "monotonic", lambda: clock[0])
+    lookups: list[float] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _count(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001, ANN202
+        if " IN " in statement and "FROM events" in statement:
+            lookups.append(clock[0])
+
+    view = RecentEventsView(engine, interval=0.25)
+    view._rebuild(0)
+    assert list(view._gaps) == [2]
+    for now in (100.0, 100.1, 100.3, 100.5, 100.7, 101.0, 101.5, 102.5, 159.0, 160.5):
+        clock[0] = now
+        view._fill_gaps()
+    # due at once, then 0.25 s later (at least a tick), then after as long again as it had been missing
+    assert lookups == [100.0, 100.3, 100.7, 101.5, 159.0]
+    assert not view._gaps and view.items_for("u1", 0) == ["i1", "i3"]
+    engine.dispose()
