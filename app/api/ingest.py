@@ -1,14 +1,20 @@
 """Group commit for ``POST /v1/events``: one transaction for whatever arrived while the last one ran.
 
 A transaction per request made the database's fixed cost per commit (a WAL flush, a lock, a round trip)
-the cost of every event. Here each worker has one committer thread: a request hands its validated rows
-over (a deque append under a lock, on the event loop) and awaits a future; the thread takes everything
+the cost of every event. Here each worker has one committer: a request hands its validated rows over (a
+deque append under a lock, on the event loop) and awaits a future; the committer takes everything
 queued, writes it in one transaction and resolves each request's future only after that commit has
-returned. An acknowledged event is exactly as durable as before (SQLite WAL with ``synchronous=FULL``,
-PostgreSQL synchronous commit); a request waits for the commit in progress and its own (on SQLite also
-for other workers' commits, which take turns on the write lock: a committer makes what is queued ready
-for the database first, so that the lock is held for the database's own work, and takes what arrived
-while it waited for the lock into the same group).
+returned. On SQLite the committer is a thread (the driver and the cross-process write lock block). On
+PostgreSQL it is a coroutine on the worker's event loop: a group of known users and items (the usual
+case) is one statement on psycopg's AsyncConnection, and anything else (new users or items, a large
+batch, a failure) goes through the same thread-side code as SQLite's, in a thread it awaits. A thread
+there paid for every wait on the server twice: it gave up the interpreter and then queued for it behind
+the busy event loop (docs/benchmarks.md, "Event ingestion"). An acknowledged event is exactly as
+durable as before (SQLite WAL with ``synchronous=FULL``, PostgreSQL synchronous commit); a request
+waits for the commit in progress and its own (on SQLite also for other workers' commits, which take
+turns on the write lock: a committer makes what is queued ready for the database first, so that the
+lock is held for the database's own work, and takes what arrived while it waited for the lock into the
+same group).
 
 Per request, all or nothing, and the counts stay exact: within a group the first request to carry an
 ``event_id`` owns it, and the insert names the ids it stored. When a group's transaction fails for a
@@ -35,7 +41,14 @@ from sqlalchemy import Connection, Engine
 
 from app.api import metrics
 from app.db.engine import unavailable
-from app.db.events import VALUES_MAX, IdCache, Record, cached_records, insert_new_events
+from app.db.events import (
+    VALUES_MAX,
+    IdCache,
+    Record,
+    cached_records,
+    insert_known_events_async,
+    insert_new_events,
+)
 
 log = logging.getLogger("recsys.ingest")
 
@@ -117,7 +130,8 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 class GroupCommitter:
-    """The per-worker queue of event writes and the thread that commits them in groups."""
+    """The per-worker queue of event writes and the committer (a thread, or a coroutine on PostgreSQL)
+    that commits them in groups."""
 
     def __init__(
         self,
@@ -146,6 +160,10 @@ class GroupCommitter:
         self._conn: Connection | None = None
         self._autocommit: Connection | None = None
         self._thread: threading.Thread | None = None
+        self._task: asyncio.Task[None] | None = None  # PostgreSQL: the committer coroutine
+        self._loop: asyncio.AbstractEventLoop | None = None  # and the loop it runs on
+        self._work = asyncio.Event()  # set when something is queued (the coroutine's wake-up)
+        self._async_conn: Any = None  # its psycopg.AsyncConnection (autocommit), kept between groups
 
     # --- the request side (event loop) ---------------------------------------------------------------
     async def write(self, rows: list[dict[str, Any]]) -> int:
@@ -156,6 +174,10 @@ class GroupCommitter:
         loop = asyncio.get_running_loop()
         pending = _Pending(rows, loop.create_future(), loop)
         self._submit(pending)
+        if self._loop is loop:
+            self._work.set()
+        elif self._loop is not None:
+            self._loop.call_soon_threadsafe(self._work.set)
         try:
             async with asyncio.timeout(self.max_wait):
                 return await pending.future
@@ -181,11 +203,31 @@ class GroupCommitter:
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the committer: on PostgreSQL a coroutine on the running event loop, else a thread."""
+        if self._engine.dialect.name == "postgresql":
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run_async(), name="event-group-commit")
+            return
         self._thread = threading.Thread(target=self._run, name="event-group-commit", daemon=True)
         self._thread.start()
 
+    async def aclose(self, timeout: float = 30.0) -> None:
+        """Refuse new writes, commit what is queued, stop the committer."""
+        if self._task is None:
+            await asyncio.to_thread(self.close, timeout)
+            return
+        with self._cond:
+            self._closed = True
+        self._work.set()
+        try:
+            await asyncio.wait_for(self._task, timeout)
+        except TimeoutError:
+            log.warning("event committer still busy after %gs; stopped", timeout)
+        self._task = None
+        await asyncio.to_thread(self._drop_connection)
+
     def close(self, timeout: float = 30.0) -> None:
-        """Refuse new writes, commit what is queued, stop the thread."""
+        """``aclose`` for the committer thread."""
         with self._cond:
             self._closed = True
             self._cond.notify()
@@ -215,14 +257,70 @@ class GroupCommitter:
                     group += more
                     self._commit(group, batch.add(more))
             except Exception as exc:  # the lock file, or a bug: answer, and keep the thread alive
-                log.exception("event group commit failed")
                 self._uncount(held)
-                group = group or self._take(self.max_group)
-                refusal = _unavailable() if unavailable(exc) else Refused(500, "internal_error", "internal error")
-                for pending in group:
-                    pending.error = pending.error or refusal
+                self._refuse(group or self._take(self.max_group), exc)
             self._publish()
             self._resolve(group)
+
+    async def _run_async(self) -> None:
+        """PostgreSQL's committer, on the worker's event loop: a group of known users and items is one
+        statement on an AsyncConnection; any other group goes through ``_commit`` in a thread, awaited."""
+        await asyncio.to_thread(self._warm)
+        while True:
+            with self._cond:
+                idle, closed = not self._queue, self._closed
+            if idle:
+                if closed:
+                    break
+                await self._work.wait()
+                self._work.clear()
+                continue
+            group = self._take(self.max_group)
+            try:
+                batch = _Batch(self._ids).add(group)
+                if not await self._write_async(batch):
+                    await asyncio.to_thread(self._commit, group, batch)
+            except Exception as exc:  # a bug: answer, and keep the committer alive
+                self._refuse(group, exc)
+            self._publish()
+            self._resolve(group)
+        await self._drop_async_connection()
+
+    async def _write_async(self, batch: _Batch) -> bool:
+        """Write a group of known users and items as one autocommitted statement; False when the group
+        needs ``_commit`` (unknown ids, a large batch) or when this failed: ``_commit`` then writes it
+        again (idempotent by event_id) and tells a database that is away (503) from refused rows (422)."""
+        if batch.records is None or not batch.rows or len(batch.rows) > VALUES_MAX:
+            return False
+        start = time.perf_counter()
+        try:
+            if self._async_conn is None:
+                import psycopg  # the PostgreSQL driver; a SQLite deployment never loads it
+
+                dsn = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+                self._async_conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
+            new = await insert_known_events_async(self._async_conn, batch.records)
+        except Exception as exc:
+            log.debug("short path failed, the group goes through the general one: %s", exc)
+            if self._async_conn is not None and self._async_conn.broken:
+                await self._drop_async_connection()
+            return False
+        self._written(batch, new, start)
+        return True
+
+    async def _drop_async_connection(self) -> None:
+        conn, self._async_conn = self._async_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    @staticmethod
+    def _refuse(group: list[_Pending], exc: Exception) -> None:
+        """A failure outside the database's answer (the lock file, a bug): 503 or 500 for the group."""
+        log.exception("event group commit failed", exc_info=exc)
+        refusal = _unavailable() if unavailable(exc) else Refused(500, "internal_error", "internal error")
+        for pending in group:
+            pending.error = pending.error or refusal
 
     def _warm(self) -> None:
         """Preload the id cache, so that the first events of known users are single statements too.
@@ -328,6 +426,11 @@ class GroupCommitter:
             self._ids = IdCache()  # ids created in the rolled-back transaction do not exist
             self._drop_connection()
             raise
+        self._written(batch, new, start)
+
+    def _written(self, batch: _Batch, new: dict[str, int], start: float) -> None:
+        """A group's commit returned: metrics, each request's count, the new events for ``on_commit``."""
+        rows = batch.rows
         metrics.EVENTS_COMMIT_SECONDS.observe(time.perf_counter() - start)
         metrics.EVENTS_PER_COMMIT.observe(len(rows))
         for event_id in new:
@@ -368,13 +471,16 @@ class GroupCommitter:
                     conn.close()
         self._conn = self._autocommit = None
 
-    @staticmethod
-    def _resolve(group: list[_Pending]) -> None:
-        """Answer the group's requests: one wake-up of each event loop, not one per request."""
+    def _resolve(self, group: list[_Pending]) -> None:
+        """Answer the group's requests: at once on the committer's own loop, else one wake-up of each
+        event loop, not one per request."""
         by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         for pending in group:
             by_loop.setdefault(pending.loop, []).append(pending)
         for loop, part in by_loop.items():
+            if loop is self._loop:
+                _settle(part)
+                continue
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
                 loop.call_soon_threadsafe(_settle, part)
 

@@ -160,7 +160,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await run_in_threadpool(app.state.ingest.close)
+        await app.state.ingest.aclose()
         await run_in_threadpool(app.state.impressions.close)
         await run_in_threadpool(app.state.recent.close)
         if checkpointer is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -17,6 +17,9 @@ from sqlalchemy import Connection, Engine, Table, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.db.models import Event, Item, User
+
+if TYPE_CHECKING:
+    import psycopg
 
 CHUNK = 4096  # rows per statement at most (SQLite: 6 × 4096 parameters of its 32,766)
 VALUES_MAX = 100  # up to this many events, one INSERT … VALUES; PostgreSQL COPYs larger batches
@@ -125,6 +128,16 @@ def insert_new_events(conn: Connection, rows: list[dict[str, Any]], ids: IdCache
     new: dict[str, int] = {}
     _insert_records(conn, records, None, new)
     return new
+
+
+async def insert_known_events_async(conn: psycopg.AsyncConnection, records: list[Record]) -> dict[str, int]:
+    """``insert_new_events`` for a group whose users and items are all known (its ``cached_records``, at
+    most ``VALUES_MAX``), on an autocommit psycopg AsyncConnection: one statement, committed as it runs;
+    returns the ``event_id``s it stored with their ``events.id``. PostgreSQL's group committer runs on
+    the event loop with it (app/api/ingest.py)."""
+    flat = tuple(value for record in records for value in record)
+    cursor = await conn.execute(_values_sql(len(records), "%s", True), flat)
+    return dict(await cursor.fetchall())
 
 
 def cached_records(rows: list[dict[str, Any]], ids: IdCache) -> list[Record] | None:
