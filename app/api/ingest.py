@@ -35,7 +35,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine
 
@@ -49,6 +49,9 @@ from app.db.events import (
     insert_known_events_async,
     insert_new_events,
 )
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger("recsys.ingest")
 
@@ -163,7 +166,7 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None  # PostgreSQL: the committer coroutine
         self._loop: asyncio.AbstractEventLoop | None = None  # and the loop it runs on
         self._work = asyncio.Event()  # set when something is queued (the coroutine's wake-up)
-        self._async_conn: Any = None  # its psycopg.AsyncConnection (autocommit), kept between groups
+        self._async_conn: psycopg.AsyncConnection | None = None  # its autocommit connection, kept between groups
 
     # --- the request side (event loop) ---------------------------------------------------------------
     async def write(self, rows: list[dict[str, Any]]) -> int:
@@ -267,15 +270,13 @@ class GroupCommitter:
         statement on an AsyncConnection; any other group goes through ``_commit`` in a thread, awaited."""
         await asyncio.to_thread(self._warm)
         while True:
-            with self._cond:
-                idle, closed = not self._queue, self._closed
-            if idle:
-                if closed:
+            group = self._take(self.max_group)
+            if not group:  # the queue is empty
+                if self._closed:
                     break
                 await self._work.wait()
                 self._work.clear()
                 continue
-            group = self._take(self.max_group)
             try:
                 batch = _Batch(self._ids).add(group)
                 if not await self._write_async(batch):
