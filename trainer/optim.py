@@ -32,8 +32,14 @@ def _cpu_step(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], b1: fl
     order = np.argsort(idx, kind="stable")
     ordered = idx[order]
     starts = np.concatenate(([0], np.flatnonzero(np.diff(ordered)) + 1, [ordered.size]))
-    adam_rows(torch.get_num_threads(), p.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(), ordered[starts[:-1]],
-              starts, order, grad._values().contiguous().numpy(), b1, b2, step_size, eps)
+    values = grad._values().contiguous()
+    # the compiled loop does not check bounds: a bad index would write outside the tables, to be found
+    # later (if ever) as heap corruption far from here
+    if ordered.size and (ordered[0] < 0 or ordered[-1] >= p.shape[0]):
+        raise RuntimeError(f"a sparse gradient that does not fit its table: rows {ordered[0]}..{ordered[-1]} "
+                           f"of a {p.shape[0]}-row table")
+    adam_rows(torch.get_num_threads(), p.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(),
+              ordered[starts[:-1]], starts, order, values.numpy(), b1, b2, step_size, eps)
 
 
 def _torch_step(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], b1: float, b2: float,

@@ -51,3 +51,15 @@ def test_dense_gradients_and_bad_settings_are_refused() -> None:
         RowAdam(lin.parameters()).step()
     with pytest.raises(ValueError):
         RowAdam(lin.parameters(), lr=0)
+
+
+def test_a_gradient_outside_its_table_is_refused_before_the_compiled_pass() -> None:
+    """The compiled pass writes without bounds checks: an index past the table must stop, not corrupt."""
+    emb = nn.Embedding(10, 4, sparse=True)
+    before = emb.weight.detach().clone()
+    opt = RowAdam(emb.parameters(), lr=0.1)
+    for rows in ([3, 10], [-1, 3]):  # sparse_coo_tensor checks neither unless asked to
+        emb.weight.grad = torch.sparse_coo_tensor(torch.tensor([rows]), torch.ones(2, 4), (10, 4))
+        with pytest.raises(RuntimeError, match="does not fit its table"):
+            opt.step()
+    assert torch.equal(emb.weight.detach(), before)
