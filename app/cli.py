@@ -6,6 +6,7 @@ and `recsys serve` start fast.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -426,7 +427,9 @@ def main() -> None:
     """The `recsys` command. A finished command exits without the interpreter's teardown: with torch, numba
     and FAISS loaded, that teardown spends 0.6-0.9 s freeing what the exit frees anyway (docs/benchmarks.md).
     Every command has synced what it wrote before it returns; output is flushed and logging shut down here.
+    A crash in native code (torch, gloo, FAISS, numba) prints every thread's Python stack to stderr first.
     """
+    faulthandler.enable()
     try:
         app()  # standalone mode: ends in SystemExit with the command's status
     except SystemExit as exc:

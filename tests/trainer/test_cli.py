@@ -223,6 +223,19 @@ def test_the_command_keeps_its_status_and_output_without_the_interpreter_teardow
     assert helped.returncode == 0 and "--events" in helped.stdout and "--ship" in helped.stdout
 
 
+def test_a_crash_in_native_code_names_where_it_happened() -> None:
+    """A segfault under `recsys` (app/cli.py: main) leaves the Python stack of the code that made it."""
+    import subprocess
+    import sys
+
+    crash = ("import ctypes, sys\nfrom app import cli\n"
+             "@cli.app.command('crash')\ndef deliberate_crash() -> None:\n    ctypes.string_at(0)\n"
+             "sys.argv = ['recsys', 'crash']\ncli.main()\n")
+    done = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode != 0
+    assert "Fatal Python error: Segmentation fault" in done.stderr and "deliberate_crash" in done.stderr, done.stderr
+
+
 def test_the_shipped_model_has_learned_a_taste_planted_in_the_newest_events(
     app: typer.Typer, small_events: pd.DataFrame, tmp_path: Path,
 ) -> None:
