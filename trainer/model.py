@@ -122,6 +122,34 @@ class _PoolSum(torch.autograd.Function):
                                          grad.contiguous().numpy())), None
 
 
+class _Normalize(torch.autograd.Function):
+    """``F.normalize(x, dim=-1)``, the same forward, with the gradient in one expression:
+    ``(g - y·(g·y)) / |x|``. Autograd's chain for it (norm, clamp, expand, divide) took 2.5x as long for a
+    step's 1536 item rows (0.95 against 0.36 ms forward and backward, one thread), and a step normalises
+    three to four such tensors."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        n = x.norm(2, -1, keepdim=True).clamp_min(NORM_EPS)
+        y = x / n
+        ctx.save_for_backward(y, n)
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> torch.Tensor:
+        y, n = ctx.saved_tensors  # type: ignore[attr-defined]
+        along = (g * y).sum(-1, keepdim=True).masked_fill_(n <= NORM_EPS, 0.0)  # clamped: x / eps is linear
+        return (g - y * along).div_(n)
+
+
+NORM_EPS = 1e-12  # F.normalize's
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit length (rows shorter than ``NORM_EPS`` divided by it)."""
+    return _Normalize.apply(x)
+
+
 class HistorySampler:
     """Per-row history bags of at most ``cap`` items, each row's positive left out.
 
@@ -211,14 +239,14 @@ class TowerModel(nn.Module):
         if self.user is not None:
             parts.append(self.user(rows))
         if self.tower.normalize_parts:
-            parts = [F.normalize(p, dim=-1) for p in parts]
-        q = F.normalize(sum(parts), dim=-1) / self.tower.temperature
+            parts = [normalize(p) for p in parts]
+        q = normalize(sum(parts)) / self.tower.temperature
         if self.bias is not None:
             q = torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
         return q
 
     def items(self, rows: torch.Tensor) -> torch.Tensor:
-        v = F.normalize(self.item(rows), dim=-1)
+        v = normalize(self.item(rows))
         return torch.cat([v, self.bias(rows)], dim=1) if self.bias is not None else v
 
     def forward(self, user_rows: torch.Tensor, histories: Histories | None,
