@@ -356,14 +356,12 @@ def _logits(u: torch.Tensor, iv: torch.Tensor, cols: Columns, b: int,
             rows: torch.Tensor | None = None, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The positives' logits (B,) and the negatives' (Q, C + W), from the query vectors ``u`` (Q; row b
     reads query ``rows[b]``, or b) and the item vectors of ``cols.lookup``."""
-    p, rest = iv[:b], iv[b:]
-    vecs = []
-    for source, width in cols.shared:
-        if source == "in-batch":
-            vecs.append(p)
-        else:
-            vecs.append(rest[:width])
-            rest = rest[width:]
+    # one split, not a slice per block: each slice's gradient came back as a zero-filled copy of the
+    # whole block, added to the others' (~3% of a step); a split's is one concatenation
+    widths = [width for source, width in cols.shared if source != "in-batch"]
+    p, *drawn, rest = iv.split([b, *widths, iv.shape[0] - b - sum(widths)])
+    blocks = iter(drawn)
+    vecs = [p if source == "in-batch" else next(blocks) for source, _ in cols.shared]
     if not vecs:
         neg = u.new_zeros(u.shape[0], 0)
     elif bf16:  # the largest product of a step: a fraction of the time where the CPU multiplies bfloat16 natively
