@@ -29,13 +29,15 @@ def _cpu_step(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], b1: fl
     """Group the uncoalesced gradient's entries by row (a stable sort: the same sums every run), then
     one compiled pass over the touched rows."""
     idx = grad._indices()[0].numpy()
+    if idx.size == 0:  # nothing touched (a rank's share of a batch may miss a table)
+        return
     order = np.argsort(idx, kind="stable")
     ordered = idx[order]
     starts = np.concatenate(([0], np.flatnonzero(np.diff(ordered)) + 1, [ordered.size]))
     values = grad._values().contiguous()
     # the compiled loop does not check bounds: a bad index would write outside the tables, to be found
     # later (if ever) as heap corruption far from here
-    if ordered.size and (ordered[0] < 0 or ordered[-1] >= p.shape[0]):
+    if ordered[0] < 0 or ordered[-1] >= p.shape[0]:
         raise RuntimeError(f"a sparse gradient that does not fit its table: rows {ordered[0]}..{ordered[-1]} "
                            f"of a {p.shape[0]}-row table")
     adam_rows(torch.get_num_threads(), p.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(),

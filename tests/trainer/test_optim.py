@@ -63,3 +63,14 @@ def test_a_gradient_outside_its_table_is_refused_before_the_compiled_pass() -> N
         with pytest.raises(RuntimeError, match="does not fit its table"):
             opt.step()
     assert torch.equal(emb.weight.detach(), before)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_an_empty_gradient_moves_nothing(compiled: bool) -> None:
+    emb = nn.Embedding(10, 4, sparse=True)
+    before = emb.weight.detach().clone()
+    opt = RowAdam(emb.parameters(), lr=0.1, compiled=compiled)
+    emb.weight.grad = torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.long), torch.zeros(0, 4), (10, 4),
+                                              check_invariants=True)
+    opt.step()
+    assert torch.equal(emb.weight.detach(), before)
