@@ -29,7 +29,7 @@ def _cpu_step(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], b1: fl
     """Group the uncoalesced gradient's entries by row (a stable sort: the same sums every run), then
     one compiled pass over the touched rows."""
     idx = grad._indices()[0].numpy()
-    if idx.size == 0:  # nothing touched (a rank's share of a batch may miss a table)
+    if idx.size == 0:  # no row touched: nothing to update (SparseAdam counts the step all the same)
         return
     order = np.argsort(idx, kind="stable")
     ordered = idx[order]
