@@ -111,7 +111,7 @@ WarmupOpt = Annotated[int | None, typer.Option(
     show_default=False)]
 NprocOpt = Annotated[int, typer.Option(
     "--nproc", min=1, max=256,
-    help="Training processes on this machine (DistributedDataParallel under torchrun; see docs/scaling.md).")]
+    help="Training processes on this machine (data-parallel ranks under torchrun; see docs/scaling.md).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, or cuda[:N] to train on a GPU.")]
 
 

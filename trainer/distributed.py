@@ -4,12 +4,14 @@ One process is the same code with world size 1: every helper here degrades to a 
 training loop calls them unconditionally. ``recsys train --nproc N`` re-launches itself under
 ``torch.distributed.run`` (torchrun) with ``--standalone``; multi-node runs use torchrun directly
 with ``--nnodes``/``--rdzv-endpoint`` (docs/scaling.md). Ranks read the same events, build the same
-dataset, and shard every global batch between them; DistributedDataParallel averages the sparse
-embedding gradients with gloo (CPU) or nccl (GPU).
+dataset, and shard every global batch between them; after each backward ``average_gradients``
+averages the gradients (sparse embedding rows gathered, dense ones all-reduced) with gloo (CPU) or
+nccl (GPU), on the main thread, so every rank applies the same update.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -63,6 +65,71 @@ def broadcast(obj: Any) -> Any:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def same_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's parameters on every rank (a start that does not depend on every rank's seeding agreeing)."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+
+
+def average_gradients(params: list[torch.nn.Parameter], sparse: bool) -> None:
+    """Replace every rank's gradients by their mean over the ranks, in place; no-op for one rank.
+
+    Synchronous, after the backward, with plain collectives: DistributedDataParallel's asynchronous
+    sparse all-reduce (gloo threads coalescing while the backward goes on) was the prime suspect of a
+    rare heap corruption in two-process runs (docs/scaling.md). ``sparse``: the gradients are sparse
+    (embedding rows); each rank's (row, value) entries are gathered, uncoalesced, as the row-wise
+    optimiser groups them anyway. A parameter without a gradient on a rank counts as zero there
+    (every rank must join every collective, in the same order).
+    """
+    world = world_size()
+    if world == 1:
+        return
+    if sparse:
+        _average_sparse(params, world)
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
+def _average_sparse(params: list[torch.nn.Parameter], world: int) -> None:
+    """Three collectives per step whatever the number of tables (each costs a round trip): the row
+    counts, every table's rows in one vector, every table's values flattened into another."""
+    device = params[0].device
+    widths = [math.prod(p.shape[1:]) for p in params]
+    grads = [p.grad if p.grad is not None else torch.sparse_coo_tensor(
+        torch.zeros((1, 0), dtype=torch.int64, device=device), p.new_zeros((0, *p.shape[1:])), p.shape)
+        for p in params]
+    counts = torch.tensor([g._nnz() for g in grads], dtype=torch.int64, device=device)
+    every = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(every, counts)
+    nnz = [c.tolist() for c in every]
+    rows = _gather(torch.cat([g._indices()[0] for g in grads]), [sum(n) for n in nnz])
+    values = _gather(torch.cat([g._values().reshape(-1) for g in grads]),
+                     [sum(c * w for c, w in zip(n, widths, strict=True)) for n in nnz])
+    row_parts = [r.split(n) for r, n in zip(rows, nnz, strict=True)]
+    value_parts = [v.split([c * w for c, w in zip(n, widths, strict=True)]) for v, n in zip(values, nnz, strict=True)]
+    for k, p in enumerate(params):
+        idx = torch.cat([part[k] for part in row_parts])
+        val = torch.cat([part[k] for part in value_parts]).view(-1, *p.shape[1:]).div_(world)
+        p.grad = torch.sparse_coo_tensor(idx[None], val, p.shape)
+
+
+def _gather(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Every rank's ``t`` (of length ``sizes[rank]``), in rank order."""
+    longest = max(sizes)
+    if longest == 0:  # every rank knows the sizes: all skip the collective together
+        return [t[:0] for _ in sizes]
+    padded = t.new_zeros(longest)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [part[:n] for part, n in zip(parts, sizes, strict=True)]
 
 
 def shutdown() -> None:

@@ -260,11 +260,11 @@ class TowerModel(nn.Module):
 
     def forward(self, user_rows: torch.Tensor, histories: Histories | None,
                 item_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """User and item vectors of one step in one call: DistributedDataParallel syncs through forward.
+        """User and item vectors of one step in one call.
 
         With the history tied to the item table (on the CPU), every row the step reads from that table —
         the candidates, the histories' items, the left-out positives — is looked up at once: one sparse
-        gradient, where torch added three an axpy per row (a ml-latest-small step: -2.6%)."""
+        gradient, where torch added three with an axpy per row (a ml-latest-small step: -2.6%)."""
         if self.history is not self.item or histories is None or self.item.weight.is_cuda:
             return self.users(user_rows, histories), self.items(item_rows)
         distinct, pool = histories.pool_matrix(self.item.num_embeddings)

@@ -124,7 +124,6 @@ class _Run:
     data: Dataset
     cfg: TrainConfig
     model: TowerModel
-    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
     opt: Any  # RowAdam, or torch's Adam with dense gradients
     sampler: Sampler
     hard: list[HardSampler]
@@ -232,7 +231,7 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
     """Threads, sampler, model, optimiser: everything a step needs."""
     rank, world = dist.rank(), dist.world_size()
     device = _device(cfg.device)
-    torch.manual_seed(cfg.seed)  # the same initial tables on every rank (DDP also broadcasts rank 0's)
+    torch.manual_seed(cfg.seed)  # the same initial tables on every rank (and rank 0's are broadcast below)
     # The only thread setting of a fit. FAISS and torch can resolve to one OpenMP runtime: a FAISS setting
     # of 1 thread made after this one left every fit but a process's first on one thread (measured: the
     # final fit's gowalla epochs took 5.3 s instead of 3.6 s). Mining's FAISS searches use the same threads.
@@ -252,12 +251,11 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
     if init_state is not None:
         _warm_start(model, init_state, data)
     model.to(device)
-    # DDP averages the (sparse) embedding gradients across ranks during backward; one rank: the model itself
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    dist.same_parameters(model)
     opt = (RowAdam(list(model.parameters()), lr=cfg.lr) if cfg.sparse
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
     val_csr = csr(data.val_u, data.val_i, data.n_users, data.n_items)
-    return _Run(data, cfg, model, net, opt, sampler, hard, train_csr, HistorySampler(train_csr, cfg.history_cap),
+    return _Run(data, cfg, model, opt, sampler, hard, train_csr, HistorySampler(train_csr, cfg.history_cap),
                 val_csr, PairIndex(val_csr), get_loss(cfg.loss), device, draw_rng,
                 bf16=_bf16_logits(cfg.logits_precision, device))
 
@@ -324,8 +322,8 @@ def _step(run: _Run, idx: np.ndarray, stats: _Stats, measure: bool) -> float:
     cols = assemble(pos_np, draws, [s for s in active if s.prob(pos_np[:1]) is not None], run.cfg.logq, known,
                     row_query, merge=run.cfg.loss in MERGING_LOSSES)
     stats.sampling_seconds += time.perf_counter() - ts
-    # one forward through DDP: every embedding row this step touches
-    u, iv = run.net(users, bags, torch.from_numpy(cols.lookup).to(device))
+    # one forward: every embedding row this step touches
+    u, iv = run.model(users, bags, torch.from_numpy(cols.lookup).to(device))
     rows = None if row_query is None else torch.from_numpy(row_query).to(device)
     pos, neg = _logits(u, iv, cols, idx.size, rows, run.bf16)
     mask = (tuple(torch.from_numpy(a).to(device) for a in cols.off_positions()) if cols.off is not None
@@ -337,6 +335,7 @@ def _step(run: _Run, idx: np.ndarray, stats: _Stats, measure: bool) -> float:
                        torch.from_numpy(cols.neg_logq).to(device), mask, row_w, rows)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
+    dist.average_gradients(list(run.model.parameters()), run.cfg.sparse)  # more than one rank: all apply the same update
     run.opt.step()
     run.step += 1
     stats.loss_sum += float(loss.detach())
