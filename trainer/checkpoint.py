@@ -193,26 +193,10 @@ def write_checkpoint(
         raise CheckpointError(f"invalid model version {version!r}: use letters, digits, '.', '_' or '-'")
     user_embeddings = np.ascontiguousarray(user_embeddings, dtype=np.float32)
     item_embeddings = np.ascontiguousarray(item_embeddings, dtype=np.float32)
-    n_users, dim = user_embeddings.shape
-    n_items = item_embeddings.shape[0]
-    if item_embeddings.shape[1] != dim:
-        raise CheckpointError("user and item embeddings have different dimensions")
-    if len(user_ids) != n_users or len(item_ids) != n_items:
-        raise CheckpointError("id maps and embedding tables disagree in length")
-    if item_popularity.shape != (n_items,):
-        raise CheckpointError("item_popularity must have one count per item")
     seen = sparse.csr_matrix(seen)
-    if seen.shape != (n_users, n_items):
-        raise CheckpointError(f"seen matrix shape {seen.shape} != {(n_users, n_items)}")
-    if feedback is not None:
-        feedback = sparse.csr_matrix(feedback)
-        if feedback.shape != (n_users, n_items):
-            raise CheckpointError(f"feedback matrix shape {feedback.shape} != {(n_users, n_items)}")
-
-    tables = {HISTORY_EMB: (history_embeddings, n_items), USER_FREE_EMB: (user_free_embeddings, n_users)}
-    for name, (table, rows) in tables.items():
-        if table is not None and (table.ndim != 2 or table.shape[0] != rows):
-            raise CheckpointError(f"{name} must have {rows} rows, got shape {table.shape}")
+    feedback = None if feedback is None else sparse.csr_matrix(feedback)
+    tables = {HISTORY_EMB: history_embeddings, USER_FREE_EMB: user_free_embeddings}
+    _check_shapes(user_embeddings, item_embeddings, user_ids, item_ids, item_popularity, seen, feedback, tables)
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -221,50 +205,25 @@ def write_checkpoint(
         raise CheckpointError(f"{final} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=root))
     try:
-        _save_npy(tmp / USER_EMB, user_embeddings)
-        _save_npy(tmp / ITEM_EMB, item_embeddings)
-        _write_file(tmp / USER_IDS, json.dumps([str(u) for u in user_ids]).encode())
-        _write_file(tmp / ITEM_IDS, json.dumps([str(i) for i in item_ids]).encode())
-        _save_npy(tmp / POPULARITY, np.asarray(item_popularity, dtype=np.int64))
-        _save_npy(tmp / SEEN_INDPTR, seen.indptr.astype(np.int64))
-        _save_npy(tmp / SEEN_INDICES, seen.indices.astype(np.int32))
-        for name, (table, _) in tables.items():
-            if table is not None:
-                _save_npy(tmp / name, np.ascontiguousarray(table, dtype=np.float32))
-        if feedback is not None:
-            _save_npy(tmp / FEEDBACK_INDPTR, feedback.indptr.astype(np.int64))
-            _save_npy(tmp / FEEDBACK_INDICES, feedback.indices.astype(np.int32))
-        import faiss
-
-        if index is None:
-            index = build_flat_index(item_embeddings)
-        if index.ntotal != n_items:
-            raise CheckpointError(f"FAISS index holds {index.ntotal} vectors, expected {n_items}")
-        faiss.write_index(index, str(tmp / INDEX))
-        if index_settings is None:
-            from trainer.indexes import settings_of
-
-            try:
-                index_settings = settings_of(index).to_dict()
-            except ValueError:  # an index type the chooser does not make: the class name says enough
-                index_settings = None
+        _write_arrays(tmp, user_embeddings, item_embeddings, user_ids, item_ids, item_popularity, seen, feedback,
+                      tables)
+        index, index_settings = _write_index(tmp, index, item_embeddings, index_settings)
         for name, data in (extra_files or {}).items():
             if "/" in name or name in REQUIRED or name in tables or name == MANIFEST:
                 raise CheckpointError(f"invalid extra file name {name!r}")
             _write_file(tmp / name, data)
-
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "model_version": version,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "dim": int(dim),
-            "n_users": int(n_users),
-            "n_items": int(n_items),
+            "dim": int(user_embeddings.shape[1]),
+            "n_users": len(user_ids),
+            "n_items": len(item_ids),
             "n_seen": int(seen.nnz),
             "n_feedback": int(feedback.nnz) if feedback is not None else 0,
             "index_type": type(index).__name__,
-            "index_settings": dict(index_settings) if index_settings is not None else None,
+            "index_settings": index_settings,
             "score": "dot",
             "watermark": watermark,
             "config": dict(config or {}),
@@ -283,6 +242,67 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _check_shapes(user_embeddings: np.ndarray, item_embeddings: np.ndarray, user_ids: list[str],
+                  item_ids: list[str], item_popularity: np.ndarray, seen: sparse.csr_matrix,
+                  feedback: sparse.csr_matrix | None, tables: Mapping[str, np.ndarray | None]) -> None:
+    """Refuse parts that do not fit together, before anything is written."""
+    n_users, dim = user_embeddings.shape
+    n_items = item_embeddings.shape[0]
+    if item_embeddings.shape[1] != dim:
+        raise CheckpointError("user and item embeddings have different dimensions")
+    if len(user_ids) != n_users or len(item_ids) != n_items:
+        raise CheckpointError("id maps and embedding tables disagree in length")
+    if item_popularity.shape != (n_items,):
+        raise CheckpointError("item_popularity must have one count per item")
+    if seen.shape != (n_users, n_items):
+        raise CheckpointError(f"seen matrix shape {seen.shape} != {(n_users, n_items)}")
+    if feedback is not None and feedback.shape != (n_users, n_items):
+        raise CheckpointError(f"feedback matrix shape {feedback.shape} != {(n_users, n_items)}")
+    for name, table in tables.items():
+        rows = n_items if name == HISTORY_EMB else n_users
+        if table is not None and (table.ndim != 2 or table.shape[0] != rows):
+            raise CheckpointError(f"{name} must have {rows} rows, got shape {table.shape}")
+
+
+def _write_arrays(tmp: Path, user_embeddings: np.ndarray, item_embeddings: np.ndarray, user_ids: list[str],
+                  item_ids: list[str], item_popularity: np.ndarray, seen: sparse.csr_matrix,
+                  feedback: sparse.csr_matrix | None, tables: Mapping[str, np.ndarray | None]) -> None:
+    _save_npy(tmp / USER_EMB, user_embeddings)
+    _save_npy(tmp / ITEM_EMB, item_embeddings)
+    _write_file(tmp / USER_IDS, json.dumps([str(u) for u in user_ids]).encode())
+    _write_file(tmp / ITEM_IDS, json.dumps([str(i) for i in item_ids]).encode())
+    _save_npy(tmp / POPULARITY, np.asarray(item_popularity, dtype=np.int64))
+    _save_npy(tmp / SEEN_INDPTR, seen.indptr.astype(np.int64))
+    _save_npy(tmp / SEEN_INDICES, seen.indices.astype(np.int32))
+    for name, table in tables.items():
+        if table is not None:
+            _save_npy(tmp / name, np.ascontiguousarray(table, dtype=np.float32))
+    if feedback is not None:
+        _save_npy(tmp / FEEDBACK_INDPTR, feedback.indptr.astype(np.int64))
+        _save_npy(tmp / FEEDBACK_INDICES, feedback.indices.astype(np.int32))
+
+
+def _write_index(tmp: Path, index: Any, item_embeddings: np.ndarray,
+                 settings: Mapping[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
+    """The serving index (exact inner product when None) written to ``tmp``, with its settings: as
+    given, else read from the index (None for a type the chooser does not make)."""
+    import faiss
+
+    if index is None:
+        index = build_flat_index(item_embeddings)
+    if index.ntotal != item_embeddings.shape[0]:
+        raise CheckpointError(f"FAISS index holds {index.ntotal} vectors, expected {item_embeddings.shape[0]}")
+    faiss.write_index(index, str(tmp / INDEX))
+    if settings is None:
+        from trainer.indexes import settings_of
+
+        try:
+            settings = settings_of(index).to_dict()
+        except ValueError:  # an index type the chooser does not make: the class name says enough
+            return index, None
+    return index, dict(settings)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

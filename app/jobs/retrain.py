@@ -233,34 +233,22 @@ def _gate(result: RunResult, current: Checkpoint | None, events: Any, negative_t
     return gate
 
 
-def _retrain_locked(
-    engine: Any, settings: Settings, options: RetrainOptions, log: Callable[[str], None]
-) -> RetrainOutcome:
-    t0 = time.perf_counter()
-    with engine.connect() as conn:
-        watermark = max_event_id(conn)
-    current, current_ckpt, note = _current_model(engine, log)
-    old_watermark = current_ckpt.watermark if current_ckpt is not None else None
-    new_events = watermark - (old_watermark or 0)
-    if current_ckpt is not None and new_events < options.min_new_events and not options.force:
-        return RetrainOutcome(
-            "skipped", None, f"no new events since the promoted model's watermark {old_watermark}"
-        )
+def _warm_state(current: Checkpoint | None, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The promoted model's weights to start from, or None (none promoted, or unreadable: from scratch)."""
+    if current is None:
+        return None
+    try:
+        state = load_model_state(current.extra_file("model.pt").read_bytes())
+    except (CheckpointError, OSError, ValueError) as exc:
+        log(f"warning: cannot warm-start from {current.version} ({exc}); training from scratch")
+        return None
+    log(f"warm start from {current.version}")
+    return state
 
-    events = read_events(engine, until_id=watermark)
-    if events.empty:
-        raise RetrainError("the database holds no events: import some first (`recsys import`)")
-    log(f"read {len(events):,} events up to id {watermark:,} ({new_events:,} new since the current model)")
-    t_read = time.perf_counter()
 
-    init_state = None
-    if options.warm_start and current_ckpt is not None:
-        try:
-            init_state = load_model_state(current_ckpt.extra_file("model.pt").read_bytes())
-            log(f"warm start from {current_ckpt.version}")
-        except (CheckpointError, OSError, ValueError) as exc:
-            log(f"warning: cannot warm-start from {current_ckpt.version} ({exc}); training from scratch")
-    config = options.config
+def _training_set(engine: Any, events: Any, watermark: int, settings: Settings, config: TrainConfig,
+                  log: Callable[[str], None]) -> tuple[Dataset, TrainConfig, Any]:
+    """The dataset, the config with the service's settings applied, and the ignored impressions."""
     if config.event_weights is None and settings.event_weights:
         # Per-event-type weights (RECSYS_EVENT_WEIGHTS); recorded in the checkpoint config.
         config = replace(config, event_weights=dict(settings.event_weights))
@@ -281,6 +269,31 @@ def _retrain_locked(
         # Users' own negatives are the point of a feedback loop: blend them in when there are any.
         config = replace(config, sampler=replace(config.sampler, mixed=(*mix, "feedback")))
         log(f"negatives: {' + '.join(config.sampler.mixed)}")
+    return data, config, ignored
+
+
+def _retrain_locked(
+    engine: Any, settings: Settings, options: RetrainOptions, log: Callable[[str], None]
+) -> RetrainOutcome:
+    t0 = time.perf_counter()
+    with engine.connect() as conn:
+        watermark = max_event_id(conn)
+    current, current_ckpt, note = _current_model(engine, log)
+    old_watermark = current_ckpt.watermark if current_ckpt is not None else None
+    new_events = watermark - (old_watermark or 0)
+    if current_ckpt is not None and new_events < options.min_new_events and not options.force:
+        return RetrainOutcome(
+            "skipped", None, f"no new events since the promoted model's watermark {old_watermark}"
+        )
+
+    events = read_events(engine, until_id=watermark)
+    if events.empty:
+        raise RetrainError("the database holds no events: import some first (`recsys import`)")
+    log(f"read {len(events):,} events up to id {watermark:,} ({new_events:,} new since the current model)")
+    t_read = time.perf_counter()
+
+    init_state = _warm_state(current_ckpt, log) if options.warm_start else None
+    data, config, ignored = _training_set(engine, events, watermark, settings, options.config, log)
     # The pipeline `recsys train` runs: selection on the held-out newest 20%, then the fit of every event.
     result = run(data, config, init_state=init_state, impressions=ignored)
     t_train = time.perf_counter()
@@ -315,14 +328,8 @@ def _retrain_locked(
         "diagnostics": result.diagnostics()[-1:] if result.diagnostics() else [],
     }
     with engine.begin() as conn:
-        registry.register(
-            conn,
-            version,
-            str(path.resolve()),
-            watermark=watermark,
-            metrics=metrics,
-            status="rejected" if status == "rejected" else "candidate",
-        )
+        registry.register(conn, version, str(path.resolve()), watermark=watermark, metrics=metrics,
+                          status="rejected" if status == "rejected" else "candidate")
         if status == "promoted":
             registry.promote(conn, version)
     protect = {version} | ({current["version"]} if current else set())
