@@ -361,8 +361,6 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False, verify: bool = True
         user_ids = json.loads((path / USER_IDS).read_text())
         item_ids = json.loads((path / ITEM_IDS).read_text())
         popularity = np.load(path / POPULARITY, allow_pickle=False)
-        indptr = np.load(path / SEEN_INDPTR, allow_pickle=False)
-        indices = np.load(path / SEEN_INDICES, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read arrays ({exc})") from exc
     n_users, n_items, dim = manifest["n_users"], manifest["n_items"], manifest["dim"]
@@ -370,23 +368,9 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False, verify: bool = True
         raise CheckpointError(f"{path}: embedding shapes disagree with the manifest")
     if len(user_ids) != n_users or len(item_ids) != n_items or popularity.shape != (n_items,):
         raise CheckpointError(f"{path}: id maps or popularity disagree with the manifest")
-    if indptr.shape != (n_users + 1,) or (indices.size and int(indices.max()) >= n_items):
-        raise CheckpointError(f"{path}: seen-items matrix is inconsistent")
-    seen = sparse.csr_matrix(
-        (np.ones(indices.size, dtype=np.float32), indices, indptr), shape=(n_users, n_items)
-    )
-    feedback = None
-    if FEEDBACK_INDPTR in manifest["files"]:
-        try:
-            f_indptr = np.load(path / FEEDBACK_INDPTR, allow_pickle=False)
-            f_indices = np.load(path / FEEDBACK_INDICES, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: cannot read the feedback matrix ({exc})") from exc
-        if f_indptr.shape != (n_users + 1,) or (f_indices.size and int(f_indices.max()) >= n_items):
-            raise CheckpointError(f"{path}: feedback matrix is inconsistent")
-        feedback = sparse.csr_matrix(
-            (np.ones(f_indices.size, dtype=np.float32), f_indices, f_indptr), shape=(n_users, n_items)
-        )
+    seen = _read_csr(path, SEEN_INDPTR, SEEN_INDICES, (n_users, n_items), "seen-items matrix")
+    feedback = (_read_csr(path, FEEDBACK_INDPTR, FEEDBACK_INDICES, (n_users, n_items), "feedback matrix")
+                if FEEDBACK_INDPTR in manifest["files"] else None)
     tables = {}
     for name, rows in ((HISTORY_EMB, n_items), (USER_FREE_EMB, n_users)):
         if name not in manifest["files"]:
@@ -410,6 +394,19 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False, verify: bool = True
         seen=seen,
         feedback=feedback,
     )
+
+
+def _read_csr(path: Path, indptr_name: str, indices_name: str, shape: tuple[int, int],
+              what: str) -> sparse.csr_matrix:
+    """A users x items 0/1 matrix stored as its CSR arrays, checked against ``shape``."""
+    try:
+        indptr = np.load(path / indptr_name, allow_pickle=False)
+        indices = np.load(path / indices_name, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the {what} ({exc})") from exc
+    if indptr.shape != (shape[0] + 1,) or (indices.size and int(indices.max()) >= shape[1]):
+        raise CheckpointError(f"{path}: {what} is inconsistent")
+    return sparse.csr_matrix((np.ones(indices.size, dtype=np.float32), indices, indptr), shape=shape)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -461,21 +461,7 @@ def load_model(
     model.set_hidden(hidden_ids or [])
     model.set_categories(item_categories or {})
     threshold = ann.ANN_MIN_ITEMS if ann_min_items is None else ann_min_items
-    wants_ann = False
-    if not isinstance(index, faiss.IndexFlat):  # the checkpoint already ships an approximate index
-        model.ann_info = ann.AnnInfo(type(index).__name__, float("nan"), reason="checkpoint's own index")
-    elif model.n_items > threshold:
-        hit = ann.cached(ckpt, index_cache)
-        if hit is not None:
-            model.ann, model.ann_info = hit
-        else:
-            wants_ann = True
-    wants_top = top_n > 0
-    if wants_top and not wants_ann:
-        settings = model.search_index()[1]
-        model.top = toplists.cached(ckpt, "users", top_n, settings, index_cache)
-        model.top_similar = toplists.cached(ckpt, "items", top_n, settings, index_cache)
-        wants_top = model.top is None or model.top_similar is None
+    wants_ann, wants_top = _from_cache(model, index_cache, threshold, top_n)
     if wants_ann or wants_top:
         model.ann_pending, model.top_pending = wants_ann, wants_top
         args = (model, index_cache, top_n, on_ann_ready)
@@ -485,6 +471,27 @@ def load_model(
             threading.Thread(target=_prepare_in_background, args=args, name="serving-prep", daemon=True).start()
     model.load_seconds = time.perf_counter() - start
     return model
+
+
+def _from_cache(model: ServedModel, index_cache: Path | None, threshold: int, top_n: int) -> tuple[bool, bool]:
+    """Attach the IVF index and the top lists already built for this checkpoint; return which of the
+    two are still to build (the IVF index first: the top lists are searched with it)."""
+    wants_ann = False
+    if not isinstance(model.index, faiss.IndexFlat):  # the checkpoint already ships an approximate index
+        model.ann_info = ann.AnnInfo(type(model.index).__name__, float("nan"), reason="checkpoint's own index")
+    elif model.n_items > threshold:
+        hit = ann.cached(model.ckpt, index_cache)
+        if hit is not None:
+            model.ann, model.ann_info = hit
+        else:
+            wants_ann = True
+    wants_top = top_n > 0
+    if wants_top and not wants_ann:
+        settings = model.search_index()[1]
+        model.top = toplists.cached(model.ckpt, "users", top_n, settings, index_cache)
+        model.top_similar = toplists.cached(model.ckpt, "items", top_n, settings, index_cache)
+        wants_top = model.top is None or model.top_similar is None
+    return wants_ann, wants_top
 
 
 def _prepare_in_background(
