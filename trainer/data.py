@@ -176,6 +176,27 @@ def _standing_negatives(
     return neg[ts[neg] >= later]
 
 
+def _positive_pairs(user_codes: np.ndarray, item_codes: np.ndarray, ts: np.ndarray, negative: np.ndarray,
+                    w_events: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Each (user, item) positive once, at its first time, sorted by user then time: users, items,
+    times and the pair's weight (the largest of its events'; None when there are none or all are 1)."""
+    pos = np.flatnonzero(~negative)
+    if pos.size == 0:
+        raise ValueError("no positive events (every event is a dislike/skip/hide)")
+    pu, pi, pt = user_codes[pos].astype(np.int64), item_codes[pos].astype(np.int64), ts[pos]
+    order = np.lexsort((pi, pt, pu))
+    pu, pi, pt = pu[order], pi[order], pt[order]
+    pairs = pd.DataFrame({"u": pu, "i": pi})
+    first = ~pairs.duplicated().to_numpy()
+    pw = None
+    if w_events is not None:
+        pairs["w"] = w_events[pos][order]
+        pw = pairs.groupby(["u", "i"], sort=False)["w"].transform("max").to_numpy()[first]
+        if np.all(pw == 1.0):
+            pw = None  # all-1 weights: exactly the unweighted run
+    return pu[first], pi[first], pt[first], pw
+
+
 def build_dataset(
     events: pd.DataFrame,
     *,
@@ -200,22 +221,8 @@ def build_dataset(
     negative = events["type"].astype(str).str.lower().isin(set(negative_types)).to_numpy()
     n_users, n_items = len(user_ids), len(item_ids)
 
-    pos = np.flatnonzero(~negative)
-    if pos.size == 0:
-        raise ValueError("no positive events (every event is a dislike/skip/hide)")
-    pu, pi, pt = user_codes[pos].astype(np.int64), item_codes[pos].astype(np.int64), ts[pos]
-    order = np.lexsort((pi, pt, pu))
-    pu, pi, pt = pu[order], pi[order], pt[order]
-    pairs = pd.DataFrame({"u": pu, "i": pi})
-    first = ~pairs.duplicated().to_numpy()
-    w_events = event_type_weights(events["type"], event_weights)
-    pw = None
-    if w_events is not None:
-        pairs["w"] = w_events[pos][order]
-        pw = pairs.groupby(["u", "i"], sort=False)["w"].transform("max").to_numpy()[first]
-        if np.all(pw == 1.0):
-            pw = None  # all-1 weights: exactly the unweighted run
-    pu, pi, pt = pu[first], pi[first], pt[first]
+    pu, pi, pt, pw = _positive_pairs(user_codes, item_codes, ts, negative,
+                                     event_type_weights(events["type"], event_weights))
 
     def take(w: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
         return None if w is None else w[idx]
