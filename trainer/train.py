@@ -482,7 +482,6 @@ def _diagnostics(epoch: int, s: _Stats, sampler: Sampler, seconds: float, sampli
         "mean_pos_score": s.pos_sum / max(s.n_pos, 1),
         "mean_neg_score": s.neg_sum / max(s.n_neg, 1),
         "informative_rate": s.n_inf / max(s.n_neg, 1),
-        "false_negative_rate": s.n_fn / max(s.n_fn_checked, 1),
         "train_seconds": round(seconds, 3),
         "sampling_share": round(sampling / max(seconds, 1e-9), 4),
         "events_per_s": round(n_train / max(seconds, 1e-9), 1),
@@ -492,6 +491,8 @@ def _diagnostics(epoch: int, s: _Stats, sampler: Sampler, seconds: float, sampli
                               if name in s.fn_by_source else {})}
                     for name, a in s.by_source.items()},
     }
+    if s.n_fn_checked:  # a fit without validation positives (the final fit) has no false-negative rate
+        d["false_negative_rate"] = s.n_fn / s.n_fn_checked
     d.update(sampler.stats())
     if "index_refresh_s" in d:
         d["index_share"] = round((d["index_refresh_s"] + d["hard_search_s"]) / max(seconds, 1e-9), 4)

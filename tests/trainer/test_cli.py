@@ -48,6 +48,8 @@ def test_the_default_ships_a_model_fit_on_every_event(checkpoint: Path) -> None:
     trained = last["events_per_s"] * last["train_seconds"]
     assert data["validation"] > 0 and abs(trained - (data["train"] + data["validation"])) < 0.02 * trained
     assert manifest["metrics"]["held_out"]["ndcg@10"] > 0  # held-out metrics of the selection run are kept
+    # a false-negative rate needs validation positives: the selection run has one, the final fit none (not 0)
+    assert all(("false_negative_rate" in d) == (d["phase"] == "selection") for d in manifest["diagnostics"])
 
 
 def test_mix_chooses_the_sources_of_the_mixed_strategy(app: typer.Typer, small_file: Path, tmp_path: Path) -> None:
