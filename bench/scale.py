@@ -327,6 +327,8 @@ def train_one(args: argparse.Namespace, path: Path, events: int, items: int, npr
                            "threads_per_process": threads, "batch_size": args.batch_size, "file": path.name}
     if nproc > 1 and not has_nproc:
         return row | {"error": "`recsys train` has no --nproc option yet (distributed training not merged)"}
+    if args.work_dir is not None:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="scale-", dir=args.work_dir) as tmp:
         cmd = [*recsys_cmd(), "train", "--events", str(path), "--out", str(Path(tmp) / "ckpt"),
                "--strategy", "hard", "--epochs", "1", "--hard-warmup", "0", "--ship", "tested", "--no-progress",
