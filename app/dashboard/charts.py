@@ -118,7 +118,10 @@ def line_chart(
     pts = [(x, y) for s in series for x, y in s.points if y is not None and math.isfinite(y)]
     if not pts:
         return _empty(title, "no data recorded")
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    # the x axis spans the bands and labelled ticks too: charts of one run share it, whichever epochs
+    # recorded the value (the final fit has no validation, so no false-negative rate)
+    xs = [p[0] for p in pts] + [x for band in bands for x in band[:2]] + list(x_labels or {})
+    ys = [p[1] for p in pts]
     x_lo, x_hi = min(xs), max(xs)
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1

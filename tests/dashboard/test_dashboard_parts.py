@@ -3,6 +3,7 @@ new checkpoints, latency percentiles from histogram buckets, and its queries on 
 
 from __future__ import annotations
 
+import re
 import time
 import tomllib
 from pathlib import Path
@@ -113,6 +114,9 @@ def test_diagnostics_of_new_and_old_checkpoints() -> None:
     assert "Hard-negative index refresh and search (s)" in titles
     fnr = next(c for c in diagnostics.charts(new) if "False-negative" in str(c))
     assert ">hard</text>" in fnr and ">uniform</text>" not in fnr  # a source without the rate has no line
+    # the final fit recorded no rate, yet the chart keeps the run's whole axis: every drawn x inside the chart
+    xs = [float(v) for v in re.findall(r'\bx="([-0-9.]+)"', str(fnr))]
+    assert xs and all(0 <= x <= charts.W for x in xs) and "final fit" in fnr
     columns, rows = diagnostics.table(new)
     assert "val_ndcg@10" in columns and rows[-1]["phase"] == "final fit" and rows[-1]["val_ndcg@10"] is None
     source_columns, sources = diagnostics.source_table(new)
