@@ -274,14 +274,18 @@ def _write_arrays(tmp: Path, user_embeddings: np.ndarray, item_embeddings: np.nd
     _write_file(tmp / USER_IDS, json.dumps([str(u) for u in user_ids]).encode())
     _write_file(tmp / ITEM_IDS, json.dumps([str(i) for i in item_ids]).encode())
     _save_npy(tmp / POPULARITY, np.asarray(item_popularity, dtype=np.int64))
-    _save_npy(tmp / SEEN_INDPTR, seen.indptr.astype(np.int64))
-    _save_npy(tmp / SEEN_INDICES, seen.indices.astype(np.int32))
+    _save_csr(tmp, SEEN_INDPTR, SEEN_INDICES, seen)
+    if feedback is not None:
+        _save_csr(tmp, FEEDBACK_INDPTR, FEEDBACK_INDICES, feedback)
     for name, table in tables.items():
         if table is not None:
             _save_npy(tmp / name, np.ascontiguousarray(table, dtype=np.float32))
-    if feedback is not None:
-        _save_npy(tmp / FEEDBACK_INDPTR, feedback.indptr.astype(np.int64))
-        _save_npy(tmp / FEEDBACK_INDICES, feedback.indices.astype(np.int32))
+
+
+def _save_csr(tmp: Path, indptr_name: str, indices_name: str, m: sparse.csr_matrix) -> None:
+    """A users x items 0/1 matrix as its CSR arrays (``_read_csr`` reads them back)."""
+    _save_npy(tmp / indptr_name, m.indptr.astype(np.int64))
+    _save_npy(tmp / indices_name, m.indices.astype(np.int32))
 
 
 def _write_index(tmp: Path, index: Any, item_embeddings: np.ndarray,

@@ -100,24 +100,28 @@ def average_gradients(params: list[torch.nn.Parameter], sparse: bool) -> None:
 def _average_sparse(params: list[torch.nn.Parameter], world: int) -> None:
     """Three collectives per step whatever the number of tables (each costs a round trip): the row
     counts, every table's rows in one vector, every table's values flattened into another."""
-    device = params[0].device
-    widths = [math.prod(p.shape[1:]) for p in params]
-    grads = [p.grad if p.grad is not None else torch.sparse_coo_tensor(
-        torch.zeros((1, 0), dtype=torch.int64, device=device), p.new_zeros((0, *p.shape[1:])), p.shape)
-        for p in params]
-    counts = torch.tensor([g._nnz() for g in grads], dtype=torch.int64, device=device)
+    mine = [_entries(p) for p in params]
+    counts = torch.tensor([rows.numel() for rows, _ in mine], dtype=torch.int64, device=params[0].device)
     every = [torch.empty_like(counts) for _ in range(world)]
     dist.all_gather(every, counts)
-    nnz = [c.tolist() for c in every]
-    rows = _gather(torch.cat([g._indices()[0] for g in grads]), [sum(n) for n in nnz])
-    values = _gather(torch.cat([g._values().reshape(-1) for g in grads]),
-                     [sum(c * w for c, w in zip(n, widths, strict=True)) for n in nnz])
+    nnz = [c.tolist() for c in every]  # [rank][table]
+    widths = [math.prod(p.shape[1:]) for p in params]
+    floats = [[c * w for c, w in zip(n, widths, strict=True)] for n in nnz]
+    rows = _gather(torch.cat([r for r, _ in mine]), [sum(n) for n in nnz])
+    values = _gather(torch.cat([v for _, v in mine]), [sum(f) for f in floats])
     row_parts = [r.split(n) for r, n in zip(rows, nnz, strict=True)]
-    value_parts = [v.split([c * w for c, w in zip(n, widths, strict=True)]) for v, n in zip(values, nnz, strict=True)]
+    value_parts = [v.split(f) for v, f in zip(values, floats, strict=True)]
     for k, p in enumerate(params):
         idx = torch.cat([part[k] for part in row_parts])
         val = torch.cat([part[k] for part in value_parts]).view(-1, *p.shape[1:]).div_(world)
         p.grad = torch.sparse_coo_tensor(idx[None], val, p.shape)
+
+
+def _entries(p: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse gradient's rows and its values flattened (none without a gradient)."""
+    if p.grad is None:
+        return torch.zeros(0, dtype=torch.int64, device=p.device), p.new_zeros(0)
+    return p.grad._indices()[0], p.grad._values().reshape(-1)
 
 
 def _gather(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
