@@ -27,8 +27,11 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # plain help: rich's boxed panels squeezed every description into a narrow column on an 80-column
+    # terminal and filled logs with box-drawing characters
+    rich_markup_mode=None,
 )
-db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(db_app, name="db")
 
 
@@ -48,7 +51,7 @@ def _engine():  # noqa: ANN202 - SQLAlchemy Engine, imported lazily
         raise fail(str(exc)) from None
 
 
-@db_app.command("upgrade")
+@db_app.command("upgrade", short_help="Create or migrate the schema to the newest revision.")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Create or migrate the schema to the newest revision (safe to run repeatedly)."""
     from app.db.migrate import upgrade
@@ -69,7 +72,7 @@ def db_downgrade(
     typer.echo(f"database downgraded to {revision}")
 
 
-@db_app.command("current")
+@db_app.command("current", short_help="Show the database's schema revision and the newest.")
 def db_current() -> None:
     """Show the schema revision of the database and the one this code needs."""
     from app.db.engine import make_engine
@@ -95,7 +98,7 @@ class FileFormat(StrEnum):
     parquet = "parquet"
 
 
-@app.command("import")
+@app.command("import", short_help="Load interactions into the database, all or nothing.")
 def import_events(
     path: Annotated[Path, typer.Argument(help="Interaction file: u.data, ratings.csv, CSV or Parquet.")],
     format: Annotated[
@@ -134,7 +137,7 @@ def import_events(
     )
 
 
-@app.command("export")
+@app.command("export", short_help="Write all events out as CSV or Parquet.")
 def export_events(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .csv, .csv.gz or .parquet.")],
 ) -> None:
@@ -151,7 +154,7 @@ def export_events(
     typer.echo(f"wrote {len(frame):,} events to {out}")
 
 
-@app.command("synth")
+@app.command("synth", short_help="Generate a deterministic synthetic event log.")
 def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .csv, .csv.gz or .parquet.")],
     users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 1000,
@@ -211,11 +214,12 @@ def serve(
     )
 
 
-models_app = typer.Typer(help="The model registry: list, promote, roll back.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry: list, promote, roll back.", no_args_is_help=True,
+                         rich_markup_mode=None)
 app.add_typer(models_app, name="models")
 
 
-@models_app.command("list")
+@models_app.command("list", short_help="Registered model versions, newest first.")
 def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -270,7 +274,7 @@ def models_promote(version: Annotated[str, typer.Argument(help="The version to s
     _promote(version)
 
 
-@models_app.command("rollback")
+@models_app.command("rollback", short_help="Serve the version promoted before the current one.")
 def models_rollback() -> None:
     """Go back to the version promoted before the current one; the current one is marked rejected."""
     from app.db import registry
@@ -295,7 +299,7 @@ def models_rollback() -> None:
     )
 
 
-@app.command("retrain")
+@app.command("retrain", short_help="Train on the newest events; promote if not worse.")
 def retrain_cmd(
     strategy: Annotated[
         str | None,
@@ -377,7 +381,7 @@ Try it (admin token for this demo: {token}):
 """
 
 
-@app.command("demo")
+@app.command("demo", short_help="Synthetic data to a running service, in one command.")
 def demo(
     users: Annotated[int, typer.Option(min=10, help="Synthetic users.")] = 2000,
     items: Annotated[int, typer.Option(min=10, help="Synthetic items.")] = 1000,

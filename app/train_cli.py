@@ -24,7 +24,7 @@ from trainer.config import (
 )
 
 negatives_app = typer.Typer(help="Compare negative-sampling strategies and inspect drawn negatives.",
-                            no_args_is_help=True)
+                            no_args_is_help=True, rich_markup_mode=None)
 T, S = TrainConfig(), SamplerConfig()  # the defaults every option below falls back to
 
 
@@ -469,7 +469,7 @@ def _database() -> Any:
         raise _fail(f"cannot open the database: {exc} (or pass --no-database)") from None
 
 
-@negatives_app.command("compare")
+@negatives_app.command("compare", short_help="The protocol's test of every strategy on one split.")
 def compare(
     events: Annotated[Path, typer.Option("--events", help="Event file.")],
     out: Annotated[Path, typer.Option("--out", help="Report directory (Markdown + PNG).")],
@@ -537,7 +537,7 @@ def compare(
     typer.echo(f"report: {out / 'report.md'}")
 
 
-@negatives_app.command("show")
+@negatives_app.command("show", short_help="Print the negatives the trainer draws for a user.")
 def show(
     checkpoint: CheckpointOpt,
     user: Annotated[str, typer.Option("--user", help="External user id.")],
@@ -578,7 +578,7 @@ def show(
 
 def register(app: typer.Typer) -> None:
     """Attach train, evaluate, recommend and the negatives group to the main CLI."""
-    app.command("train")(train)
-    app.command("evaluate")(evaluate_cmd)
-    app.command("recommend")(recommend)
-    app.add_typer(negatives_app, name="negatives")
+    app.command("train", short_help="Train a model and write a checkpoint.")(train)
+    app.command("evaluate", short_help="The protocol's test of `recsys train` on a file.")(evaluate_cmd)
+    app.command("recommend", short_help="Write the lists the service would serve.")(recommend)
+    app.add_typer(negatives_app, name="negatives", short_help="Compare strategies; show the negatives drawn.")

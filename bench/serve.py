@@ -555,6 +555,53 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def main() -> None:
+    parser = _parser()
+    args = parser.parse_args()
+    if "healthz" not in args.endpoints:
+        parser.error("--endpoints must include healthz: every row is reported as a ratio to it, in the same run")
+    if args.loadgen == "httpx":  # Python's client takes most of a core: the server's figures fall ~15x
+        print("load generator: httpx (wrk is not installed: `apt-get install -y wrk`); its figures are not "
+              "comparable with wrk's", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    data_dir, url = _fixture(args)
+    print(
+        f"fixture: {args.users} users × {args.items} items, dim {args.dim}, ready in "
+        f"{time.perf_counter() - t0:.1f}s under {data_dir}",
+        file=sys.stderr,
+    )
+    try:
+        results = measure(args, data_dir, url)
+    finally:
+        if args.postgres:
+            drop_postgres(url)
+    report(args, results)
+
+
+FIXTURE_KEYS = ("users", "items", "dim", "events_per_user", "embeddings")
+
+
+def _fixture(args: argparse.Namespace) -> tuple[Path, str]:
+    """(data directory, database URL) of the fixture: ``--fixture``'s when it holds one (the size recorded
+    in its fixture.json replaces the size flags, as the load generator draws users and items from that
+    range), else a new one built from the flags (kept under ``--fixture`` when given)."""
+    if args.fixture and not args.postgres and (args.fixture / "recsys.db").exists():
+        record = args.fixture / "fixture.json"
+        built = json.loads(record.read_text()) if record.exists() else {}
+        changed = [f"--{k.replace('_', '-')} {v}" for k, v in built.items() if getattr(args, k) != v]
+        if changed:
+            print(f"reusing the fixture in {args.fixture}, built with {', '.join(changed)}", file=sys.stderr)
+        vars(args).update(built)
+        return args.fixture, f"sqlite:///{args.fixture / 'recsys.db'}"
+    data_dir = args.fixture or Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = build(data_dir, args.users, args.items, args.dim, args.events_per_user,
+                fresh_postgres(args.postgres) if args.postgres else None, args.embeddings)
+    if args.fixture and not args.postgres:
+        (data_dir / "fixture.json").write_text(json.dumps({k: getattr(args, k) for k in FIXTURE_KEYS}))
+    return data_dir, url
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -594,7 +641,8 @@ def main() -> None:
     parser.add_argument(
         "--fixture",
         type=Path,
-        help="Keep the SQLite fixture in this directory and reuse it on later runs (built when missing).",
+        help="Keep the SQLite fixture in this directory and reuse it on later runs (built when missing; a reused "
+        "fixture keeps the --users, --items, --dim it was built with).",
     )
     parser.add_argument(
         "--setting",
@@ -621,39 +669,7 @@ def main() -> None:
         default="wrk" if shutil.which("wrk") else "httpx",
         help="Load generator: wrk (Debian package `wrk`, default when installed) or the async httpx client.",
     )
-    args = parser.parse_args()
-    if "healthz" not in args.endpoints:
-        parser.error("--endpoints must include healthz: every row is reported as a ratio to it, in the same run")
-    if args.loadgen == "httpx":  # Python's client takes most of a core: the server's figures fall ~15x
-        print("load generator: httpx (wrk is not installed: `apt-get install -y wrk`); its figures are not "
-              "comparable with wrk's", file=sys.stderr, flush=True)
-
-    t0 = time.perf_counter()
-    if args.fixture and not args.postgres and (args.fixture / "recsys.db").exists():
-        data_dir, url = args.fixture, f"sqlite:///{args.fixture / 'recsys.db'}"
-    else:
-        data_dir = args.fixture or Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
-        data_dir.mkdir(parents=True, exist_ok=True)
-        url = build(
-            data_dir,
-            args.users,
-            args.items,
-            args.dim,
-            args.events_per_user,
-            fresh_postgres(args.postgres) if args.postgres else None,
-            args.embeddings,
-        )
-    print(
-        f"fixture: {args.users} users × {args.items} items, dim {args.dim}, built in "
-        f"{time.perf_counter() - t0:.1f}s under {data_dir}",
-        file=sys.stderr,
-    )
-    try:
-        results = measure(args, data_dir, url)
-    finally:
-        if args.postgres:
-            drop_postgres(url)
-    report(args, results)
+    return parser
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -664,6 +680,8 @@ def _setting(text: str) -> tuple[str, str]:
 
 
 def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
+    """One row per (workers, concurrency, endpoint): the medians of ``--repeat`` runs, taken in rounds
+    over the endpoints so that every endpoint sees the same machine state."""
     results: list[dict] = []
     for workers in args.workers:
         proc, base, ready, index = start_server(data_dir, url, workers, args.log_level, dict(args.setting))
@@ -677,48 +695,52 @@ def measure(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict]:
         try:
             for conc in args.concurrency:
                 runs: dict[str, list[dict]] = {endpoint: [] for endpoint in args.endpoints}
-                for _ in range(args.repeat):  # rounds, so every endpoint sees the same machine state
+                for _ in range(args.repeat):
                     for endpoint in args.endpoints:
-                        waited = settle(args.settle_cpu, args.settle_timeout)
-                        cpu0 = group_cpu_seconds(proc.pid)
-                        probe = split_after(min(1.0, args.seconds / 2), proc.pid, int(base.rsplit(":", 1)[1]))
-                        if args.loadgen == "wrk":
-                            load = wrk_load(base, endpoint, conc, args.seconds, args.users, args.items)
-                        else:
-                            load = httpx_load(args, base, endpoint, conc)
-                        cpu = group_cpu_seconds(proc.pid) - cpu0
-                        load["server_cpu_ms_per_req"] = round(1000 * cpu / max(load["requests"], 1), 3)
-                        load["settle_s"] = waited
-                        held = probe()
-                        load["connections_per_worker"] = held + [0] * (workers - len(held)) if held else []
+                        load = _run_once(args, proc, base, endpoint, conc, workers)
                         runs[endpoint].append(load)
-                        print(
-                            json.dumps(
-                                {"workers": workers, "concurrency": conc, "endpoint": endpoint, **load}
-                            ),
-                            file=sys.stderr,
-                        )
-                for endpoint, done in runs.items():
-                    row = {
-                        "workers": workers,
-                        "concurrency": conc,
-                        "endpoint": endpoint,
-                        "batch": batch_size(endpoint),
-                        "ready_s": round(ready, 2),
-                        "index": index,
-                        "loadgen": args.loadgen,
-                        "repeats": len(done),
-                        **{key: float(statistics.median(d[key] for d in done)) for key in MEDIAN_KEYS},
-                        "requests": sum(d["requests"] for d in done),
-                        "errors": sum(d["errors"] for d in done),
-                        "splits": [_split(d) for d in done],
-                        "runs": done,
-                    }
-                    results.append(row)
+                        print(json.dumps({"workers": workers, "concurrency": conc, "endpoint": endpoint, **load}),
+                              file=sys.stderr)
+                meta = {"workers": workers, "concurrency": conc, "ready_s": round(ready, 2), "index": index,
+                        "loadgen": args.loadgen}
+                results += [_median_row(meta, endpoint, done) for endpoint, done in runs.items()]
         finally:
             stop_server(proc)
-
     return results
+
+
+def _run_once(args: argparse.Namespace, proc: subprocess.Popen, base: str, endpoint: str, conc: int,
+              workers: int) -> dict:
+    """One measurement of ``endpoint`` once the machine has settled, with the server's CPU per request
+    and how the load generator's connections fell between the workers."""
+    waited = settle(args.settle_cpu, args.settle_timeout)
+    cpu0 = group_cpu_seconds(proc.pid)
+    probe = split_after(min(1.0, args.seconds / 2), proc.pid, int(base.rsplit(":", 1)[1]))
+    if args.loadgen == "wrk":
+        load = wrk_load(base, endpoint, conc, args.seconds, args.users, args.items)
+    else:
+        load = httpx_load(args, base, endpoint, conc)
+    cpu = group_cpu_seconds(proc.pid) - cpu0
+    load["server_cpu_ms_per_req"] = round(1000 * cpu / max(load["requests"], 1), 3)
+    load["settle_s"] = waited
+    held = probe()
+    load["connections_per_worker"] = held + [0] * (workers - len(held)) if held else []
+    return load
+
+
+def _median_row(meta: dict, endpoint: str, done: list[dict]) -> dict:
+    """A table row: the median of each measured figure over the runs ``done``, errors summed."""
+    return {
+        **meta,
+        "endpoint": endpoint,
+        "batch": batch_size(endpoint),
+        "repeats": len(done),
+        **{key: float(statistics.median(d[key] for d in done)) for key in MEDIAN_KEYS},
+        "requests": sum(d["requests"] for d in done),
+        "errors": sum(d["errors"] for d in done),
+        "splits": [_split(d) for d in done],
+        "runs": done,
+    }
 
 
 def _split(run: dict) -> str:

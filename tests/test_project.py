@@ -49,6 +49,23 @@ def test_every_cli_command_has_help() -> None:
         assert result.exit_code == 0 and "Usage" in result.output, name
 
 
+def test_help_reads_on_an_80_column_terminal() -> None:
+    """Plain help, no boxed panels (which squeezed descriptions into a narrow column), and every
+    command's one-line summary whole in its group's list (click cuts a long one short with "...")."""
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    runner = CliRunner()
+    for group in ([], ["db"], ["models"], ["negatives"], ["train"], ["serve"]):
+        result = runner.invoke(app, [*group, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+        assert result.exit_code == 0, group
+        assert not any(c in result.output for c in "│╭╰"), result.output
+        assert all(len(line) <= 80 for line in result.output.splitlines()), result.output
+        listed = result.output.partition("Commands:")[2].splitlines()
+        assert not [line for line in listed if line.endswith("...")], result.output
+
+
 def test_trainer_never_imports_app() -> None:
     """Dependencies point one way (DESIGN.md): the trainer is a library that knows nothing of the service."""
     import ast

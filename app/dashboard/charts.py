@@ -221,44 +221,20 @@ def distribution_chart(
     ticks = nice_ticks(lo, hi, 6)
     lo, hi = ticks[0], ticks[-1]
     label_w, row_h, top = 150, 34, TOP + 8
-    height = int(top + row_h * len(rows) + 34)
+    bottom = top + row_h * len(rows)
     x0, x1 = label_w, width - RIGHT
 
     def x_of(v: float) -> float:
         return x0 + (v - lo) / ((hi - lo) or 1) * (x1 - x0)
 
-    bottom = top + row_h * len(rows)
-    parts = _open(title, width, height)
+    parts = _open(title, width, int(bottom + 34))
     for t in ticks:
         x = _num(x_of(t))
         parts.append(f'<line class="grid" x1="{x}" x2="{x}" y1="{top}" y2="{bottom}"/>')
         parts.append(f'<text class="tick" x="{x}" y="{bottom + 16}" text-anchor="middle">{fmt(t)}</text>')
     rng = np.random.default_rng(0)
     for i, (name, values) in enumerate(rows):
-        cy = top + row_h * i + row_h / 2
-        cls = f"s{i % PALETTE}"
-        parts.append(
-            f'<text class="row-label" x="{label_w - 8}" y="{_num(cy)}" text-anchor="end" dy="4">'
-            f"{escape(name)} ({values.size})</text>"
-        )
-        if values.size == 0:
-            continue
-        q1, med, q3 = np.quantile(values, [0.25, 0.5, 0.75])
-        parts.append(
-            f'<line class="{cls} line" x1="{_num(x_of(values.min()))}" x2="{_num(x_of(values.max()))}" '
-            f'y1="{_num(cy)}" y2="{_num(cy)}"/>'
-            f'<rect class="{cls} box" x="{_num(x_of(q1))}" y="{_num(cy - 9)}" '
-            f'width="{_num(max(x_of(q3) - x_of(q1), 1))}" height="18">'
-            f"<title>{escape(name)}: median {fmt(med)}, quartiles {fmt(q1)} to {fmt(q3)}</title></rect>"
-            f'<line class="median" x1="{_num(x_of(med))}" x2="{_num(x_of(med))}" '
-            f'y1="{_num(cy - 9)}" y2="{_num(cy + 9)}"/>'
-        )
-        shown = values if values.size <= MAX_DOTS else rng.choice(values, MAX_DOTS, replace=False)
-        jitter = rng.uniform(-7, 7, shown.size)
-        parts += [
-            f'<circle class="{cls} fill dot" cx="{_num(x_of(v))}" cy="{_num(cy + j)}" r="2"/>'
-            for v, j in zip(shown.tolist(), jitter.tolist(), strict=True)
-        ]
+        parts += _distribution_row(name, values, f"s{i % PALETTE}", top + row_h * i + row_h / 2, label_w, x_of, rng)
     if marker is not None and math.isfinite(marker[0]):
         x = _num(x_of(marker[0]))
         parts.append(
@@ -267,3 +243,30 @@ def distribution_chart(
         )
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def _distribution_row(name: str, values: np.ndarray, cls: str, cy: float, label_w: float, x_of,  # noqa: ANN001
+                      rng: np.random.Generator) -> list[str]:
+    """One group of ``distribution_chart`` centred at height ``cy``: its label, then (when it has values)
+    a whisker from min to max, the quartile box with the median, and up to MAX_DOTS jittered dots."""
+    parts = [f'<text class="row-label" x="{label_w - 8}" y="{_num(cy)}" text-anchor="end" dy="4">'
+             f"{escape(name)} ({values.size})</text>"]
+    if values.size == 0:
+        return parts
+    q1, med, q3 = np.quantile(values, [0.25, 0.5, 0.75])
+    parts.append(
+        f'<line class="{cls} line" x1="{_num(x_of(values.min()))}" x2="{_num(x_of(values.max()))}" '
+        f'y1="{_num(cy)}" y2="{_num(cy)}"/>'
+        f'<rect class="{cls} box" x="{_num(x_of(q1))}" y="{_num(cy - 9)}" '
+        f'width="{_num(max(x_of(q3) - x_of(q1), 1))}" height="18">'
+        f"<title>{escape(name)}: median {fmt(med)}, quartiles {fmt(q1)} to {fmt(q3)}</title></rect>"
+        f'<line class="median" x1="{_num(x_of(med))}" x2="{_num(x_of(med))}" '
+        f'y1="{_num(cy - 9)}" y2="{_num(cy + 9)}"/>'
+    )
+    shown = values if values.size <= MAX_DOTS else rng.choice(values, MAX_DOTS, replace=False)
+    jitter = rng.uniform(-7, 7, shown.size)
+    parts += [
+        f'<circle class="{cls} fill dot" cx="{_num(x_of(v))}" cy="{_num(cy + j)}" r="2"/>'
+        for v, j in zip(shown.tolist(), jitter.tolist(), strict=True)
+    ]
+    return parts
