@@ -5,9 +5,10 @@ the cost of every event. Here each worker has one committer: a request hands its
 deque append under a lock, on the event loop) and awaits a future; the committer takes everything
 queued, writes it in one transaction and resolves each request's future only after that commit has
 returned. On SQLite the committer is a thread (the driver and the cross-process write lock block). On
-PostgreSQL it is a coroutine on the worker's event loop: a group of known users and items (the usual
-case) is one statement on psycopg's AsyncConnection, and anything else (new users or items, a large
-batch, a failure) goes through the same thread-side code as SQLite's, in a thread it awaits. A thread
+PostgreSQL it is a coroutine on the worker's event loop: a group of up to ``VALUES_MAX`` events is one
+statement on psycopg's AsyncConnection when the worker knows its users and items (the usual case), with
+two more per table when some are new (they are created first), and anything else (a large batch, a
+failure) goes through the same thread-side code as SQLite's, in a thread it awaits. A thread
 there paid for every wait on the server twice: it gave up the interpreter and then queued for it behind
 the busy event loop (docs/benchmarks.md, "Event ingestion"). An acknowledged event is exactly as
 durable as before (SQLite WAL with ``synchronous=FULL``, PostgreSQL synchronous commit); a request
@@ -48,6 +49,7 @@ from app.db.events import (
     cached_records,
     insert_known_events_async,
     insert_new_events,
+    resolve_ids_async,
 )
 
 if TYPE_CHECKING:
@@ -266,8 +268,8 @@ class GroupCommitter:
             self._resolve(group)
 
     async def _run_async(self) -> None:
-        """PostgreSQL's committer, on the worker's event loop: a group of known users and items is one
-        statement on an AsyncConnection; any other group goes through ``_commit`` in a thread, awaited."""
+        """PostgreSQL's committer, on the worker's event loop: a group of up to ``VALUES_MAX`` events is
+        written on an AsyncConnection; any other group goes through ``_commit`` in a thread, awaited."""
         await asyncio.to_thread(self._warm)
         while True:
             group = self._take(self.max_group)
@@ -288,10 +290,12 @@ class GroupCommitter:
         await self._drop_async_connection()
 
     async def _write_async(self, batch: _Batch) -> bool:
-        """Write a group of known users and items as one autocommitted statement; False when the group
-        needs ``_commit`` (unknown ids, a large batch) or when this failed: ``_commit`` then writes it
-        again (idempotent by event_id) and tells a database that is away (503) from refused rows (422)."""
-        if batch.records is None or not batch.rows or len(batch.rows) > VALUES_MAX:
+        """Write a group as one autocommitted statement, after creating the users and items the id cache
+        lacks (a new visitor's first event; in a thread, the general path cost a round trip per statement
+        plus BEGIN and COMMIT, and a wait for the interpreter at each). False when the group needs
+        ``_commit`` (a large batch) or when this failed: ``_commit`` then writes it again (idempotent by
+        event_id) and tells a database that is away (503) from refused rows (422)."""
+        if not batch.rows or len(batch.rows) > VALUES_MAX:
             return False
         start = time.perf_counter()
         try:
@@ -300,6 +304,12 @@ class GroupCommitter:
 
                 dsn = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
                 self._async_conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
+            if batch.records is None:  # a new user or item (a visitor's first event): create it first
+                await resolve_ids_async(self._async_conn, self._ids, {r["user_id"] for r in batch.rows},
+                                        {r["item_id"] for r in batch.rows})
+                batch.records = cached_records(batch.rows, self._ids)
+                if batch.records is None:  # an id did not come back: the general path finds out why
+                    return False
             new = await insert_known_events_async(self._async_conn, batch.records)
         except Exception as exc:
             log.debug("short path failed, the group goes through the general one: %s", exc)

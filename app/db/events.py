@@ -130,6 +130,23 @@ def insert_new_events(conn: Connection, rows: list[dict[str, Any]], ids: IdCache
     return new
 
 
+async def resolve_ids_async(conn: psycopg.AsyncConnection, ids: IdCache, users: set[str], items: set[str]) -> None:
+    """``IdCache.resolve`` on an autocommit psycopg AsyncConnection, for the group committer's short path:
+    the users and items the cache lacks are created (``ON CONFLICT DO NOTHING``: another worker may create
+    the same one at the same moment) and read back, two statements per table with misses. Each commits as
+    it runs, so the ids are real whatever becomes of the events that named them (a user or item without
+    events is what an import of its catalogue row leaves too)."""
+    ids.bound()
+    for table, cache, wanted in (("users", ids.users, users), ("items", ids.items, items)):
+        missing = [w for w in wanted if w not in cache]
+        if missing:
+            await conn.execute(f"INSERT INTO {table} (external_id) SELECT unnest(%s::text[]) "
+                               "ON CONFLICT (external_id) DO NOTHING", (missing,))
+            cursor = await conn.execute(f"SELECT external_id, id FROM {table} WHERE external_id = ANY(%s)",
+                                        (missing,))
+            cache.update(await cursor.fetchall())
+
+
 async def insert_known_events_async(conn: psycopg.AsyncConnection, records: list[Record]) -> dict[str, int]:
     """``insert_new_events`` for a group whose users and items are all known (its ``cached_records``, at
     most ``VALUES_MAX``), on an autocommit psycopg AsyncConnection: one statement, committed as it runs;
@@ -410,9 +427,13 @@ class IdCache:
             cache.update(conn.exec_driver_sql(sql).all())
         return len(self.users) + len(self.items)
 
-    def resolve(self, conn: Connection, users: set[str], items: set[str]) -> None:
+    def bound(self) -> None:
+        """Start over once past ``limit`` entries (before a lookup, never between a lookup and its use)."""
         if len(self.users) + len(self.items) > self.limit:
             self.users.clear()
             self.items.clear()
+
+    def resolve(self, conn: Connection, users: set[str], items: set[str]) -> None:
+        self.bound()
         self._fill(conn, User, self.users, users)
         self._fill(conn, Item, self.items, items)

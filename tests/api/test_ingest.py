@@ -262,6 +262,48 @@ def test_known_users_and_items_are_written_in_one_autocommitted_statement(db_url
         engine.dispose()
 
 
+def test_new_users_and_items_are_created_once_by_concurrent_committers(postgres_url: str) -> None:
+    """PostgreSQL's short path creates the users and items its id cache lacks (app/db/events.py:
+    resolve_ids_async). Two workers' committers naming the same new ones at once each get every id, the
+    same ids, and each user and item exists once; a known one is read, not created again."""
+    import asyncio
+
+    import psycopg
+
+    from app.db.events import IdCache, resolve_ids_async
+    from app.db.migrate import downgrade, upgrade
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    users = {f"new-u{k}" for k in range(300)} | {"known"}
+    items = {f"new-i{k}" for k in range(50)}
+
+    async def committer(ids: IdCache) -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            for part in range(0, 300, 30):  # groups of a few dozen, as the committers write them
+                await resolve_ids_async(conn, ids, {f"new-u{k}" for k in range(part, part + 30)} | {"known"},
+                                        items)
+
+    async def both() -> tuple[IdCache, IdCache]:
+        a, b = IdCache(), IdCache()
+        await asyncio.gather(committer(a), committer(b))
+        return a, b
+
+    try:
+        with engine.begin() as conn:
+            known = conn.execute(text("INSERT INTO users (external_id) VALUES ('known') RETURNING id")).scalar()
+        a, b = asyncio.run(both())
+        assert a.users == b.users and a.items == b.items
+        assert a.users.keys() == users and a.items.keys() == items and a.users["known"] == known
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT count(*) FROM users")) == len(users)
+            assert conn.scalar(text("SELECT count(DISTINCT id) FROM items")) == len(items)
+    finally:
+        engine.dispose()
+        downgrade(postgres_url, "base")
+
+
 @pytest.mark.parametrize("n", [0, 1, 99, 100, 101, 127, 128, 129, 4095, 4096, 4097, 10_000, 123_457])
 def test_statements_come_in_a_few_sizes(n: int) -> None:
     """A group of any size is written in statements of a few sizes (each compiled once per connection):
