@@ -338,6 +338,21 @@ def retrain_cmd(
     Exit codes: 0 promoted, rejected or nothing to do; 1 failure (the promoted model is untouched);
     75 another run holds the lock.
     """
+    from trainer import prespawn
+    from trainer.config import TrainConfig
+
+    if prespawn.side_by_side(threads or TrainConfig().threads, 1, "cpu"):
+        prespawn.start()  # the final fit's process imports torch beside the job's imports and reading
+    try:
+        _retrain(strategy, epochs, patience, lr, dim, seed, threads, warm_start, tolerance, metric, force, keep,
+                 progress)
+    finally:
+        prespawn.discard()  # unless the run took it (a job with nothing to do stops it at once)
+
+
+def _retrain(strategy: str | None, epochs: int | None, patience: int | None, lr: float | None, dim: int | None,
+             seed: int | None, threads: int | None, warm_start: bool, tolerance: float, metric: str, force: bool,
+             keep: int | None, progress: bool) -> None:
     from app.db.engine import SchemaError
     from app.db.lock import LockHeld
     from app.jobs.retrain import RetrainError, RetrainOptions, retrain
