@@ -358,15 +358,26 @@ def evaluate_cmd(
 ) -> None:
     """The protocol's test: hold out each user's newest 20%, run `recsys train` on the rest, and print the
     shipped model's test metrics next to most-popular."""
-    from trainer.evaluate import popularity_scores
-    from trainer.pipeline import evaluate_run, merged_train, score_held_out
-    from trainer.report import metric_table
+    from trainer import prespawn
 
     cfg = _config(seed, logq, progress, strategy=strategy, mix=mix, loss=loss, tower=tower, item_bias=item_bias, dim=dim,
                   epochs=epochs, patience=patience, min_delta=min_delta, history_cap=history_cap, tie_history=tie_history, mask_known=mask_known, threads=threads, lr=lr, batch_size=batch_size, negatives=negatives,
                   temperature=temperature, logits_precision=logits_precision, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
+    if prespawn.side_by_side(cfg.threads, 1, cfg.device):
+        prespawn.start()  # the final fit's process imports torch beside this one's imports and reading
+    try:
+        _evaluate(cfg, events, fmt)
+    finally:
+        prespawn.discard()  # unless the run took it
+
+
+def _evaluate(cfg: TrainConfig, events: Path, fmt: Any) -> None:
+    from trainer.evaluate import popularity_scores
+    from trainer.pipeline import evaluate_run, merged_train, score_held_out
+    from trainer.report import metric_table
+
     frame, _ = _load(events, fmt)
     try:
         result = evaluate_run(frame, cfg, negative_types=_negative_types())
