@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
+from machine import describe  # noqa: E402
 from protocol import Split, score, split  # noqa: E402
 
 from app.eventfiles import read_event_file  # noqa: E402
@@ -146,7 +147,7 @@ def main() -> None:
     unknown = [r for r in args.rows if r not in ROWS] + [x for x in args.peers if x not in peers.PEERS]
     if unknown:
         p.error(f"unknown rows or peers: {unknown}")
-    results = {"seeds": args.seeds, "datasets": {}}
+    results = {"seeds": args.seeds, "machine": describe(), "datasets": {}}
     for name in args.datasets.split(","):
         results["datasets"][name] = bench_dataset(name, args)
     out = Path(args.out)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from machine import describe  # noqa: E402
 
 from trainer.indexes import IndexSettings, build_index, choose_index, hnsw_settings, ivf_settings  # noqa: E402
 
@@ -420,8 +420,7 @@ def save(args: argparse.Namespace, part: str, rows: list[dict[str, Any]]) -> Non
         data = {}
     data[part] = {"rows": rows, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "args": {k: v for k, v in vars(args).items() if k != "out"},
-                  "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                              "python": platform.python_version()}}
+                  "machine": describe()}
     out.write_text(json.dumps(data, indent=2, default=str))
 
 

@@ -50,6 +50,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from machine import describe  # noqa: E402
+
 ENDPOINTS = ("healthz", "recommendations", "recommendations_recent", "similar", "events", "events_100",
              "events_1000")
 RECENT_USERS = 2000  # users u0… that post events after the model's watermark before the cells run
@@ -800,7 +802,7 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
         "items": args.items,
         "dim": args.dim,
         "seconds": args.seconds,
-        "cpus": os.cpu_count(),
+        "machine": describe(),
         "log_level": args.log_level,
         "database": "postgresql" if args.postgres else "sqlite",
         "embeddings": args.embeddings,
