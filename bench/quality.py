@@ -122,7 +122,7 @@ def table(results: dict) -> str:
         ours = "; ".join(f"{row}: {x['ndcg@10']:.4f} ± {x['ndcg@10_sd']:.4f}, "
                          f"{x['ndcg@10'] / best:.2f}x, {x['train_s']:.1f}s" if best > 0 else f"{row}: {x['ndcg@10']:.4f}"
                          for row, x in r["rows"].items())
-        lines.append(f"| {name} | {r['items']:,} | " + " | ".join(cells) + f" | {best_name} | {ours} |")
+        lines.append(f"| {name} | {r['items']:,} | " + " | ".join(cells) + f" | {best_name or '–'} | {ours} |")
     return "\n".join(lines)
 
 
