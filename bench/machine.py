@@ -1,4 +1,4 @@
-"""What machine a benchmark ran on, for its JSON: the same code ran 2–2.5× apart on boxes of one size
+"""What machine a benchmark ran on, for its JSON: the same code ran 1.6–2.4× apart on boxes of one size
 (docs/benchmarks.md), so a figure without its CPU cannot be compared with another."""
 
 from __future__ import annotations
