@@ -14,11 +14,14 @@ import time
 from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from app.settings import get_settings
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 app = typer.Typer(
     name="recsys",
@@ -341,30 +344,23 @@ def retrain_cmd(
     from trainer import prespawn
     from trainer.config import TrainConfig
 
-    if prespawn.side_by_side(threads or TrainConfig().threads, 1, "cpu"):
-        prespawn.start()  # the final fit's process imports torch beside the job's imports and reading
-    try:
-        _retrain(strategy, epochs, patience, lr, dim, seed, threads, warm_start, tolerance, metric, force, keep,
-                 progress)
-    finally:
-        prespawn.discard()  # unless the run took it (a job with nothing to do stops it at once)
+    # Only what was given on the command line overrides the trainer's defaults.
+    given = {"dim": dim, "epochs": epochs, "patience": patience, "lr": lr, "seed": seed, "threads": threads}
+    cfg = replace(TrainConfig(), progress=progress, **{k: v for k, v in given.items() if v is not None})
+    if strategy is not None:
+        cfg = replace(cfg, sampler=replace(cfg.sampler, strategy=strategy))
+    with prespawn.early(cfg.threads, 1, cfg.device):  # a job with nothing to do stops the process at once
+        _retrain(cfg, warm_start, tolerance, metric, force, keep)
 
 
-def _retrain(strategy: str | None, epochs: int | None, patience: int | None, lr: float | None, dim: int | None,
-             seed: int | None, threads: int | None, warm_start: bool, tolerance: float, metric: str, force: bool,
-             keep: int | None, progress: bool) -> None:
+def _retrain(cfg: TrainConfig, warm_start: bool, tolerance: float, metric: str, force: bool,
+             keep: int | None) -> None:
     from app.db.engine import SchemaError
     from app.db.lock import LockHeld
     from app.jobs.retrain import RetrainError, RetrainOptions, retrain
-    from trainer.config import TrainConfig
 
     settings = get_settings()
     try:
-        # Only what was given on the command line overrides the trainer's defaults.
-        given = {"dim": dim, "epochs": epochs, "patience": patience, "lr": lr, "seed": seed, "threads": threads}
-        cfg = replace(TrainConfig(), progress=progress, **{k: v for k, v in given.items() if v is not None})
-        if strategy is not None:
-            cfg = replace(cfg, sampler=replace(cfg.sampler, strategy=strategy))
         options = RetrainOptions(
             config=cfg,
             warm_start=warm_start,

@@ -265,12 +265,8 @@ def train(
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
     cfg = replace(cfg, device=device)
     world = max(nproc, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks see WORLD_SIZE
-    if ship == "all" and prespawn.side_by_side(cfg.threads, world, device):
-        prespawn.start()  # the final fit's process imports torch beside this one's imports and reading
-    try:
+    with prespawn.early(cfg.threads, world, device, final_fit=ship == "all"):
         _train(cfg, out, events, fmt, ship, warm_start, version, nproc, device)
-    finally:
-        prespawn.discard()  # unless the run took it
 
 
 def _train(cfg: TrainConfig, out: Path | None, events: Path | None, fmt: Any, ship: str,
@@ -365,12 +361,8 @@ def evaluate_cmd(
                   temperature=temperature, logits_precision=logits_precision, alpha=alpha, pool=pool, skip=skip, refresh_every=refresh_every,
                   index_type=index_type, hard_warmup=hard_warmup)
     cfg = replace(cfg, event_weights=_event_weights(event_weights))
-    if prespawn.side_by_side(cfg.threads, 1, cfg.device):
-        prespawn.start()  # the final fit's process imports torch beside this one's imports and reading
-    try:
+    with prespawn.early(cfg.threads, 1, cfg.device):
         _evaluate(cfg, events, fmt)
-    finally:
-        prespawn.discard()  # unless the run took it
 
 
 def _evaluate(cfg: TrainConfig, events: Path, fmt: Any) -> None:

@@ -13,7 +13,9 @@ This module imports no torch itself, so that `start` can run first. A process no
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
@@ -24,6 +26,20 @@ def side_by_side(threads: int, world: int, device: str) -> bool:
     """Whether a run's final fit goes to a second process: threads to split between the fits, one
     process (not torchrun's ranks), on the CPU."""
     return threads >= 2 and world == 1 and device == "cpu"
+
+
+@contextlib.contextmanager
+def early(threads: int, world: int, device: str, *, final_fit: bool = True) -> Iterator[None]:
+    """Around a command that trains: the final fit's process starts at once when the run will want one
+    (it has a final fit, run ``side_by_side``), so it imports beside the command's own imports and
+    reading; a process the run did not take (it failed first, or had nothing to train) is stopped on the
+    way out."""
+    if final_fit and side_by_side(threads, world, device):
+        start()
+    try:
+        yield
+    finally:
+        discard()
 
 
 def start() -> None:

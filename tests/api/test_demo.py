@@ -7,19 +7,13 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from api_support import free_port
 
 
 def _curl_lines(output: str) -> list[list[str]]:
@@ -48,7 +42,7 @@ def _request(args: list[str]) -> httpx.Response:
 
 def test_demo_prints_curl_lines_that_work(tmp_path: Path) -> None:
     """Every curl line the demo prints gets a 2xx from the demo's own service, with content."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
     cmd = [sys.executable, "-m", "app.cli", "demo", "--users", "300", "--items", "150", "--events", "6000",
            "--port", str(port)]
