@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from app.settings import get_settings
+from app.settings import SettingsError, get_settings
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
@@ -449,6 +449,9 @@ def main() -> None:
         app()  # standalone mode: ends in SystemExit with the command's status
     except SystemExit as exc:
         code = exc.code
+    except SettingsError as exc:  # a RECSYS_* variable: say which, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
     else:
         code = 0
     if code is not None and not isinstance(code, int):

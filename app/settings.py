@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 # A suggested starting point for RECSYS_EVENT_WEIGHTS (not the default: unset means unweighted training,
 # identical to a run without this feature; see docs/operations.md).
@@ -18,7 +20,9 @@ RECOMMENDED_EVENT_WEIGHTS: dict[str, float] = {
 class Settings(BaseSettings):
     """Every field can be set as ``RECSYS_<NAME>`` (for example ``RECSYS_DATA_DIR=/srv/recsys``)."""
 
-    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
+    # strip: a value read from a file or an env file often ends in a newline, and a URL ending in one
+    # named another SQLite file ("recsys.db\n") without a word
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore", str_strip_whitespace=True)
 
     data_dir: Path = Field(Path("./var"), description="Holds the SQLite database and the checkpoints.")
     database_url: str | None = Field(
@@ -91,6 +95,19 @@ class Settings(BaseSettings):
         '"click": 1, "view": 0.3}\' (RECOMMENDED_EVENT_WEIGHTS). Default {}: unweighted.',
     )
 
+    @field_validator("database_url")
+    @classmethod
+    def _parseable(cls, url: str | None) -> str | None:
+        """Refused when read, with the variable's name, rather than as a traceback at the first connection."""
+        if not url:
+            return None
+        try:
+            make_url(url)
+        except (ArgumentError, ValueError) as exc:
+            raise ValueError(f"not a database URL ({exc}); e.g. postgresql://user@host:5432/db "
+                             "or sqlite:////srv/recsys/recsys.db") from None
+        return url
+
     @property
     def sqlalchemy_url(self) -> str:
         if self.database_url:
@@ -107,6 +124,24 @@ class Settings(BaseSettings):
         return self.checkpoint_dir or self.data_dir / "checkpoints"
 
 
+class SettingsError(ValueError):
+    """A ``RECSYS_*`` variable that cannot be read; the message names each one, its value and what is wrong."""
+
+
+def _explain(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        name, *inner = (str(part) for part in err["loc"])
+        where = f"RECSYS_{name.upper()}" + (f" [{'.'.join(inner)}]" if inner else "")
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]  # no "Value error, "
+        problems.append(f"{where}={err.get('input')!r}: {msg}")
+    return "invalid setting: " + "; ".join(problems)
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The settings of this process, read once; SettingsError when a variable cannot be read."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(_explain(exc)) from None

@@ -1,0 +1,46 @@
+"""RECSYS_* variables: read as a user writes them (a trailing newline from a file), refused by name when wrong."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.settings import Settings, SettingsError, get_settings
+
+
+def test_a_url_ending_in_a_newline_names_the_same_database(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RECSYS_DATABASE_URL", f"sqlite:///{tmp_path}/recsys.db\n")
+    monkeypatch.setenv("RECSYS_ADMIN_TOKEN", " secret\n")
+    settings = Settings()
+    assert settings.sqlalchemy_url == f"sqlite:///{tmp_path}/recsys.db"
+    assert settings.admin_token == "secret"
+    monkeypatch.setenv("RECSYS_DATABASE_URL", "postgres://u@h:5432/db\n")
+    assert Settings().sqlalchemy_url == "postgresql+psycopg://u@h:5432/db"
+
+
+def test_a_bad_variable_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_DATABASE_URL", "127.0.0.1:5432/test")
+    monkeypatch.setenv("RECSYS_EVENT_WEIGHTS", '{"view": "much"}')
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SettingsError) as err:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    message = str(err.value)
+    assert "RECSYS_DATABASE_URL='127.0.0.1:5432/test': not a database URL" in message
+    assert "RECSYS_EVENT_WEIGHTS [view]='much'" in message
+
+
+def test_the_cli_says_which_variable_is_wrong_without_a_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+    env.update(RECSYS_PORT="eighty", RECSYS_DATA_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "app.cli", "db", "current"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: invalid setting: RECSYS_PORT='eighty': Input should be a valid integer")
+    assert "Traceback" not in done.stderr
