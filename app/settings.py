@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -138,6 +141,13 @@ def _explain(exc: ValidationError) -> str:
     return "invalid setting: " + "; ".join(problems)
 
 
+def _not_json(exc: SourceError) -> str:
+    """pydantic-settings names the field of a JSON value it could not parse only in its message."""
+    field = re.search(r'field "(\w+)"', str(exc))
+    name = f"RECSYS_{field.group(1).upper()}" if field else "a RECSYS_* variable"
+    return f"invalid setting: {name}={os.environ.get(name)!r}: not JSON ({exc.__cause__ or exc})"
+
+
 @lru_cache
 def get_settings() -> Settings:
     """The settings of this process, read once; SettingsError when a variable cannot be read."""
@@ -145,3 +155,5 @@ def get_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         raise SettingsError(_explain(exc)) from None
+    except SourceError as exc:  # a JSON-valued variable (RECSYS_EVENT_WEIGHTS, …) that does not parse
+        raise SettingsError(_not_json(exc)) from None

@@ -34,6 +34,12 @@ def test_a_bad_variable_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> N
     message = str(err.value)
     assert "RECSYS_DATABASE_URL='127.0.0.1:5432/test': not a database URL" in message
     assert "RECSYS_EVENT_WEIGHTS [view]='much'" in message
+    monkeypatch.setenv("RECSYS_NEGATIVE_TYPES", "dislike,skip")  # a list must be JSON
+    try:
+        with pytest.raises(SettingsError, match=r"RECSYS_NEGATIVE_TYPES='dislike,skip': not JSON \(Expecting value"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
 
 
 def test_the_cli_says_which_variable_is_wrong_without_a_traceback(tmp_path: Path) -> None:
