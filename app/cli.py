@@ -452,6 +452,11 @@ def main() -> None:
     except SettingsError as exc:  # a RECSYS_* variable: say which, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # `recsys … | head`
+        code = 120
+    except OSError as exc:  # a folder the command cannot make, a file it cannot write: the message names it
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
     else:
         code = 0
     if code is not None and not isinstance(code, int):

@@ -120,6 +120,20 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _writable_dir(path: Path, what: str) -> Path:
+    """``path``, made now if it is missing: a folder a command cannot write fails before its work (a
+    training run, a report), not after it."""
+    import os
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _fail(f"cannot make the {what} {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _fail(f"cannot write to the {what} {path}: permission denied")
+    return path
+
+
 def _check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> None:
     if value is not None and value not in choices:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=name)
@@ -292,6 +306,11 @@ def _train(cfg: TrainConfig, out: Path | None, events: Path | None, fmt: Any, sh
         except CheckpointError as exc:
             raise _fail(str(exc)) from None
     frame, watermark = _load(events, fmt)
+    if out is None:
+        from app.settings import get_settings
+
+        out = get_settings().checkpoints_path
+    out = _writable_dir(out, "checkpoint root")
     result = _run(frame, cfg, ship=ship, init_state=init_state, watermark=watermark)
     if not dist.is_main():  # rank 0 writes the checkpoint and reports
         dist.shutdown()
@@ -303,10 +322,6 @@ def _train(cfg: TrainConfig, out: Path | None, events: Path | None, fmt: Any, sh
     from trainer.checkpoint import CheckpointError
     from trainer.pipeline import save
 
-    if out is None:
-        from app.settings import get_settings
-
-        out = get_settings().checkpoints_path
     try:
         path = save(result, out, version=version)
     except CheckpointError as exc:
@@ -429,6 +444,7 @@ def recommend(
     if users is None and not all_users:
         raise _fail("pass --users FILE or --all")
     path = _checkpoint(checkpoint)
+    _writable_dir(out.parent, "output folder")
     wanted: list[str] = []
     if users is not None:
         try:
@@ -453,7 +469,6 @@ def recommend(
         if engine is not None:
             engine.dispose()
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "rank", "score", "source"])
-    out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     cold = int((~frame.drop_duplicates("user_id")["source"].isin(["model", "model+recent"])).sum())
     typer.echo(f"{len(frame)} recommendations for {len(wanted)} users ({cold} not in the model) -> {out}")
@@ -509,6 +524,7 @@ def compare(
     for name in names:
         _check_choice("--strategies", name, STRATEGIES)
     frame, _ = _load(events, fmt)
+    _writable_dir(out, "report folder")
     try:
         types = _negative_types()
         data = build_dataset(frame, **({} if types is None else {"negative_types": types}))
@@ -526,7 +542,6 @@ def compare(
         histories[name] = r.diagnostics()
         results[name] = {"test": r.test, "seconds": r.seconds, "diagnostics": r.diagnostics()}
     rows.append(("most-popular", baseline, None))
-    out.mkdir(parents=True, exist_ok=True)
     plots = plot_histories(histories, out)
     text = (f"# Negative-sampling comparison\n\nData: `{events}` ({data.describe()}), seed {seed}, logQ "
             f"{'on' if logq else 'off'}; each strategy is `recsys train` on the train split, tested on the "

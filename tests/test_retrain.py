@@ -287,3 +287,14 @@ def test_a_rollback_that_fails_half_way_changes_nothing(site: tuple[Deployment, 
         assert again.returncode == 1 and "v1 is the only version ever promoted" in again.stderr
     finally:
         engine.dispose()
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_fails_before_the_fit(site: tuple[Deployment, dict[str, str]],
+                                                                     tmp_path: Path) -> None:
+    dep, env = site
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    run = recsys({**env, "RECSYS_CHECKPOINT_DIR": str(blocker / "checkpoints")}, "retrain", "--no-progress")
+    assert run.returncode == 1
+    assert run.stderr == f"error: [Errno 20] Not a directory: '{blocker / 'checkpoints'}'\n"
+    assert promoted(dep.url) is None

@@ -50,3 +50,14 @@ def test_the_cli_says_which_variable_is_wrong_without_a_traceback(tmp_path: Path
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: invalid setting: RECSYS_PORT='eighty': Input should be a valid integer")
     assert "Traceback" not in done.stderr
+
+
+def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+    env.update(RECSYS_DATA_DIR=str(blocker))
+    done = subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"error: [Errno 17] File exists: '{blocker}'\n"

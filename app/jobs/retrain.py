@@ -286,6 +286,7 @@ def _retrain_locked(
             "skipped", None, f"no new events since the promoted model's watermark {old_watermark}"
         )
 
+    settings.checkpoints_path.mkdir(parents=True, exist_ok=True)  # a folder it cannot make fails now, not after the fit
     events = read_events(engine, until_id=watermark)
     if events.empty:
         raise RetrainError("the database holds no events: import some first (`recsys import`)")

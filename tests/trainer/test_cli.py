@@ -157,6 +157,10 @@ def test_negatives_compare_writes_report_and_plots(app: typer.Typer, small_file:
         (["negatives", "show", "--checkpoint", "{ckpt}", "--user", "ghost"], "unknown user"),
         (["negatives", "show", "--checkpoint", "/no/such/dir", "--user", "u1"], "not a checkpoint"),
         (["recommend", "--checkpoint", "{ckpt}", "--out", "/tmp/x.csv"], "--users FILE or --all"),
+        # a folder that cannot be made fails before the work, not after it
+        (["train", "--events", "{file}", "--out", "{file}/ckpts"], "cannot make the checkpoint root"),
+        (["recommend", "--checkpoint", "{ckpt}", "--all", "--out", "{file}/lists.csv"], "cannot make the output folder"),
+        (["negatives", "compare", "--events", "{file}", "--out", "{file}/report"], "cannot make the report folder"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(app: typer.Typer, small_file: Path, checkpoint: Path,
