@@ -1,4 +1,5 @@
-"""Request rate and latency percentiles per route, read from the service's own Prometheus metrics.
+"""Request rate and latency percentiles per route, and event ingestion's group commits, read from the
+service's own Prometheus metrics.
 
 The counters are cumulative (summed over workers in multiprocess mode), so a rate needs two readings:
 each overview keeps a reading, and the next one within WINDOW compares against the oldest kept one. With
@@ -20,6 +21,12 @@ from app.api import metrics
 
 REQUESTS = "recsys_http_requests"
 LATENCY = "recsys_http_request_duration_seconds"
+# event ingestion (app/api/ingest.py): sample name -> key in Reading.ingest
+INGEST = {"recsys_events_written_total": "written", "recsys_events_duplicate_total": "duplicates",
+          "recsys_events_per_commit_count": "commits", "recsys_events_per_commit_sum": "grouped"}
+COMMIT = "recsys_events_commit_seconds_bucket"
+REFUSED = "recsys_events_refused_total"
+QUEUE = "recsys_events_queue_depth"
 WINDOW = 15 * 60.0  # readings older than this are dropped
 MIN_SPAN = 5.0  # a reading younger than this is too close to compare against
 
@@ -30,6 +37,9 @@ class Reading:
     counts: dict[tuple[str, str], float] = field(default_factory=dict)  # (method, route) → requests
     errors: dict[tuple[str, str], float] = field(default_factory=dict)  # 5xx responses
     buckets: dict[tuple[str, str], dict[float, float]] = field(default_factory=dict)  # le → cumulative
+    ingest: dict[str, float] = field(default_factory=dict)  # INGEST's keys, and "refused:<code>"
+    commit: dict[float, float] = field(default_factory=dict)  # commit seconds: le → cumulative
+    queue: float = 0.0  # events waiting for a commit now (a gauge: no difference between readings)
 
 
 def read(now: float | None = None) -> Reading:
@@ -39,7 +49,9 @@ def read(now: float | None = None) -> Reading:
     for family in text_string_to_metric_families(text.decode()):
         for s in family.samples:
             key = (s.labels.get("method", ""), s.labels.get("route", ""))
-            if s.name == REQUESTS + "_total":
+            if s.name in INGEST or s.name in (COMMIT, REFUSED, QUEUE):
+                _add_ingest(out, s.name, s.labels, s.value)
+            elif s.name == REQUESTS + "_total":
                 out.counts[key] = out.counts.get(key, 0.0) + s.value
                 if s.labels.get("status", "").startswith("5"):
                     out.errors[key] = out.errors.get(key, 0.0) + s.value
@@ -48,6 +60,37 @@ def read(now: float | None = None) -> Reading:
                 per = out.buckets.setdefault(key, {})
                 per[le] = per.get(le, 0.0) + s.value
     return out
+
+
+def _add_ingest(out: Reading, name: str, labels: dict[str, str], value: float) -> None:
+    if name == COMMIT:
+        le = float(labels["le"])
+        out.commit[le] = out.commit.get(le, 0.0) + value
+    elif name == QUEUE:
+        out.queue += value
+    else:
+        key = f"refused:{labels.get('code', '')}" if name == REFUSED else INGEST[name]
+        out.ingest[key] = out.ingest.get(key, 0.0) + value
+
+
+def _ingestion(current: Reading, base: Reading, span: float) -> dict:
+    """Events written, duplicates and refusals over the window, the group commits that wrote them (their
+    size and latency) and the queue now."""
+    delta = {k: v - base.ingest.get(k, 0.0) for k, v in current.ingest.items()}
+    commits = delta.get("commits", 0.0)
+    buckets = {le: c - base.commit.get(le, 0.0) for le, c in current.commit.items()}
+    p50, p99 = (quantile(q, buckets) for q in (0.5, 0.99))
+    return {
+        "written": int(delta.get("written", 0.0)),
+        "per_second": delta.get("written", 0.0) / span,
+        "duplicates": int(delta.get("duplicates", 0.0)),
+        "commits": int(commits),
+        "events_per_commit": delta.get("grouped", 0.0) / commits if commits else None,
+        "commit_p50": None if p50 is None else p50 * 1000,
+        "commit_p99": None if p99 is None else p99 * 1000,
+        "refused": {k.split(":", 1)[1]: int(v) for k, v in sorted(delta.items()) if k.startswith("refused:") and v},
+        "queue": int(current.queue),
+    }
 
 
 def quantile(q: float, cumulative: dict[float, float]) -> float | None:
@@ -104,4 +147,5 @@ class Traffic:
                     **{k: (v * 1000 if v is not None else None) for k, v in ms.items()},
                 }
             )
-        return {"seconds": span, "since_start": base.at == self.started, "routes": routes}
+        return {"seconds": span, "since_start": base.at == self.started, "routes": routes,
+                "ingest": _ingestion(current, base, span)}

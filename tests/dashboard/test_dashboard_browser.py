@@ -57,13 +57,20 @@ def test_sign_in_lands_on_the_page_asked_for(page, dash_server: DashServer) -> N
 
 def test_overview_shows_the_served_model_counts_events_and_traffic(page, dash_server: DashServer) -> None:  # noqa: ANN001
     httpx.get(dash_server.base + "/v1/users/u1/recommendations")  # some API traffic to show
+    frame = dash_server.dep.frame
+    known = frame[frame["user_id"] == "u7"].iloc[0]  # a user no other test looks at; the log's last time
+    event = {"event_id": "overview-1", "user_id": "u7", "item_id": known["item_id"], "type": "view",
+             "timestamp": int(frame["timestamp"].max())}
+    for _ in range(2):  # the second is a duplicate
+        assert httpx.post(dash_server.base + "/v1/events", json=event).status_code in (200, 201)
     page.goto("/dashboard")
     page.goto("/dashboard")  # a second reading, so the request table has a window
     text = page.locator("main").inner_text()
     assert "Served model" in text and "v1" in text
-    frame = dash_server.dep.frame
     cards = page.locator(".card .big").all_inner_texts()
-    assert cards[:3] == [f"{frame['user_id'].nunique():,}", f"{frame['item_id'].nunique():,}", f"{len(frame):,}"]
+    assert cards[:3] == [f"{frame['user_id'].nunique():,}", f"{frame['item_id'].nunique():,}", f"{len(frame) + 1:,}"]
+    ingestion = page.locator("#ingestion").inner_text()
+    assert "1 (" in ingestion and "1 duplicates ignored" in ingestion and "refused\nnone" in ingestion
     assert page.locator("table >> text=ndcg@10").count() >= 1  # model against most popular
     assert page.locator("svg.chart[aria-label^='Events per hour'] rect.bar").count() > 0
     routes = page.locator("section:has(h2:text('Requests')) tbody th").all_inner_texts()

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from app.dashboard import auth, charts, diagnostics, queries
-from app.dashboard.traffic import quantile
+from app.dashboard.traffic import Traffic, quantile
 from app.dashboard.web import safe_next
 from app.db import registry
 from app.db.engine import make_engine
@@ -183,3 +183,21 @@ def test_every_template_and_asset_is_shipped_in_the_wheel() -> None:
     shipped = {p for g in globs for p in package.glob(g)}
     files = {p for sub in ("templates", "static") for p in (package / sub).rglob("*") if p.is_file()}
     assert files and files <= shipped, sorted(str(p) for p in files - shipped)
+
+
+def test_ingestion_figures_are_the_group_commits_between_two_readings() -> None:
+    from app.api import metrics
+
+    traffic = Traffic(started=0.0)
+    traffic.summary(now=1000.0)
+    metrics.EVENTS_WRITTEN.inc(30)
+    metrics.EVENTS_DUPLICATE.inc(2)
+    for size, seconds in ((10, 0.002), (22, 0.004)):
+        metrics.EVENTS_PER_COMMIT.observe(size)
+        metrics.EVENTS_COMMIT_SECONDS.observe(seconds)
+    metrics.EVENTS_REFUSED.labels("events_queue_full").inc(3)
+    g = traffic.summary(now=1010.0)["ingest"]
+    assert (g["written"], g["per_second"], g["duplicates"]) == (30, 3.0, 2)
+    assert (g["commits"], g["events_per_commit"]) == (2, 16.0)
+    assert g["commit_p50"] == pytest.approx(2.5) and g["commit_p99"] == pytest.approx(4.95)  # in the buckets
+    assert g["refused"] == {"events_queue_full": 3}
