@@ -70,7 +70,7 @@ def test_overview_shows_the_served_model_counts_events_and_traffic(page, dash_se
     cards = page.locator(".card .big").all_inner_texts()
     assert cards[:3] == [f"{frame['user_id'].nunique():,}", f"{frame['item_id'].nunique():,}", f"{len(frame) + 1:,}"]
     ingestion = page.locator("#ingestion").inner_text()
-    assert "1 (" in ingestion and "1 duplicates ignored" in ingestion and "refused\nnone" in ingestion
+    assert "1 (" in ingestion and "1 duplicate ignored" in ingestion and "refused\nnone" in ingestion
     assert page.locator("table >> text=ndcg@10").count() >= 1  # model against most popular
     assert page.locator("svg.chart[aria-label^='Events per hour'] rect.bar").count() > 0
     routes = page.locator("section:has(h2:text('Requests')) tbody th").all_inner_texts()
