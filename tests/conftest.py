@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from pg_support import PG_ENV, postgres_base_url, scratch_database
+from pg_support import PG_ENV, OwnPostgres, postgres_base_url, postgres_bin, scratch_database
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +34,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:  # noqa: 
     downgrade(url, "base")  # every test starts from an empty schema
     yield url
     downgrade(url, "base")
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    """A PostgreSQL cluster of the test's own, started; the test may stop and start it (an outage)."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("needs the PostgreSQL server binaries (initdb, pg_ctl) to run a cluster of its own")
+    pg = OwnPostgres(bin_dir)
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.remove()

@@ -80,11 +80,20 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return _respond(exc.status_code, code, message, None, getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSON:
-        if isinstance(exc, SQLAlchemyError) and unavailable(exc):  # any route that reads the database while it is away: retry later
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(_: Request, exc: SQLAlchemyError) -> JSON:
+        """Any route that reads the database while it is away: 503, retry later. A handler of its own, not
+        the catch-all below: Starlette answers those from outside the middleware and re-raises, so the
+        access log and metrics counted a 500 and uvicorn closed the connection, and a client's next
+        request on it failed with a reset instead of its own 503."""
+        if unavailable(exc):
             log.warning("database unavailable: %s", type(exc).__name__)
             return _respond(503, "database_unavailable", "the database is unavailable; retry shortly", None,
                             {"Retry-After": "1"})
+        log.exception("database error")
+        return _respond(500, "internal_error", "internal server error", None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSON:
         log.exception("unhandled error")
         return _respond(500, "internal_error", "internal server error", None)

@@ -14,10 +14,12 @@ from fastapi import Depends, Form, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.errors import ApiError
 from app.dashboard import auth
 from app.dashboard.traffic import Traffic
+from app.db.engine import unavailable
 
 HERE = Path(__file__).parent
 PREFIX = "/dashboard"
@@ -169,6 +171,10 @@ Session = Annotated[auth.Session, Depends(signed_in)]
 CheckedSession = Annotated[auth.Session, Depends(csrf_checked)]
 
 
+def _on_dashboard(request: Request) -> bool:
+    return request.url.path == PREFIX or request.url.path.startswith(PREFIX + "/")
+
+
 def install_handlers(app: Any) -> None:
     @app.exception_handler(LoginRequired)
     async def _login(_: Request, exc: LoginRequired) -> Response:
@@ -183,8 +189,24 @@ def install_handlers(app: Any) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         """A dashboard page with a bad parameter (a hand-edited URL, say) answers a page, not JSON."""
-        if not request.url.path.startswith(PREFIX + "/") and request.url.path != PREFIX:
+        if not _on_dashboard(request):
             return await api_validation(request, exc)
         wrong = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', '')}"
                           for e in exc.errors())
         return page(request, "message.html", {"title": "Not understood", "message": wrong}, status=422)
+
+    api_database = app.exception_handlers[SQLAlchemyError]  # the API's: 503 JSON when the database is away
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError) -> Response:
+        """A dashboard page while the database is away (its reads, or the sign-out list every signed-in
+        page checks) answers a page that says so, 503 with Retry-After, and works again when it returns."""
+        if not (_on_dashboard(request) and unavailable(exc)):
+            return await api_database(request, exc)
+        response = page(request, "message.html", {
+            "title": "Database unavailable",
+            "message": "The database cannot be reached just now, so this page cannot be shown; reload it in a "
+            "moment. The service goes on serving recommendations from the loaded model meanwhile.",
+        }, status=503)
+        response.headers["Retry-After"] = "5"
+        return response

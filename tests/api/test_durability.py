@@ -7,23 +7,17 @@ The writers are concurrent, so the service's group committer puts several reques
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
-from api_support import Server, deploy, free_port
+from api_support import Server, deploy
+from pg_support import OwnPostgres
 from sqlalchemy import select
 
 from app.db.engine import make_engine
@@ -111,59 +105,6 @@ def test_acknowledged_events_survive_kill_9(fresh_url: str, tmp_path: Path) -> N
     assert 0 < commits < posts, f"{commits} commits for {posts} requests: the writes were not grouped"
     missing = acked - _stored(dep.url, prefix)
     assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:5]}"
-
-
-def _postgres_bin() -> Path | None:
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-    return versions[-1].parent if versions else None
-
-
-class OwnPostgres:
-    """A throwaway PostgreSQL cluster on a free port in a temporary directory: ours to stop and start,
-    so the shared server other tests use is never touched. As root, it runs as the ``postgres`` user
-    (initdb refuses root)."""
-
-    def __init__(self, bin_dir: Path) -> None:
-        self.bin = bin_dir
-        self.root = Path(tempfile.mkdtemp(prefix="recsys-own-pg-"))
-        self.data = self.root / "data"
-        self.port = free_port()
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self.as_user:
-            shutil.chown(self.root, "postgres")
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, tool: str, *args: str) -> None:
-        subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120)
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-
-    def remove(self) -> None:
-        with contextlib.suppress(subprocess.SubprocessError):
-            self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[OwnPostgres]:
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
-        pytest.skip("needs the PostgreSQL server binaries (initdb, pg_ctl) to run a cluster of its own")
-    pg = OwnPostgres(bin_dir)
-    try:
-        pg.start()
-        yield pg
-    finally:
-        pg.remove()
 
 
 def test_postgres_stopped_mid_load_means_503s_then_recovery(own_postgres: OwnPostgres, tmp_path: Path) -> None:
