@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
+from app.db.engine import unavailable
 from app.settings import SettingsError, get_settings
 
 if TYPE_CHECKING:
@@ -452,6 +454,13 @@ def main() -> None:
     except SettingsError as exc:  # a RECSYS_* variable: say which, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         code = 2
+    except SQLAlchemyError as exc:
+        if not unavailable(exc):
+            raise  # a bug: its traceback says where
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"error: the database is unavailable ({reason}); check RECSYS_DATABASE_URL and the server",
+              file=sys.stderr)
+        code = 1
     except BrokenPipeError:  # `recsys … | head`
         code = 120
     except OSError as exc:  # a folder the command cannot make, a file it cannot write: the message names it

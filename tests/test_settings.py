@@ -61,3 +61,13 @@ def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
                           text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert done.stderr == f"error: [Errno 17] File exists: '{blocker}'\n"
+
+
+def test_a_database_that_cannot_be_reached_is_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+    env.update(RECSYS_DATABASE_URL="postgresql://postgres@127.0.0.1:1/nowhere")  # nothing listens on port 1
+    done = subprocess.run([sys.executable, "-m", "app.cli", "models", "list"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: the database is unavailable (connection failed: ")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
