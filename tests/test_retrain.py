@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from api.api_support import Deployment, Server, cluster_checkpoint, load_log
+from cli_support import environment, recsys
 
 from app.db import registry
 from app.db.engine import make_engine
@@ -27,23 +27,11 @@ SPEC = SynthSpec(users=400, items=300, events=12_000, seed=11)
 FAST = ["--epochs", "8", "--no-progress"]
 
 
-def recsys(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[tuple[Deployment, dict[str, str]]]:
     """A SQLite deployment holding the synthetic log, and the environment that points the CLI at it."""
     dep = load_log(f"sqlite:///{tmp_path / 'recsys.db'}", tmp_path, generate(SPEC))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    env.update(RECSYS_DATABASE_URL=dep.url, RECSYS_DATA_DIR=str(tmp_path))
+    env = environment(RECSYS_DATABASE_URL=dep.url, RECSYS_DATA_DIR=str(tmp_path))
     yield dep, env
 
 

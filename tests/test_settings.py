@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_support import environment, recsys
 
 from app.settings import Settings, SettingsError, get_settings
 
@@ -43,10 +41,7 @@ def test_a_bad_variable_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_the_cli_says_which_variable_is_wrong_without_a_traceback(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    env.update(RECSYS_PORT="eighty", RECSYS_DATA_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "app.cli", "db", "current"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = recsys(environment(RECSYS_PORT="eighty", RECSYS_DATA_DIR=str(tmp_path)), "db", "current")
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: invalid setting: RECSYS_PORT='eighty': Input should be a valid integer")
     assert "Traceback" not in done.stderr
@@ -55,19 +50,14 @@ def test_the_cli_says_which_variable_is_wrong_without_a_traceback(tmp_path: Path
 def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    env.update(RECSYS_DATA_DIR=str(blocker))
-    done = subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = recsys(environment(RECSYS_DATA_DIR=str(blocker)), "db", "upgrade")
     assert done.returncode == 1, done.stderr
     assert done.stderr == f"error: [Errno 17] File exists: '{blocker}'\n"
 
 
 def test_a_database_that_cannot_be_reached_is_one_line() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    env.update(RECSYS_DATABASE_URL="postgresql://postgres@127.0.0.1:1/nowhere")  # nothing listens on port 1
-    done = subprocess.run([sys.executable, "-m", "app.cli", "models", "list"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    nowhere = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
+    done = recsys(environment(RECSYS_DATABASE_URL=nowhere), "models", "list")
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("error: the database is unavailable (connection failed: ")
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
