@@ -208,31 +208,11 @@ def write_checkpoint(
         _write_arrays(tmp, user_embeddings, item_embeddings, user_ids, item_ids, item_popularity, seen, feedback,
                       tables)
         index, index_settings = _write_index(tmp, index, item_embeddings, index_settings)
-        for name, data in (extra_files or {}).items():
-            if "/" in name or name in REQUIRED or name in tables or name == MANIFEST:
-                raise CheckpointError(f"invalid extra file name {name!r}")
-            _write_file(tmp / name, data)
+        _write_extra_files(tmp, extra_files or {}, tables)
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "model_version": version,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "dim": int(user_embeddings.shape[1]),
-            "n_users": len(user_ids),
-            "n_items": len(item_ids),
-            "n_seen": int(seen.nnz),
-            "n_feedback": int(feedback.nnz) if feedback is not None else 0,
-            "index_type": type(index).__name__,
-            "index_settings": index_settings,
-            "score": "dot",
-            "watermark": watermark,
-            "config": dict(config or {}),
-            "metrics": dict(metrics or {}),
-            "diagnostics": list(diagnostics or []),
-            "files": files,
-        }
-        if tower is not None:
-            manifest["user_tower"] = tower.to_dict()
+        manifest = _manifest(version, user_embeddings, user_ids, item_ids, seen, feedback, index, index_settings,
+                             files, watermark=watermark, config=config, metrics=metrics, diagnostics=diagnostics,
+                             tower=tower)
         manifest.update(extra_manifest or {})
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
         _fsync_dir(tmp)
@@ -242,6 +222,43 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _write_extra_files(tmp: Path, extra_files: Mapping[str, bytes], tables: Mapping[str, Any]) -> None:
+    """The caller's own files (the torch state ``model.pt``), under names that cannot shadow ours."""
+    for name, data in extra_files.items():
+        if "/" in name or name in REQUIRED or name in tables or name == MANIFEST:
+            raise CheckpointError(f"invalid extra file name {name!r}")
+        _write_file(tmp / name, data)
+
+
+def _manifest(version: str, user_embeddings: np.ndarray, user_ids: list[str], item_ids: list[str],
+              seen: sparse.csr_matrix, feedback: sparse.csr_matrix | None, index: Any,
+              index_settings: Mapping[str, Any], files: Mapping[str, Any], *, watermark: int | None,
+              config: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None,
+              diagnostics: list[Mapping[str, Any]] | None, tower: UserTower | None) -> dict[str, Any]:
+    """What the reader checks (format, counts, checksums) and what people read (config, metrics)."""
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model_version": version,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dim": int(user_embeddings.shape[1]),
+        "n_users": len(user_ids),
+        "n_items": len(item_ids),
+        "n_seen": int(seen.nnz),
+        "n_feedback": int(feedback.nnz) if feedback is not None else 0,
+        "index_type": type(index).__name__,
+        "index_settings": index_settings,
+        "score": "dot",
+        "watermark": watermark,
+        "config": dict(config or {}),
+        "metrics": dict(metrics or {}),
+        "diagnostics": list(diagnostics or []),
+        "files": dict(files),
+    }
+    if tower is not None:
+        manifest["user_tower"] = tower.to_dict()
+    return manifest
 
 
 def _check_shapes(user_embeddings: np.ndarray, item_embeddings: np.ndarray, user_ids: list[str],
