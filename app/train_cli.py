@@ -330,7 +330,9 @@ def _train(cfg: TrainConfig, out: Path | None, events: Path | None, fmt: Any, sh
     shipped = "fit on every event" if ship == "all" else "the tested model"
     typer.echo(f"checkpoint {path} ({shipped}, {result.selection.best_epoch} epochs)")
     if h:
-        typer.echo(f"held-out NDCG@10 {h['ndcg@10']:.4f} recall@10 {h['recall@10']:.4f} "
+        users = len(set(result.data.val_u.tolist()))  # a large catalogue's report is on a sample of them
+        sampled = f" on a sample of {h['users']:,} of {users:,} users" if h.get("users", users) < users else ""
+        typer.echo(f"held-out NDCG@10 {h['ndcg@10']:.4f} recall@10 {h['recall@10']:.4f}{sampled} "
                    f"(most-popular NDCG@10 {p['ndcg@10']:.4f}); {result.seconds:.1f}s")
     dist.shutdown()
 

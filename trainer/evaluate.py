@@ -20,6 +20,14 @@ from threadpoolctl import ThreadpoolController
 from trainer.samplers import PairIndex
 
 KS = (10, 20)
+# one block of scores (users × items, float32) at most this large: 1024 users a block up to 65k items, 64
+# at 1M (a 1024-user block of a 1M-item catalogue was 4 GiB, and the most-popular baseline kept another)
+BLOCK_BYTES = 256 * 2**20
+# a held-out report scores users × items cells: past this many, a fixed random sample of the users (at
+# least REPORT_MIN_USERS) is scored instead of all of them. The benchmark sets stay whole (gowalla: 30k
+# users × 37k items = 1.1e9); a 100k-user × 1M-item log's report took 2 of its 5 minutes of training
+REPORT_CELLS = 2_000_000_000
+REPORT_MIN_USERS = 5000
 # user rows -> (len, n_items) scores, in an array evaluate may write into (valid until the next call)
 ScoreFn = Callable[[np.ndarray], np.ndarray]
 
@@ -48,6 +56,19 @@ def _reused_rows(n_cols: int, dtype: Any) -> Callable[[int], np.ndarray]:
         return buf[:n]
 
     return rows
+
+
+def block_rows(n_items: int, most: int = 1024) -> int:
+    """Users per block of scores: ``most``, fewer when their rows would pass ``BLOCK_BYTES``."""
+    return max(1, min(most, BLOCK_BYTES // (4 * max(n_items, 1))))
+
+
+def report_users(n_users: int, n_items: int) -> int | None:
+    """How many users a held-out report scores: None (all) while users × items stays within
+    ``REPORT_CELLS``, else as many as fit in it, at least ``REPORT_MIN_USERS``."""
+    if n_users * n_items <= REPORT_CELLS:
+        return None
+    return max(REPORT_MIN_USERS, REPORT_CELLS // max(n_items, 1))
 
 
 def dot_scores(user_vectors: np.ndarray, item_vectors: np.ndarray) -> ScoreFn:
@@ -105,6 +126,7 @@ def evaluate(
     if max_users is not None and users.size > max_users:
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
     kmax = max(ks)
+    batch = block_rows(n_items, batch)
     sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg", "hitrate")}
     discounts = 1.0 / np.log2(np.arange(2, kmax + 2))
     ideal = np.cumsum(discounts)

@@ -30,7 +30,7 @@ from trainer import prespawn
 from trainer.checkpoint import new_version, write_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import Dataset, build_dataset, csr
-from trainer.evaluate import blas_threads, dot_scores, evaluate, popularity_scores
+from trainer.evaluate import blas_threads, dot_scores, evaluate, popularity_scores, report_users
 from trainer.indexes import build_index, choose_index
 from trainer.lockstep import FinalFit, FinalFitFailed
 from trainer.train import TrainResult, fit, model_state_bytes
@@ -90,11 +90,11 @@ def holdout_as_validation(data: Dataset) -> Dataset:
 
 
 def score_held_out(data: Dataset, scores: Callable[[np.ndarray], np.ndarray], held_u: np.ndarray,
-                   held_i: np.ndarray) -> dict[str, float]:
+                   held_i: np.ndarray, max_users: int | None = None) -> dict[str, float]:
     """Protocol metrics on held-out pairs: full ranking over items with a training positive, the user's
-    training items excluded."""
+    training items excluded; ``max_users``: a fixed random sample of that many users."""
     exclude = csr(data.train_u, data.train_i, data.n_users, data.n_items)
-    return evaluate(scores, exclude, held_u, held_i, data.candidates())
+    return evaluate(scores, exclude, held_u, held_i, data.candidates(), max_users=max_users)
 
 
 def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig, *, ship: str = "all",
@@ -122,11 +122,13 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
         # selection is the longer fit this report is all that is left: ~2.5 s on one thread for gowalla),
         # else this process's share beside it
         alone = side is None or side.answered(wait=ANSWER_WAIT)
+        # every held-out user, or a fixed sample of them on a large catalogue (the same for both)
+        sample = report_users(np.unique(selection_set.val_u).size, int(selection_set.candidates().sum()))
         with blas_threads(cfg.threads if alone else side.selection_cfg.threads):
             held_out = score_held_out(selection_set, dot_scores(users, items), selection_set.val_u,
-                                      selection_set.val_i)
+                                      selection_set.val_i, sample)
             baseline = score_held_out(selection_set, popularity_scores(selection_set.popularity()),
-                                      selection_set.val_u, selection_set.val_i)
+                                      selection_set.val_u, selection_set.val_i, sample)
     final = selection
     if side is not None:
         try:

@@ -70,6 +70,22 @@ def test_ship_tested_keeps_the_selection_model(app: typer.Typer, small_file: Pat
     assert {d["phase"] for d in manifest["diagnostics"]} == {"selection"}
 
 
+def test_a_large_catalogues_report_is_on_a_fixed_sample_of_users(app: typer.Typer, small_file: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past REPORT_CELLS scores (users × items), the held-out report and its baseline score the same
+    sample of users, and the command says so."""
+    import trainer.evaluate
+
+    monkeypatch.setattr(trainer.evaluate, "REPORT_CELLS", 1)
+    monkeypatch.setattr(trainer.evaluate, "REPORT_MIN_USERS", 40)
+    r = CliRunner().invoke(app, ["train", "--events", str(small_file), "--out", str(tmp_path), "--version", "s",
+                                 *FAST])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "s" / "manifest.json").read_text())["metrics"]
+    assert metrics["held_out"]["users"] == metrics["most_popular"]["users"] == 40
+    assert "on a sample of 40 of " in r.output
+
+
 def test_no_mask_known_trains_with_the_users_items_as_negatives(app: typer.Typer, small_file: Path,
                                                                 tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["train", "--events", str(small_file), "--out", str(tmp_path), "--version", "n",

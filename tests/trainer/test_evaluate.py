@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import sparse
 
-from trainer.evaluate import evaluate, popularity_scores, top_k
+from trainer import evaluate as ev
+from trainer.evaluate import dot_scores, evaluate, popularity_scores, report_users, top_k
 
 
 def test_metrics_match_hand_computation() -> None:
@@ -47,3 +49,23 @@ def test_top_k_by_blocks_is_the_full_sort() -> None:
         finite = np.isfinite(np.take_along_axis(scores, expected, axis=1))
         assert (np.where(finite, top, -1) == np.where(finite, expected, -1)).all()
     assert set(top_k(scores.copy(), 5)[3]) == {0, 1, 2, 3, 4}
+
+
+def test_blocks_of_any_size_give_the_same_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large catalogue is scored in fewer users a block (BLOCK_BYTES): the same metrics, block by block."""
+    rng = np.random.default_rng(1)
+    users, items = rng.standard_normal((40, 8)).astype(np.float32), rng.standard_normal((300, 8)).astype(np.float32)
+    exclude = sparse.random(40, 300, density=0.05, random_state=2, format="csr")
+    held_u, held_i = np.repeat(np.arange(40), 3), rng.integers(0, 300, 120)
+    candidates = rng.random(300) > 0.1
+    whole = evaluate(dot_scores(users, items), exclude, held_u, held_i, candidates)
+    monkeypatch.setattr(ev, "BLOCK_BYTES", 7 * 4 * 300)  # 7 users a block
+    assert ev.block_rows(300) == 7
+    assert evaluate(dot_scores(users, items), exclude, held_u, held_i, candidates) == pytest.approx(whole)
+
+
+def test_a_report_samples_users_only_past_its_budget_of_scores() -> None:
+    assert report_users(30_000, 37_000) is None  # gowalla's size: every held-out user
+    assert report_users(100_000, 1_000_000) == max(ev.REPORT_MIN_USERS, ev.REPORT_CELLS // 1_000_000)
+    assert report_users(10**7, 10**8) == ev.REPORT_MIN_USERS  # never fewer users than this
+    assert ev.block_rows(37_000) == 1024 and ev.block_rows(1_000_000) == 67 and ev.block_rows(10**9) == 1
