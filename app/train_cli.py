@@ -456,7 +456,8 @@ def recommend(
     settings = get_settings()
     engine = _database() if database else None
     try:
-        model = load_served(path, engine, settings.data_dir / "index-cache", settings.top_lists, wait=True)
+        model = load_served(path, engine, settings.data_dir / "index-cache", settings.top_lists, wait=True,
+                            similar=False)  # users' lists only: nothing here asks for similar items
         if all_users:
             wanted = list(dict.fromkeys([*model.ckpt.user_ids, *wanted]))
         recommender = Recommender(engine, settings.negative_types, fresh_weight=settings.fresh_weight)

@@ -197,6 +197,7 @@ def load_served(
     *,
     wait: bool = False,
     on_ready: Callable[[ServedModel], None] | None = None,
+    similar: bool = True,
 ) -> ServedModel:
     """Load a checkpoint with the database's hidden items and categories (none without an engine), as the
     service serves it; any failure is a CheckpointError. ``wait``: build the top lists before returning."""
@@ -206,7 +207,8 @@ def load_served(
         with engine.connect() as conn:
             hidden, categories = hidden_items(conn), item_categories(conn)
     try:
-        return load_model(path, hidden, categories, index_cache, on_ann_ready=on_ready, top_n=top_n, wait=wait)
+        return load_model(path, hidden, categories, index_cache, on_ann_ready=on_ready, top_n=top_n, wait=wait,
+                          similar=similar)
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

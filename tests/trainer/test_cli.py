@@ -119,6 +119,8 @@ def test_recommend_all_and_some_users(app: typer.Typer, checkpoint: Path, data_d
     assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "source"] and len(recs) == 300 * 5
     assert set(recs.source) == {"model"}
     assert (recs.groupby("user_id")["score"].apply(lambda s: s.is_monotonic_decreasing)).all()
+    # the users' top lists were built (and cached); the items' similar lists, which nothing here reads, were not
+    assert len(list((tmp_path / "index-cache").glob("*.top-rows.npy"))) == 1
     from trainer.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(checkpoint)
