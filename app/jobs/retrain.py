@@ -305,23 +305,24 @@ def _retrain_locked(
         gate["reason"] = reason
     t_gate = time.perf_counter()
 
+    timing = {"read_s": round(t_read - t0, 2), "train_s": round(t_train - t_read, 2),
+              "gate_s": round(t_gate - t_train, 2)}
+    version, metrics = _save_and_register(engine, settings, result, gate, timing, t0, watermark,
+                                          warm_start=init_state is not None)
+    protect = {version} | ({current["version"]} if current else set())
+    removed = prune_checkpoints(settings.checkpoints_path, options.keep, protect)
+    if removed:
+        log(f"pruned {len(removed)} old checkpoint(s): {', '.join(removed)}")
+    return RetrainOutcome(status, version, reason, metrics)
+
+
+def _save_and_register(engine: Any, settings: Settings, result: RunResult, gate: dict[str, Any],
+                       timing: dict[str, float], t0: float, watermark: int, *, warm_start: bool
+                       ) -> tuple[str, dict[str, Any]]:
+    """Write the shipped model's checkpoint, then register it: promoted, a candidate, or rejected."""
     version = new_version()
-    timing = {
-        "read_s": round(t_read - t0, 2),
-        "train_s": round(t_train - t_read, 2),
-        "gate_s": round(t_gate - t_train, 2),
-    }
-    path = save(
-        result,
-        settings.checkpoints_path,
-        version=version,
-        extra_config={
-            "retrain": {
-                "gate": {k: v for k, v in gate.items() if k not in ("candidate", "current")},
-                "warm_start": init_state is not None,
-            }
-        },
-    )
+    path = save(result, settings.checkpoints_path, version=version, extra_config={"retrain": {
+        "gate": {k: v for k, v in gate.items() if k not in ("candidate", "current")}, "warm_start": warm_start}})
     metrics = {
         **result.metrics(),
         "gate": gate,
@@ -330,11 +331,7 @@ def _retrain_locked(
     }
     with engine.begin() as conn:
         registry.register(conn, version, str(path.resolve()), watermark=watermark, metrics=metrics,
-                          status="rejected" if status == "rejected" else "candidate")
-        if status == "promoted":
+                          status="rejected" if gate["decision"] == "rejected" else "candidate")
+        if gate["decision"] == "promoted":
             registry.promote(conn, version)
-    protect = {version} | ({current["version"]} if current else set())
-    removed = prune_checkpoints(settings.checkpoints_path, options.keep, protect)
-    if removed:
-        log(f"pruned {len(removed)} old checkpoint(s): {', '.join(removed)}")
-    return RetrainOutcome(status, version, reason, metrics)
+    return version, metrics
