@@ -78,7 +78,8 @@ def dot_scores(user_vectors: np.ndarray, item_vectors: np.ndarray) -> ScoreFn:
 
 
 def popularity_scores(popularity: np.ndarray) -> ScoreFn:
-    """Every user's row is the items' popularity, written into one buffer for every call."""
+    """Every user's row is the items' popularity, written into one buffer for every call. It carries
+    ``order``, the one ranking every user shares (ties by item row), which ``evaluate`` walks instead."""
     pop = np.asarray(popularity, dtype=np.float32)
     out = _reused_rows(pop.size, np.float32)
 
@@ -87,7 +88,22 @@ def popularity_scores(popularity: np.ndarray) -> ScoreFn:
         block[:] = pop
         return block
 
+    scores.order = np.argsort(-pop, kind="stable")  # type: ignore[attr-defined]
     return scores
+
+
+def _first_allowed(order: np.ndarray, excluded: sparse.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first k items of the shared ranking ``order`` that it does not exclude (padded with
+    item 0, marked False in the second array, when fewer are left): the top k of a full ranking, from
+    the head of ``order`` only (k plus the most items a row excludes)."""
+    head = order[:k + int(np.diff(excluded.indptr).max(initial=0))]
+    keep = ~(excluded[:, head].toarray() > 0)
+    rank = np.cumsum(keep, axis=1)
+    r, c = np.nonzero(keep & (rank <= k))
+    top = np.zeros((excluded.shape[0], k), dtype=np.int64)
+    found = np.zeros((excluded.shape[0], k), dtype=bool)
+    top[r, rank[r, c] - 1], found[r, rank[r, c] - 1] = head[c], True
+    return top, found
 
 
 def top_k(scores: np.ndarray, k: int, block: int = 64) -> np.ndarray:
@@ -112,6 +128,18 @@ def top_k(scores: np.ndarray, k: int, block: int = 64) -> np.ndarray:
     return torch.gather(cols, 1, pick).numpy()
 
 
+def _ranked(scores: np.ndarray, rows: np.ndarray, exclude: sparse.csr_matrix, blocked: np.ndarray,
+            k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top k of a full ranking without its excluded and blocked items, and which of them are
+    rankable at all (a row with fewer than k such items)."""
+    scores = np.require(scores, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])  # copies only if it must
+    scores[:, blocked] = -np.inf
+    ex = exclude[rows].tocoo()
+    scores[ex.row, ex.col] = -np.inf
+    top = top_k(scores, k)
+    return top, np.isfinite(np.take_along_axis(scores, top, axis=1))
+
+
 def evaluate(
     score_fn: ScoreFn, exclude: sparse.csr_matrix, held_u: np.ndarray, held_i: np.ndarray,
     candidates: np.ndarray, *, ks: tuple[int, ...] = KS, batch: int = 1024, max_users: int | None = None,
@@ -132,16 +160,17 @@ def evaluate(
     ideal = np.cumsum(discounts)
     covered = np.zeros(n_items, dtype=bool)
     blocked = ~np.asarray(candidates, dtype=bool)
+    order = getattr(score_fn, "order", None)  # one ranking shared by every user (most-popular)
+    if order is not None:
+        order = order[~blocked[order]]
     for start in range(0, users.size, batch):
         rows = users[start:start + batch]
-        scores = np.require(score_fn(rows), np.float32, ["C_CONTIGUOUS", "WRITEABLE"])  # copies only if it must
-        scores[:, blocked] = -np.inf
-        ex = exclude[rows].tocoo()
-        scores[ex.row, ex.col] = -np.inf
-        top = top_k(scores, kmax)
+        if order is not None:
+            top, finite = _first_allowed(order, exclude[rows], kmax)
+        else:
+            top, finite = _ranked(score_fn(rows), rows, exclude, blocked, kmax)
         truth = held[rows]
         n_true = np.diff(truth.indptr)
-        finite = np.isfinite(np.take_along_axis(scores, top, axis=1))  # fewer than K rankable items
         hits = pairs.contains(rows[:, None], top) & finite
         covered[top[:, :10][finite[:, :10]]] = True
         for k in ks:

@@ -69,3 +69,21 @@ def test_a_report_samples_users_only_past_its_budget_of_scores() -> None:
     assert report_users(100_000, 1_000_000) == max(ev.REPORT_MIN_USERS, ev.REPORT_CELLS // 1_000_000)
     assert report_users(10**7, 10**8) == ev.REPORT_MIN_USERS  # never fewer users than this
     assert ev.block_rows(37_000) == 1024 and ev.block_rows(1_000_000) == 67 and ev.block_rows(10**9) == 1
+
+
+def test_most_popular_walks_its_one_ranking_as_the_full_ranking_would() -> None:
+    """popularity_scores carries the ranking every user shares; evaluate walks it past each user's
+    excluded items instead of ranking every item per user: the same metrics, including users left with
+    fewer rankable items than k and items that are not candidates."""
+    rng = np.random.default_rng(3)
+    n_users, n_items = 60, 500
+    pop = rng.permutation(n_items).astype(np.float32)  # distinct: one order, whatever breaks ties
+    exclude = sparse.random(n_users, n_items, density=0.04, random_state=4, format="lil")
+    exclude[0, np.argsort(-pop)[:490]] = 1.0  # user 0 keeps only ten items, some not candidates
+    exclude = exclude.tocsr()
+    held_u, held_i = np.repeat(np.arange(n_users), 2), rng.integers(0, n_items, 2 * n_users)
+    candidates = rng.random(n_items) > 0.2
+    walked = evaluate(popularity_scores(pop), exclude, held_u, held_i, candidates)
+    full = evaluate(lambda rows: np.tile(pop, (len(rows), 1)), exclude, held_u, held_i, candidates)
+    assert walked == pytest.approx(full)
+    assert hasattr(popularity_scores(pop), "order")
