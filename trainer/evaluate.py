@@ -20,12 +20,12 @@ from threadpoolctl import ThreadpoolController
 from trainer.samplers import PairIndex
 
 KS = (10, 20)
-# one block of scores (users × items, float32) at most this large: 1024 users a block up to 65k items, 64
+# one block of scores (users × items, float32) at most this large: 1024 users a block up to 65k items, 67
 # at 1M (a 1024-user block of a 1M-item catalogue was 4 GiB, and the most-popular baseline kept another)
 BLOCK_BYTES = 256 * 2**20
 # a held-out report scores users × items cells: past this many, a fixed random sample of the users (at
 # least REPORT_MIN_USERS) is scored instead of all of them. The benchmark sets stay whole (gowalla: 30k
-# users × 37k items = 1.1e9); a 100k-user × 1M-item log's report took 2 of its 5 minutes of training
+# users × 37k items = 1.1e9); a 100k-user × 1M-item log's report took ~2 of its 6 minutes of training
 REPORT_CELLS = 2_000_000_000
 REPORT_MIN_USERS = 5000
 # user rows -> (len, n_items) scores, in an array evaluate may write into (valid until the next call)
