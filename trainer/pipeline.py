@@ -90,11 +90,14 @@ def holdout_as_validation(data: Dataset) -> Dataset:
 
 
 def score_held_out(data: Dataset, scores: Callable[[np.ndarray], np.ndarray], held_u: np.ndarray,
-                   held_i: np.ndarray, max_users: int | None = None) -> dict[str, float]:
+                   held_i: np.ndarray, sample: bool = False) -> dict[str, float]:
     """Protocol metrics on held-out pairs: full ranking over items with a training positive, the user's
-    training items excluded; ``max_users``: a fixed random sample of that many users."""
+    training items excluded. ``sample``: on a large catalogue, a fixed random sample of the users
+    (``report_users``; the same users for every scorer of the same pairs)."""
     exclude = csr(data.train_u, data.train_i, data.n_users, data.n_items)
-    return evaluate(scores, exclude, held_u, held_i, data.candidates(), max_users=max_users)
+    candidates = data.candidates()
+    max_users = report_users(np.unique(held_u).size, int(candidates.sum())) if sample else None
+    return evaluate(scores, exclude, held_u, held_i, candidates, max_users=max_users)
 
 
 def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig, *, ship: str = "all",
@@ -122,13 +125,12 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
         # selection is the longer fit this report is all that is left: ~2.5 s on one thread for gowalla),
         # else this process's share beside it
         alone = side is None or side.answered(wait=ANSWER_WAIT)
-        # every held-out user, or a fixed sample of them on a large catalogue (the same for both)
-        sample = report_users(np.unique(selection_set.val_u).size, int(selection_set.candidates().sum()))
+        # every held-out user, or the same fixed sample of them for both on a large catalogue
         with blas_threads(cfg.threads if alone else side.selection_cfg.threads):
             held_out = score_held_out(selection_set, dot_scores(users, items), selection_set.val_u,
-                                      selection_set.val_i, sample)
+                                      selection_set.val_i, sample=True)
             baseline = score_held_out(selection_set, popularity_scores(selection_set.popularity()),
-                                      selection_set.val_u, selection_set.val_i, sample)
+                                      selection_set.val_u, selection_set.val_i, sample=True)
     final = selection
     if side is not None:
         try:

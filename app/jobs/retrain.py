@@ -36,7 +36,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import TrainConfig
 from trainer.data import Dataset, build_dataset, csr
-from trainer.evaluate import ScoreFn, dot_scores, report_users
+from trainer.evaluate import ScoreFn, dot_scores
 from trainer.pipeline import RunResult, run, save, score_held_out
 from trainer.towers import finish, pool_all
 from trainer.train import load_model_state
@@ -218,9 +218,8 @@ def _gate(result: RunResult, current: Checkpoint | None, events: Any, negative_t
     held_u, held_i = data.val_u[mask], data.val_i[mask]
     users, items = result.selection.model.export()
     # both models on every user of the slice, or on the same fixed sample of them for a large catalogue
-    sample = report_users(np.unique(held_u).size, int(data.candidates().sum()))
-    cand = score_held_out(data, dot_scores(users, items), held_u, held_i, sample)
-    cur = score_held_out(data, checkpoint_scores(current, data), held_u, held_i, sample)
+    cand = score_held_out(data, dot_scores(users, items), held_u, held_i, sample=True)
+    cur = score_held_out(data, checkpoint_scores(current, data), held_u, held_i, sample=True)
     c_val, p_val = cand[options.metric], cur[options.metric]
     gate.update(against=current.version, slice=slice_note, held_out_pairs=int(held_u.size), users=cand["users"],
                 candidate=cand, current=cur)

@@ -519,8 +519,10 @@ def _prepare_in_background(
     if model.top_pending:
         try:
             index, settings = model.search_index()
-            itself = sparse.identity(model.n_items, dtype=np.float32, format="csr")  # not similar to itself
-            for kind, excluded in (("users", model.excluded), ("items", itself))[: 2 if similar else 1]:
+            lists = [("users", model.excluded)]
+            if similar:  # an item is not similar to itself
+                lists.append(("items", sparse.identity(model.n_items, dtype=np.float32, format="csr")))
+            for kind, excluded in lists:
                 t0 = time.perf_counter()
                 top = toplists.prepare(model.ckpt, kind, excluded, index, top_n, settings, index_cache)
                 if kind == "users":
