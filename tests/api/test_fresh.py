@@ -85,8 +85,12 @@ def _workers(server: Server, n: int = 8) -> list[list[httpx.Client]]:
 
     Which worker accepts a connection is the kernel's and the event loops' choice (the workers share one
     listening socket, and a busy loop leaves a burst to the other): connections are added, ``n`` at a
-    time, until both workers hold some."""
+    time, until both workers hold some. Each round probes another item: a worker still loading its model
+    during a round reads that round's item as hidden and, polling off, keeps it so (until the un-hide
+    through one of its own connections at the end); probing it again would put that worker's
+    connections in the first group every round."""
     clients: list[httpx.Client] = []
+    probed: list[str] = []
     deadline = time.monotonic() + 60
     while True:
         fresh = [server.client() for _ in range(n)]
@@ -95,19 +99,22 @@ def _workers(server: Server, n: int = 8) -> list[list[httpx.Client]]:
                 assert time.monotonic() < deadline, "a worker never became ready"
                 time.sleep(0.1)
         clients += fresh
-        groups = _by_worker(clients)
+        groups = _by_worker(clients, f"i{len(probed)}", probed)
         if groups[0] and groups[1]:
+            for item in probed:
+                assert groups[1][0].put(f"/v1/items/{item}", json={"hidden": False}).status_code == 200
             return groups
         assert time.monotonic() < deadline, f"two workers, but all {len(clients)} connections went to one"
         time.sleep(0.5)
 
 
-def _by_worker(clients: list[httpx.Client]) -> list[list[httpx.Client]]:
-    """[the clients on the first client's worker, the others]."""
-    probe_of = "i0"
+def _by_worker(clients: list[httpx.Client], probe_of: str, probed: list[str]) -> list[list[httpx.Client]]:
+    """[the clients on the first client's worker, the others], told apart by hiding the item most similar
+    to ``probe_of`` through the first (added to ``probed``) and un-hiding it there afterwards."""
     hidden = clients[0].get(f"/v1/items/{probe_of}/similar", params={"k": 20}).json()["items"][0]["item_id"]
     resp = clients[0].put(f"/v1/items/{hidden}", json={"hidden": True})
     assert resp.status_code == 200, resp.text
+    probed.append(hidden)
     groups: dict[bool, list[httpx.Client]] = {True: [], False: []}
     for c in clients:
         got = {i["item_id"] for i in c.get(f"/v1/items/{probe_of}/similar", params={"k": 20}).json()["items"]}
