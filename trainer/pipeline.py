@@ -29,7 +29,7 @@ from trainer import distributed as dist
 from trainer import prespawn
 from trainer.checkpoint import new_version, write_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import Dataset, build_dataset, csr
+from trainer.data import Dataset, build_dataset
 from trainer.evaluate import blas_threads, dot_scores, evaluate, popularity_scores, report_users
 from trainer.indexes import build_index, choose_index
 from trainer.lockstep import FinalFit, FinalFitFailed
@@ -94,10 +94,9 @@ def score_held_out(data: Dataset, scores: Callable[[np.ndarray], np.ndarray], he
     """Protocol metrics on held-out pairs: full ranking over items with a training positive, the user's
     training items excluded. ``sample``: on a large catalogue, a fixed random sample of the users
     (``report_users``; the same users for every scorer of the same pairs)."""
-    exclude = csr(data.train_u, data.train_i, data.n_users, data.n_items)
     candidates = data.candidates()
     max_users = report_users(np.unique(held_u).size, int(candidates.sum())) if sample else None
-    return evaluate(scores, exclude, held_u, held_i, candidates, max_users=max_users)
+    return evaluate(scores, data.train_csr(), held_u, held_i, candidates, max_users=max_users)
 
 
 def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig, *, ship: str = "all",
