@@ -176,6 +176,8 @@ def read_event_file(path: str | Path, fmt: str | None = None, *, event_ids: bool
     path = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise EventFileError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if path.is_dir():
+        raise EventFileError(f"{path}: a directory; give the event file inside it")
     if not path.is_file():
         raise EventFileError(f"{path}: no such file")
     data = path.read_bytes()

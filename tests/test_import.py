@@ -201,6 +201,13 @@ def test_unknown_format_is_a_usage_error(tmp_path: Path) -> None:
         read_event_file(tmp_path / "x", "xml")
 
 
+def test_a_directory_or_a_missing_path_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(EventFileError, match="a directory; give the event file inside it"):
+        read_event_file(tmp_path)
+    with pytest.raises(EventFileError, match="no such file"):
+        read_event_file(tmp_path / "missing.csv")
+
+
 def test_a_read_for_training_derives_no_event_ids_but_checks_given_ones(tmp_path: Path) -> None:
     """`recsys train` reads without deriving ids (hashing every line is most of a read); a file's own
     ids are still validated."""

@@ -169,6 +169,7 @@ def test_negatives_compare_writes_report_and_plots(app: typer.Typer, small_file:
     ("args", "message"),
     [
         (["train", "--events", "/no/such/file.csv", "--out", "/tmp/x"], "no such file"),
+        (["train", "--events", "{ckpt}", "--out", "/tmp/x"], "a directory; give the event file inside it"),
         (["train", "--events", "{file}", "--out", "/tmp/x", "--strategy", "nope"], "nope"),
         (["train", "--events", "{file}", "--out", "/tmp/x", "--loss", "hinge"], "hinge"),
         (["train", "--events", "{file}", "--out", "/tmp/x", "--mix", "in-batch,nope"], "nope"),
