@@ -51,6 +51,13 @@ class Settings(BaseSettings):
         "recommendations with k up to this come from the list instead of a search. 0 turns it off.",
     )
     max_batch_events: int = Field(1000, description="Largest batch accepted by POST /v1/events.")
+    max_body_bytes: int = Field(
+        8 * 2**20,
+        ge=1024,
+        description="Largest request body accepted, in bytes: a larger one is answered 413 payload_too_large "
+        "before it is read into memory. The default holds any valid batch of 1000 events, even with every "
+        "character of its ids escaped (\\uXXXX); raise it too when raising RECSYS_MAX_BATCH_EVENTS.",
+    )
     events_queue_max: int = Field(
         20_000,
         ge=1,

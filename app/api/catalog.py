@@ -201,7 +201,8 @@ def _check_attributes(attributes: dict[str, Any] | None) -> None:
         )
 
 
-TOO_LARGE = {413: err("Attributes larger than 16 KiB of JSON (`attributes_too_large`); nothing is stored.")}
+TOO_LARGE = {413: err("Attributes larger than 16 KiB of JSON (`attributes_too_large`), or a body over "
+                      "RECSYS_MAX_BODY_BYTES (`payload_too_large`); nothing is stored.")}
 
 
 @router.put(

@@ -115,7 +115,8 @@ router.add_api_route(
     summary="Record one event or a batch",
     response_model=EventsAccepted,
     responses={
-        413: err("More events than RECSYS_MAX_BATCH_EVENTS (default 1000) in one request."),
+        413: err("More events than RECSYS_MAX_BATCH_EVENTS (default 1000) in one request (`batch_too_large`), "
+                  "or a body over RECSYS_MAX_BODY_BYTES (default 8 MiB; `payload_too_large`)."),
         415: err("A Content-Type other than application/json."),
         422: err(
             "Malformed JSON or an invalid field (nothing is stored); `rejected_by_database` when the "

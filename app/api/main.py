@@ -22,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
 
 from app.api import admin, catalog, errors, events, logs, metrics, routes
+from app.api.body_limit import BodyLimit
 from app.api.ingest import GroupCommitter
 from app.api.middleware import RequestContext
 from app.api.recent import RecentEventsView
@@ -188,5 +189,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(admin.router)
     install_dashboard(app)
-    app.add_middleware(RequestContext)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext)  # outside BodyLimit: its 413s are logged and counted too
     return app

@@ -90,6 +90,26 @@ def test_oversized_batch_is_413(server: Server) -> None:
         assert c.post("/v1/events", json=batch[:1000]).json()["accepted"] == 1000
 
 
+def _spaces(total: int, size: int = 2**20):  # noqa: ANN202 - a generator: httpx sends it chunked
+    for start in range(0, total, size):
+        yield b" " * min(size, total - start)
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(server: Server) -> None:
+    """RECSYS_MAX_BODY_BYTES (8 MiB by default): a declared length over it is refused before the body is
+    read, a chunked body as soon as it passes it; the one error shape and the request id either way."""
+    limit, json_type = 8 * 2**20, {"content-type": "application/json"}
+    with server.client() as c:
+        declared = c.post("/v1/events", content=b" " * (limit + 1), headers=json_type)
+        assert_error(declared, 413, "payload_too_large")
+        assert declared.headers["x-request-id"]
+        assert_error(c.post("/v1/events", content=_spaces(limit + 2**20), headers=json_type), 413, "payload_too_large")
+        # a body FastAPI parses into a model (not read by the handler itself): the same 413, not a 400
+        assert_error(c.put("/v1/items/i1", content=_spaces(limit + 2**20), headers=json_type), 413, "payload_too_large")
+        # at the limit the body is read, and refused for what it holds
+        assert_error(c.post("/v1/events", content=b" " * limit, headers=json_type), 422, "malformed_json")
+
+
 @pytest.mark.parametrize(
     "headers",
     [
