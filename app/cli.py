@@ -184,7 +184,7 @@ def synth(
 @app.command("serve")
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (RECSYS_HOST).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (RECSYS_PORT).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (RECSYS_PORT).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (RECSYS_WORKERS).")] = None,
     checkpoint: Annotated[
         Path | None,

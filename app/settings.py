@@ -20,6 +20,9 @@ RECOMMENDED_EVENT_WEIGHTS: dict[str, float] = {
 }
 
 
+# the URL schemes the service runs on: SQLite, and PostgreSQL through psycopg 3 (plain URLs get it pinned)
+DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql", "postgres", "postgresql+psycopg")
+
 class Settings(BaseSettings):
     """Every field can be set as ``RECSYS_<NAME>`` (for example ``RECSYS_DATA_DIR=/srv/recsys``)."""
 
@@ -38,8 +41,8 @@ class Settings(BaseSettings):
         None, description="Bearer token for /admin; admin routes are off when unset."
     )
     host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
+    port: int = Field(8000, ge=1, le=65535)  # the socket layer would take 70000 as 4464, silently
+    workers: int = Field(1, ge=1)
     reload_poll_seconds: float = Field(
         10.0, description="How often the service looks for a newly promoted model."
     )
@@ -112,10 +115,13 @@ class Settings(BaseSettings):
         if not url:
             return None
         try:
-            make_url(url)
+            driver = make_url(url).drivername
         except (ArgumentError, ValueError) as exc:
             raise ValueError(f"not a database URL ({exc}); e.g. postgresql://user@host:5432/db "
                              "or sqlite:////srv/recsys/recsys.db") from None
+        if driver not in DRIVERS:
+            raise ValueError(f"unsupported database {driver!r}: the service runs on SQLite (sqlite:////srv/recsys/"
+                             "recsys.db) or PostgreSQL through psycopg (postgresql://user@host:5432/db)")
         return url
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,19 @@ def test_a_bad_variable_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> N
     message = str(err.value)
     assert "RECSYS_DATABASE_URL='127.0.0.1:5432/test': not a database URL" in message
     assert "RECSYS_EVENT_WEIGHTS [view]='much'" in message
+    monkeypatch.delenv("RECSYS_EVENT_WEIGHTS")
+    monkeypatch.delenv("RECSYS_DATABASE_URL")
+    for name, value, says in [
+        ("RECSYS_DATABASE_URL", "mysql://u@h/db", "unsupported database 'mysql': the service runs on SQLite"),
+        ("RECSYS_DATABASE_URL", "postgresql+asyncpg://u@h/db", "unsupported database 'postgresql+asyncpg'"),
+        ("RECSYS_PORT", "70000", "RECSYS_PORT='70000': Input should be less than or equal to 65535"),
+        ("RECSYS_WORKERS", "0", "RECSYS_WORKERS='0': Input should be greater than or equal to 1"),
+    ]:
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            with pytest.raises(SettingsError, match=re.escape(says)):
+                get_settings()
+            get_settings.cache_clear()
     monkeypatch.setenv("RECSYS_NEGATIVE_TYPES", "dislike,skip")  # a list must be JSON
     try:
         with pytest.raises(SettingsError, match=r"RECSYS_NEGATIVE_TYPES='dislike,skip': not JSON \(Expecting value"):
