@@ -23,6 +23,7 @@ RECOMMENDED_EVENT_WEIGHTS: dict[str, float] = {
 # the URL schemes the service runs on: SQLite, and PostgreSQL through psycopg 3 (plain URLs get it pinned)
 DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql", "postgres", "postgresql+psycopg")
 
+
 class Settings(BaseSettings):
     """Every field can be set as ``RECSYS_<NAME>`` (for example ``RECSYS_DATA_DIR=/srv/recsys``)."""
 
