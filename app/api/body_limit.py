@@ -17,8 +17,8 @@ from app.api.errors import error_body
 from app.api.jsonresp import JSON
 
 
-def _too_large(limit: int) -> HTTPException:
-    return HTTPException(413, f"the request body is larger than {limit} bytes (RECSYS_MAX_BODY_BYTES)")
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than {limit} bytes (RECSYS_MAX_BODY_BYTES)"
 
 
 def _framing(scope: Scope) -> tuple[int | None, bool]:
@@ -44,8 +44,7 @@ class BodyLimit:
             return
         length, chunked = _framing(scope)
         if length is not None and length > self.max_bytes:
-            error = _too_large(self.max_bytes)
-            await JSON(error_body("payload_too_large", error.detail), status_code=413)(scope, receive, send)
+            await JSON(error_body("payload_too_large", _too_large(self.max_bytes)), status_code=413)(scope, receive, send)
             return
         if not chunked:  # the server delivers at most the declared length
             await self.app(scope, receive, send)
@@ -57,7 +56,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:  # an HTTPException: body parsing re-raises it, the app's handler shapes it
-                raise _too_large(self.max_bytes)
+                raise HTTPException(413, _too_large(self.max_bytes))
             return message
 
         await self.app(scope, counted, send)
