@@ -113,7 +113,8 @@ def import_events(
 ) -> None:
     """Load interactions into the database, all or nothing; re-importing a file adds nothing.
 
-    Generic CSV/Parquet columns: user_id,item_id[,timestamp,type,value,event_id].
+    Generic CSV/Parquet columns: user_id,item_id[,timestamp,type,value,event_id]; timestamp is epoch
+    seconds or ISO 8601 text (no offset: UTC).
     """
     from tqdm import tqdm
 

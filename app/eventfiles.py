@@ -113,13 +113,12 @@ def _normalise(path: Path, frame: pd.DataFrame, first_line: int, default_type: s
         fail((values.str.len() > MAX_ID_LEN).to_numpy(), f"{col} longer than {MAX_ID_LEN} characters")
         out[col] = values
     if "timestamp" in frame.columns:
-        raw = frame["timestamp"].astype(str).str.strip()
-        ts = pd.to_numeric(raw, errors="coerce")
+        ts = _epoch_seconds(frame["timestamp"].astype(str).str.strip())
         fail(
-            ts.isna().to_numpy() | ~np.isfinite(ts.to_numpy(dtype=float, na_value=np.nan)),
-            "timestamp is not a number (expected epoch seconds)",
+            ~np.isfinite(ts.to_numpy()),
+            "timestamp is neither epoch seconds nor an ISO 8601 date-time (e.g. 2026-12-07T10:15:00Z)",
         )
-        out["timestamp"] = ts.astype("float64")
+        out["timestamp"] = ts
     else:  # no clock in the file: keep its order
         out["timestamp"] = lines.astype("float64")
     if "type" in frame.columns:
@@ -145,6 +144,18 @@ def _normalise(path: Path, frame: pd.DataFrame, first_line: int, default_type: s
     else:
         out["event_id"] = content_event_ids(out) if event_ids else None
     return out.reset_index(drop=True)
+
+
+def _epoch_seconds(raw: pd.Series) -> pd.Series:
+    """Epoch seconds from numbers or ISO 8601 text (a warehouse's export, a Parquet datetime column);
+    text without an offset is UTC. What is neither comes out NaN."""
+    seconds = pd.to_numeric(raw, errors="coerce").astype("float64")
+    text = seconds.isna()
+    if text.any():
+        moments = pd.to_datetime(raw[text], utc=True, format="ISO8601", errors="coerce")
+        # whole microseconds, then one division: 10:00:00.123 reads as .123, as in the API, not .1230001
+        seconds[text] = ((moments - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)) / 1e6
+    return seconds
 
 
 def content_event_ids(frame: pd.DataFrame) -> pd.Series:

@@ -142,13 +142,33 @@ def test_generic_csv_with_event_ids_and_export_round_trip(db: str, tmp_path: Pat
     assert "0 new" in invoke("import", str(out)).output
 
 
+def test_iso_8601_timestamps_in_files_are_read_as_epoch_seconds(tmp_path: Path) -> None:
+    """A warehouse export carries date-time text, a Parquet file a datetime column: both read as the same
+    epoch seconds a number would give (no offset means UTC), beside plain numbers in the same file."""
+    csv = tmp_path / "events.csv"
+    csv.write_text(
+        "user_id,item_id,timestamp\n"
+        "u,a,1796638500\n"
+        "u,b,2026-12-07T10:15:00Z\n"
+        "u,c,2026-12-07T12:15:00.250+02:00\n"
+        "u,d,2026-12-07 10:15:00\n"
+        "u,e,2026-12-07\n"
+    )
+    got = read_event_file(csv)["timestamp"].tolist()
+    assert got == [1_796_638_500.0, 1_796_638_500.0, 1_796_638_500.25, 1_796_638_500.0, 1_796_601_600.0]
+    moments = pd.to_datetime(["2026-12-07T11:15:00", "2026-12-07T11:15:00.5"], format="ISO8601").tz_localize("Europe/Paris")
+    parquet = tmp_path / "events.parquet"
+    pd.DataFrame({"user_id": ["u", "v"], "item_id": ["a", "b"], "timestamp": moments}).to_parquet(parquet)
+    assert read_event_file(parquet)["timestamp"].tolist() == [1_796_638_500.0, 1_796_638_500.5]
+
+
 BAD_FILES = {
     "column count": ("u.data", b"1\t2\t3\t881250949\n1\t2\t3\n", ":2: expected 4 fields"),
     "extra column": ("u.data", b"1\t2\t3\t881250949\n1\t3\t3\t881250949\t9\n", ":2: expected 4 fields"),
     "non-numeric timestamp": (
         "ratings.csv",
         b"userId,movieId,rating,timestamp\n1,2,3.5,964982703\n1,3,4.0,yesterday\n",
-        ":3: timestamp is not a number",
+        ":3: timestamp is neither epoch seconds nor an ISO 8601 date-time",
     ),
     "empty file": ("u.data", b"", "empty"),
     "wrong encoding": (
@@ -180,7 +200,7 @@ def test_bad_line_after_many_good_ones_imports_nothing(db: str, tmp_path: Path) 
     with path.open("a") as f:
         f.write("7\t8\tnine\tten\n")
     result = invoke("import", str(path))
-    assert result.exit_code == 1 and ":3001: timestamp is not a number" in result.output
+    assert result.exit_code == 1 and ":3001: timestamp is neither epoch seconds" in result.output
     assert _count(db) == 0
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, StringConstraints, WithJsonSchema
+from pydantic_core import core_schema
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from app.db.models import EVENT_TYPES_NEGATIVE, EVENT_TYPES_POSITIVE
@@ -34,6 +36,42 @@ ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=256, patt
 EventType = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 Source = Literal["model", "model+recent", "fold_in", "popular"]
 TIMESTAMP_MAX = 4_102_444_800.0  # 2100-01-01
+TIMESTAMP_RULE = (
+    "must be epoch seconds from 0 to 4102444800, or an ISO 8601 date-time from 1970 to 2100 "
+    "(without an offset it is UTC)"
+)
+
+
+def _epoch_seconds(text: str) -> float:
+    """An ISO 8601 date or date-time as the epoch seconds events are stored in; no offset means UTC."""
+    moment = datetime.fromisoformat(text)  # Python's parser takes ISO 8601's usual forms, like pandas'
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    seconds = moment.timestamp()
+    if not 0 <= seconds <= TIMESTAMP_MAX:
+        raise ValueError("outside 1970 to 2100")
+    return seconds
+
+
+# Numbers take the first branch in pydantic-core alone: the Python conversion runs only for strings (a
+# numeric string still reads as a number, as before). One error with one message, not one per branch.
+Timestamp = Annotated[
+    float,
+    GetPydanticSchema(lambda _type, _handler: core_schema.union_schema(
+        [
+            core_schema.float_schema(ge=0, le=TIMESTAMP_MAX, allow_inf_nan=False),
+            core_schema.no_info_after_validator_function(_epoch_seconds, core_schema.str_schema(strict=True)),
+        ],
+        custom_error_type="timestamp_invalid",
+        custom_error_message=TIMESTAMP_RULE,
+    )),
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "number", "minimum": 0, "maximum": TIMESTAMP_MAX},
+            {"type": "string", "format": "date-time"},
+        ],
+    }),
+]
 
 
 class ErrorInfo(BaseModel):
@@ -131,11 +169,11 @@ class EventIn(TypedDict):
     value: NotRequired[Annotated[float | None, Field(
         description="Optional finite number, e.g. a rating.", allow_inf_nan=False, examples=[4.5]
     )]]
-    timestamp: NotRequired[Annotated[float | None, Field(
-        description="Client time in epoch seconds (UTC), 0 to 4102444800; defaults to the server's clock.",
-        ge=0,
-        le=TIMESTAMP_MAX,
-        allow_inf_nan=False,
+    timestamp: NotRequired[Annotated[Timestamp | None, Field(
+        description="When it happened: epoch seconds (0 to 4102444800) or an ISO 8601 / RFC 3339 date-time "
+        "such as `2026-12-07T10:15:00Z` (an offset is honoured, none means UTC; 1970 to 2100). Stored as "
+        "epoch seconds. Defaults to the server's clock.",
+        examples=[1796638500, "2026-12-07T10:15:00Z"],
     )]]
 
 

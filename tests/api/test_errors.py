@@ -48,6 +48,9 @@ def test_wrong_method(server: Server) -> None:
         {**GOOD, "value": "high"},
         {**GOOD, "timestamp": -1},
         {**GOOD, "timestamp": 1e12},
+        {**GOOD, "timestamp": "yesterday"},
+        {**GOOD, "timestamp": "1969-12-31T23:59:59Z"},
+        {**GOOD, "timestamp": "2026-13-01T00:00:00Z"},
         {**GOOD, "user_id": 17},
         {**GOOD, "surprise": 1},
         {k: v for k, v in GOOD.items() if k != "event_id"},
@@ -60,6 +63,14 @@ def test_invalid_events_are_rejected_whole(server: Server, body: object) -> None
     with server.client() as c:
         body_out = assert_error(c.post("/v1/events", json=body), 422, "validation_error")
         assert body_out["error"]["details"]
+
+
+def test_a_bad_timestamp_is_named_with_both_accepted_forms(server: Server) -> None:
+    with server.client() as c:
+        body = assert_error(c.post("/v1/events", json={**GOOD, "timestamp": "07/12/2026"}), 422, "validation_error")
+    (detail,) = body["error"]["details"]
+    assert detail["loc"] == ["body", "timestamp"]
+    assert "epoch seconds" in detail["msg"] and "ISO 8601" in detail["msg"]
 
 
 @pytest.mark.parametrize(

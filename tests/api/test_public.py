@@ -175,6 +175,26 @@ def test_events_are_idempotent_and_counted(server: Server) -> None:
         assert c.post("/v1/events", json=new).json()["accepted"] == 1
 
 
+def test_timestamps_may_be_iso_8601_and_are_stored_as_epoch_seconds(server: Server) -> None:
+    given = {
+        "2026-12-07T10:15:00Z": 1_796_638_500.0,
+        "2026-12-07T12:15:00.250+02:00": 1_796_638_500.25,  # the offset is honoured
+        "2026-12-07 10:15:00": 1_796_638_500.0,  # no offset: UTC
+        "2026-12-07": 1_796_601_600.0,
+        1_796_638_500.5: 1_796_638_500.5,  # numbers are still epoch seconds
+    }
+    ids = {_uid(): (when, stored) for when, stored in given.items()}
+    batch = [{"event_id": e, "user_id": "u5", "item_id": "i7", "type": "view", "timestamp": when}
+             for e, (when, _) in ids.items()]
+    with server.client() as c:
+        assert c.post("/v1/events", json=batch).json()["accepted"] == len(batch)
+    engine = make_engine(server.dep.url)
+    with engine.connect() as conn:
+        rows = dict(conn.execute(select(Event.event_id, Event.timestamp).where(Event.event_id.in_(ids))).all())
+    engine.dispose()
+    assert rows == {e: stored for e, (_, stored) in ids.items()}
+
+
 def test_hidden_items_are_never_recommended(server: Server) -> None:
     with server.client() as c:
         top = [
