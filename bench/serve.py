@@ -594,11 +594,12 @@ def _fixture(args: argparse.Namespace) -> tuple[Path, str]:
             print(f"reusing the fixture in {args.fixture}, built with {', '.join(changed)}", file=sys.stderr)
         vars(args).update(built)
         return args.fixture, f"sqlite:///{args.fixture / 'recsys.db'}"
-    data_dir = args.fixture or Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
+    keep = args.fixture and not args.postgres  # PostgreSQL: a fresh database, so a fresh directory for it too
+    data_dir = args.fixture if keep else Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     url = build(data_dir, args.users, args.items, args.dim, args.events_per_user,
                 fresh_postgres(args.postgres) if args.postgres else None, args.embeddings)
-    if args.fixture and not args.postgres:
+    if keep:
         (data_dir / "fixture.json").write_text(json.dumps({k: getattr(args, k) for k in FIXTURE_KEYS}))
     return data_dir, url
 
@@ -644,7 +645,8 @@ def _parser() -> argparse.ArgumentParser:
         "--fixture",
         type=Path,
         help="Keep the SQLite fixture in this directory and reuse it on later runs (built when missing; a reused "
-        "fixture keeps the --users, --items, --dim it was built with).",
+        "fixture keeps the --users, --items, --dim it was built with). With --postgres each run builds a fresh "
+        "database and directory.",
     )
     parser.add_argument(
         "--setting",
