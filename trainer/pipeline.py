@@ -106,6 +106,10 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
         raise ValueError(f"unknown ship {ship!r}; choose one of {', '.join(SHIP)}")
     t0 = time.perf_counter()
     cfg = cfg.for_data(final_set.median_positives())  # one tower for both fits, by the data that ships
+    if cfg.progress and dist.is_main():  # what the run trains, and what the data decided, before the epochs
+        print(f"training on {final_set.train_u.size:,} positives of {final_set.n_users:,} users × "
+              f"{final_set.n_items:,} items: tower {cfg.tower}, batch {cfg.batch_size}, dim {cfg.dim}, "
+              f"negatives {cfg.sampler.strategy}", file=sys.stderr, flush=True)
     side = _side_by_side(final_set, cfg, init_state, impressions) if ship == "all" else None
     try:
         selection = fit(selection_set, cfg if side is None else side.selection_cfg, init_state=init_state,

@@ -229,6 +229,7 @@ def test_progress_in_a_log_file_is_a_line_per_epoch(small_file: Path, tmp_path: 
     assert done.returncode == 0, text
     assert "\r" not in text and len(text.splitlines()) <= 2 * 3 + 4, text
     assert text.count("epoch ") >= 2 and "held-out NDCG@10" in text
+    assert text.startswith("training on ") and ", batch 256, " in text  # what the run trains, first
 
 
 def test_the_command_keeps_its_status_and_output_without_the_interpreter_teardown(tmp_path: Path) -> None:
