@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from app.db.events import EVENT_COLUMNS
+from app.timestamps import iso_epoch_seconds
 
 FORMATS = ("movielens-100k", "movielens-csv", "csv", "parquet")
 MAX_ID_LEN = 256
@@ -147,15 +148,20 @@ def _normalise(path: Path, frame: pd.DataFrame, first_line: int, default_type: s
 
 
 def _epoch_seconds(raw: pd.Series) -> pd.Series:
-    """Epoch seconds from numbers or ISO 8601 text (a warehouse's export, a Parquet datetime column);
-    text without an offset is UTC. What is neither comes out NaN."""
+    """Epoch seconds from numbers or ISO 8601 text (a warehouse's export, a Parquet datetime column), read
+    as the API reads them (``app/timestamps.py``). What is neither comes out NaN."""
     seconds = pd.to_numeric(raw, errors="coerce").astype("float64")
     text = seconds.isna()
     if text.any():
-        moments = pd.to_datetime(raw[text], utc=True, format="ISO8601", errors="coerce")
-        # whole microseconds, then one division: 10:00:00.123 reads as .123, as in the API, not .1230001
-        seconds[text] = ((moments - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)) / 1e6
+        seconds[text] = raw[text].map(_iso_or_nan)
     return seconds
+
+
+def _iso_or_nan(text: str) -> float:
+    try:
+        return iso_epoch_seconds(text)
+    except ValueError:
+        return np.nan
 
 
 def content_event_ids(frame: pd.DataFrame) -> pd.Series:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, StringConstraints, WithJsonSchema
@@ -11,6 +10,7 @@ from pydantic_core import core_schema
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from app.db.models import EVENT_TYPES_NEGATIVE, EVENT_TYPES_POSITIVE
+from app.timestamps import iso_epoch_seconds
 
 _CONTROL_CHARS = r"\x00-\x1f\x7f"  # one rule: checked in Python (_printable) and by pydantic-core (PRINTABLE)
 _CONTROL = re.compile(f"[{_CONTROL_CHARS}]")
@@ -43,11 +43,8 @@ TIMESTAMP_RULE = (
 
 
 def _epoch_seconds(text: str) -> float:
-    """An ISO 8601 date or date-time as the epoch seconds events are stored in; no offset means UTC."""
-    moment = datetime.fromisoformat(text)  # Python's parser takes ISO 8601's usual forms, like pandas'
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    seconds = moment.timestamp()
+    """ISO 8601 text as epoch seconds, in the API's range."""
+    seconds = iso_epoch_seconds(text)
     if not 0 <= seconds <= TIMESTAMP_MAX:
         raise ValueError("outside 1970 to 2100")
     return seconds
