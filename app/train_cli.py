@@ -17,6 +17,9 @@ from trainer.config import (
     FREE_PART_MIN_MEDIAN,
     LOSSES,
     PRECISIONS,
+    SHARP_MIN_POSITIVES,
+    SHARP_TEMPERATURE,
+    SOFTEST_TEMPERATURE,
     STRATEGIES,
     TOWERS,
     SamplerConfig,
@@ -81,7 +84,9 @@ NegOpt = Annotated[int | None, typer.Option(
     "--negatives", min=1, help="Shared uniform/popularity negatives per batch." + _d(S.n_negatives),
     show_default=False)]
 TempOpt = Annotated[float | None, typer.Option(
-    "--temperature", min=1e-3, help="Softmax temperature of the cosine scores." + _d(T.temperature),
+    "--temperature", min=1e-3, help="Softmax temperature of the cosine scores. [default: by the log's size: "
+    f"{SHARP_TEMPERATURE} from {SHARP_MIN_POSITIVES:,} training positives up, softer below, at most "
+    f"{SOFTEST_TEMPERATURE}]",
     show_default=False)]
 PrecisionOpt = Annotated[str | None, typer.Option(
     "--logits-precision", help="The shared negatives' logits product: auto (bfloat16 where the CPU or GPU "

@@ -16,6 +16,10 @@ LOSSES = ("softmax", "nce", "bpr")
 TOWERS = ("auto", "pooled", "free", "both")
 # "auto": a free vector beside the pooled history once the median user has this many training positives
 FREE_PART_MIN_MEDIAN = 20
+# the default temperature: SHARP_TEMPERATURE from SHARP_MIN_POSITIVES training positives up, softer below
+SHARP_TEMPERATURE = 0.15
+SHARP_MIN_POSITIVES = 50_000
+SOFTEST_TEMPERATURE = 0.35
 PRECISIONS = ("auto", "float32", "bfloat16")
 STRATEGIES = ("uniform", "popularity", "in-batch", "hard", "feedback", "mixed")
 
@@ -47,9 +51,8 @@ class TrainConfig:
     lr: float = 0.005
     loss: str = "softmax"
     logq: bool = True
-    # cosine logits are divided by this: at seed 0, 0.15 beat 0.1 and 0.2 on all four benchmark sets; over
-    # 3 seeds it beat 0.2 on three and was level on yelp2018 (docs/benchmarks.md). One value, no size rule
-    temperature: float = 0.15
+    # cosine logits are divided by this; None: by the log's size (``for_data``)
+    temperature: float | None = None
     tower: str = "auto"  # user vectors: "pooled" history items, "free" trained vectors, "both", or "auto"
     item_bias: bool = True
     pool_exponent: float = 0.5
@@ -80,25 +83,37 @@ class TrainConfig:
     event_weights: dict[str, float] | None = None
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
-    def for_data(self, median_positives: float) -> TrainConfig:
-        """This config with ``tower="auto"`` resolved for a data set whose median user has
-        ``median_positives`` distinct training positives.
+    def for_data(self, median_positives: float, positives: int) -> TrainConfig:
+        """This config with what the data decides resolved: ``tower="auto"`` by the median user's distinct
+        training positives, ``temperature=None`` by the number of training positives.
 
-        A free vector is one more ``dim``-sized parameter per user, learned from that user's events alone.
-        With a handful per user (gowalla, yelp2018: median 3-6) it adds noise to what their pooled items
-        say (NDCG@10 -3% and -4%); with dozens (MovieLens: median 52-56) it carries what pooling cannot
-        (+4-5%, 3 seeds; docs/benchmarks.md). The threshold sits in the order-of-magnitude gap between
-        them; data in between is untested.
+        Tower: a free vector is one more ``dim``-sized parameter per user, learned from that user's events
+        alone. With a handful per user (gowalla, yelp2018: median 3-6) it adds noise to what their pooled
+        items say (NDCG@10 -3% and -4%); with dozens (MovieLens: median 52-56) it carries what pooling
+        cannot (+4-5%, 3 seeds; docs/benchmarks.md). The threshold sits in the order-of-magnitude gap
+        between them; data in between is untested.
+
+        Temperature: a sharp softmax puts the loss on the few negatives scored highest, and with few
+        events those are more often items the user would pick. On the four benchmark sets (80k positives
+        and more) 0.15 beat 0.1 and 0.2; on MovieLens thinned to 12k and 24k positives softer ones won in
+        every cell (0.35: +4% to +15% over 0.15, 3 seeds), at 40k they were level. Below
+        ``SHARP_MIN_POSITIVES`` τ grows with the inverse square root of the count, to at most
+        ``SOFTEST_TEMPERATURE`` (0.22 at 24k, 0.31 at 12k): above the sharp one in all six thinned cells
+        (docs/benchmarks.md, "temperature by the log's size").
         """
-        if self.tower != "auto":
-            return self
-        return replace(self, tower="both" if median_positives >= FREE_PART_MIN_MEDIAN else "pooled")
+        cfg = self
+        if cfg.tower == "auto":
+            cfg = replace(cfg, tower="both" if median_positives >= FREE_PART_MIN_MEDIAN else "pooled")
+        if cfg.temperature is None:
+            softer = SHARP_TEMPERATURE * (SHARP_MIN_POSITIVES / max(positives, 1)) ** 0.5
+            cfg = replace(cfg, temperature=round(min(max(softer, SHARP_TEMPERATURE), SOFTEST_TEMPERATURE), 3))
+        return cfg
 
     def user_tower(self) -> UserTower:
         if self.tower not in TOWERS:
             raise ValueError(f"unknown tower {self.tower!r}; choose one of {', '.join(TOWERS)}")
-        if self.tower == "auto":
-            raise ValueError('tower "auto" is resolved for the data first (TrainConfig.for_data)')
+        if self.tower == "auto" or self.temperature is None:
+            raise ValueError("the tower and the temperature are resolved for the data first (TrainConfig.for_data)")
         return UserTower(temperature=self.temperature, free=self.tower in ("free", "both"),
                          pooled=self.tower in ("pooled", "both"), pool_exponent=self.pool_exponent,
                          bias=self.item_bias, normalize_parts=self.tower == "both")

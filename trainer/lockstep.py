@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 from trainer import prespawn
 from trainer.config import TrainConfig
 from trainer.data import Dataset
-from trainer.train import TrainResult, fit, new_model
+from trainer.train import TrainResult, fit, for_data, new_model
 
 FINAL_LABEL = "final fit, "
 
@@ -137,6 +137,7 @@ class FinalFit:
         self.epochs_run = 0  # how far the child trained (it may pass the epoch selection chooses)
         self._answer: tuple[Any, ...] | None = None
         self._receiver: threading.Thread | None = None
+        cfg = for_data(cfg, data)  # by the data that ships (select_and_fit has resolved it already)
         self.cfg = replace(cfg, threads=cfg.threads // 2)
         self.selection_cfg = replace(cfg, threads=cfg.threads - self.cfg.threads)
         args = (data, self.cfg, init_state, impressions)

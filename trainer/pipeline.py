@@ -33,7 +33,7 @@ from trainer.data import Dataset, build_dataset
 from trainer.evaluate import blas_threads, dot_scores, evaluate, popularity_scores, report_users
 from trainer.indexes import build_index, choose_index
 from trainer.lockstep import FinalFit, FinalFitFailed
-from trainer.train import TrainResult, fit, model_state_bytes
+from trainer.train import TrainResult, fit, for_data, model_state_bytes
 
 SHIP = ("all", "tested")
 # how long the held-out report waits for the final fit's answer before it scores beside the still-running
@@ -105,11 +105,12 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
     if ship not in SHIP:
         raise ValueError(f"unknown ship {ship!r}; choose one of {', '.join(SHIP)}")
     t0 = time.perf_counter()
-    cfg = cfg.for_data(final_set.median_positives())  # one tower for both fits, by the data that ships
+    # one tower and temperature for both fits, by the data that ships
+    cfg = for_data(cfg, final_set)
     if cfg.progress and dist.is_main():  # what the run trains, and what the data decided, before the epochs
         print(f"training on {final_set.train_u.size:,} positives of {final_set.n_users:,} users × "
-              f"{final_set.n_items:,} items: tower {cfg.tower}, batch {cfg.batch_size}, dim {cfg.dim}, "
-              f"negatives {cfg.sampler.strategy}", file=sys.stderr, flush=True)
+              f"{final_set.n_items:,} items: tower {cfg.tower}, temperature {cfg.temperature:g}, "
+              f"batch {cfg.batch_size}, dim {cfg.dim}, negatives {cfg.sampler.strategy}", file=sys.stderr, flush=True)
     side = _side_by_side(final_set, cfg, init_state, impressions) if ship == "all" else None
     try:
         selection = fit(selection_set, cfg if side is None else side.selection_cfg, init_state=init_state,

@@ -178,8 +178,7 @@ def fit(data: Dataset, cfg: TrainConfig, *, init_state: dict[str, Any] | None = 
     training; ``label`` prefixes the epoch lines."""
     t_start = time.perf_counter()
     rank, world = dist.rank(), dist.world_size()
-    if cfg.tower == "auto":  # select_and_fit resolves it before both its fits; direct callers here
-        cfg = cfg.for_data(data.median_positives())
+    cfg = for_data(cfg, data)  # select_and_fit resolves it before both its fits; direct callers here
     n_train = data.train_u.size
     if n_train == 0:
         raise ValueError("no training interactions after the split")
@@ -258,6 +257,13 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
     return _Run(data, cfg, model, opt, sampler, hard, train_csr, HistorySampler(train_csr, cfg.history_cap),
                 val_csr, PairIndex(val_csr), get_loss(cfg.loss), device, draw_rng,
                 bf16=_bf16_logits(cfg.logits_precision, device))
+
+
+def for_data(cfg: TrainConfig, data: Dataset) -> TrainConfig:
+    """``cfg`` with what ``data`` decides resolved (``TrainConfig.for_data``); as it is when nothing is left."""
+    if cfg.tower != "auto" and cfg.temperature is not None:
+        return cfg
+    return cfg.for_data(data.median_positives(), data.train_u.size)
 
 
 def new_model(data: Dataset, cfg: TrainConfig, train_csr: Any = None) -> TowerModel:

@@ -35,12 +35,13 @@ def test_round_trip(trained) -> None:  # noqa: ANN001
     assert ckpt.feedback.nnz == result.data.feedback.nnz > 0  # dislike/skip events, kept for serving
     m = ckpt.manifest
     assert m["metrics"]["held_out"]["ndcg@10"] == result.held_out["ndcg@10"]
-    assert m["config"]["temperature"] == TrainConfig().temperature and m["config"]["shipped"] == "all"
+    tau = result.final.config.temperature  # resolved by the log's size (TrainConfig.for_data)
+    assert m["config"]["temperature"] == tau and ckpt.tower.temperature == tau and m["config"]["shipped"] == "all"
     assert {d["phase"] for d in m["diagnostics"]} == {"selection", "all"}
     # stored scores are the training logits: [cosine / temperature, 1] . [unit item vector, item bias]
     assert ckpt.tower.bias and ckpt.tower == result.final.model.tower
     assert np.allclose(np.linalg.norm(ckpt.item_embeddings[:, :-1], axis=1), 1, atol=1e-5)
-    assert np.allclose(np.linalg.norm(ckpt.user_embeddings[:, :-1], axis=1), 1 / TrainConfig().temperature, atol=1e-4)
+    assert np.allclose(np.linalg.norm(ckpt.user_embeddings[:, :-1], axis=1), 1 / tau, atol=1e-4)
     assert np.all(ckpt.user_embeddings[:, -1] == 1)
     index = ckpt.load_index()
     _, top = index.search(ckpt.user_embeddings[:3], 5)

@@ -141,7 +141,7 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_a_rows_own_training_items_are_never_its_shared_negatives(data) -> None:  # noqa: ANN001
-    cfg = TrainConfig(**FAST).for_data(data.median_positives())
+    cfg = TrainConfig(**FAST).for_data(data.median_positives(), data.train_u.size)
     state = _setup(data, cfg, 1, np.random.default_rng(0), None, None)
     users, pos = data.train_u[:256], data.train_i[:256]
     draws = state.sampler.sample(users, pos, state.draw_rng, None, 0)
