@@ -59,8 +59,16 @@ def test_every_loss_learns_with_hard_negatives_and_reports_diagnostics(data, los
     assert 0 <= last["false_negative_rate"] < 0.2 and 0 < last["informative_rate"] <= 1
     # hard negatives score higher than the uniform ones drawn beside them
     assert last["sources"]["hard"]["mean_neg_score"] > last["sources"]["uniform"]["mean_neg_score"]
-    # each source's false-negative rate; mined ones land on the users' held-out items more than uniform ones
-    hard_fn, uniform_fn = (last["sources"][s]["false_negative_rate"] for s in ("hard", "uniform"))
+    # each source's false-negative rate; mined ones land on the users' held-out items more than uniform ones,
+    # over every epoch that mined (one epoch's few hundred mined negatives are too few to order the two:
+    # on an AVX2-only CPU the last epoch's came out 0.0154 against 0.0165)
+    mined = [h["sources"] for h in result.history if "hard" in h["sources"]]
+
+    def fn_rate(source: str) -> float:
+        counts = [m[source]["negatives"] for m in mined]
+        return sum(m[source]["false_negative_rate"] * n for m, n in zip(mined, counts, strict=True)) / sum(counts)
+
+    hard_fn, uniform_fn = fn_rate("hard"), fn_rate("uniform")
     assert 0 <= uniform_fn <= hard_fn <= 1 and hard_fn > 0
 
 
