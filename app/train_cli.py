@@ -14,8 +14,14 @@ from typing import Annotated, Any
 import typer
 
 from trainer.config import (
+    CAP_EPOCHS,
+    CAP_MAX,
+    CAP_STEPS,
     FREE_PART_MIN_MEDIAN,
     LOSSES,
+    PATIENCE_EPOCHS,
+    PATIENCE_MAX,
+    PATIENCE_STEPS,
     PRECISIONS,
     SHARP_MIN_POSITIVES,
     SHARP_TEMPERATURE,
@@ -56,7 +62,8 @@ BiasOpt = Annotated[bool | None, typer.Option(
 DimOpt = Annotated[int | None, typer.Option("--dim", min=2, max=1024, help="Embedding dimension." + _d(T.dim),
                                             show_default=False)]
 EpochsOpt = Annotated[int | None, typer.Option(
-    "--epochs", min=1, help="Most epochs; training stops earlier when validation stops improving." + _d(T.epochs),
+    "--epochs", min=1, help="Most epochs; training stops earlier when validation stops improving. [default: "
+    f"{CAP_EPOCHS}, or as many as make {CAP_STEPS:,} steps when that is more, at most {CAP_MAX}]",
     show_default=False)]
 HistoryCapOpt = Annotated[int | None, typer.Option(
     "--history-cap", min=0, help="Pooled tower: at most this many of a user's items per training row "
@@ -68,7 +75,8 @@ MaskKnownOpt = Annotated[bool | None, typer.Option(
     "--mask-known/--no-mask-known", help="Leave out of each row's negatives the items its user already has "
     "(they are positives, not negatives)." + _d(T.mask_known), show_default=False)]
 PatienceOpt = Annotated[int | None, typer.Option(
-    "--patience", min=1, help="Epochs without a better validation score before training stops." + _d(T.patience),
+    "--patience", min=1, help="Epochs without a better validation score before training stops. [default: "
+    f"{PATIENCE_EPOCHS}, or as many as make {PATIENCE_STEPS} steps when that is more, at most {PATIENCE_MAX}]",
     show_default=False)]
 MinDeltaOpt = Annotated[float | None, typer.Option(
     "--min-delta", min=0.0, max=1.0, help="An epoch counts as better only when its validation NDCG@10 beats "

@@ -20,6 +20,10 @@ FREE_PART_MIN_MEDIAN = 20
 SHARP_TEMPERATURE = 0.15
 SHARP_MIN_POSITIVES = 50_000
 SOFTEST_TEMPERATURE = 0.35
+# the default cap on epochs and patience: this many epochs, or as many as make this many optimiser steps,
+# but never more than the last (``TrainConfig.for_data``)
+CAP_EPOCHS, CAP_STEPS, CAP_MAX = 30, 3000, 300
+PATIENCE_EPOCHS, PATIENCE_STEPS, PATIENCE_MAX = 3, 200, 20
 PRECISIONS = ("auto", "float32", "bfloat16")
 STRATEGIES = ("uniform", "popularity", "in-batch", "hard", "feedback", "mixed")
 
@@ -46,7 +50,7 @@ class SamplerConfig:
 @dataclass
 class TrainConfig:
     dim: int = 128
-    epochs: int = 30
+    epochs: int | None = None  # most epochs; None: by the log's size (``for_data``)
     batch_size: int = 1024
     lr: float = 0.005
     loss: str = "softmax"
@@ -60,7 +64,8 @@ class TrainConfig:
     tie_history: bool = True  # pooled towers: pool the item table itself (False: a history table of its own)
     seed: int = 0
     threads: int = 2
-    patience: int = 3
+    # epochs without a better validation score before training stops; None: by the log's size (``for_data``)
+    patience: int | None = None
     # an epoch counts as better only when its validation NDCG@10 beats the best by this share: smaller
     # gains are within the noise of the validation sample, and every epoch spent on them is paid twice,
     # in selection and in the final fit (docs/benchmarks.md, "min_delta")
@@ -85,7 +90,8 @@ class TrainConfig:
 
     def for_data(self, median_positives: float, positives: int) -> TrainConfig:
         """This config with what the data decides resolved: ``tower="auto"`` by the median user's distinct
-        training positives, ``temperature=None`` by the number of training positives.
+        training positives; ``temperature``, ``epochs`` and ``patience`` left None by the number of
+        training positives.
 
         Tower: a free vector is one more ``dim``-sized parameter per user, learned from that user's events
         alone. With a handful per user (gowalla, yelp2018: median 3-6) it adds noise to what their pooled
@@ -100,6 +106,17 @@ class TrainConfig:
         ``SHARP_MIN_POSITIVES`` τ grows with the inverse square root of the count, to at most
         ``SOFTEST_TEMPERATURE`` (0.22 at 24k, 0.31 at 12k): above the sharp one in all six thinned cells
         (docs/benchmarks.md, "temperature by the log's size").
+
+        Epochs and patience: what a model learns is set by its optimiser steps, and an epoch of a small
+        log is a few of them (13 on gowalla cut to 8% of its users, 174 on the whole set). Counted in
+        epochs alone, a cap of 30 stopped small sparse logs while validation still rose (their best
+        epochs lie near 1,000 steps, like the full sets'), and a patience of 3 epochs (~40 steps) ended
+        them on the first flat stretch. So the cap is ``CAP_EPOCHS`` epochs or ``CAP_STEPS`` steps, and
+        the patience ``PATIENCE_EPOCHS`` epochs or ``PATIENCE_STEPS`` steps, whichever is more, up to
+        ``CAP_MAX`` and ``PATIENCE_MAX`` epochs (on a tiny log, a step or two an epoch, the step counts
+        would be hundreds of passes over the same few events, and a run as long as a large log's): the four
+        benchmark sets (78-245 steps an epoch) keep a patience of 3, and the MovieLens sets' cap of 39
+        epochs lies past where they stop (docs/benchmarks.md, "epochs by steps").
         """
         cfg = self
         if cfg.tower == "auto":
@@ -107,13 +124,23 @@ class TrainConfig:
         if cfg.temperature is None:
             softer = SHARP_TEMPERATURE * (SHARP_MIN_POSITIVES / max(positives, 1)) ** 0.5
             cfg = replace(cfg, temperature=round(min(max(softer, SHARP_TEMPERATURE), SOFTEST_TEMPERATURE), 3))
+        steps = -(-max(positives, 1) // cfg.batch_size)  # an epoch's steps
+        if cfg.epochs is None:
+            cfg = replace(cfg, epochs=min(max(CAP_EPOCHS, -(-CAP_STEPS // steps)), CAP_MAX))
+        if cfg.patience is None:
+            cfg = replace(cfg, patience=min(max(PATIENCE_EPOCHS, -(-PATIENCE_STEPS // steps)), PATIENCE_MAX))
         return cfg
+
+    def resolved(self) -> bool:
+        """Whether nothing is left for the data to decide (``for_data``)."""
+        return None not in (self.temperature, self.epochs, self.patience) and self.tower != "auto"
 
     def user_tower(self) -> UserTower:
         if self.tower not in TOWERS:
             raise ValueError(f"unknown tower {self.tower!r}; choose one of {', '.join(TOWERS)}")
-        if self.tower == "auto" or self.temperature is None:
-            raise ValueError("the tower and the temperature are resolved for the data first (TrainConfig.for_data)")
+        if not self.resolved():
+            raise ValueError("the tower, temperature, epochs and patience are resolved for the data first "
+                             "(TrainConfig.for_data)")
         return UserTower(temperature=self.temperature, free=self.tower in ("free", "both"),
                          pooled=self.tower in ("pooled", "both"), pool_exponent=self.pool_exponent,
                          bias=self.item_bias, normalize_parts=self.tower == "both")

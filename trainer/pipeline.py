@@ -110,7 +110,8 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
     if cfg.progress and dist.is_main():  # what the run trains, and what the data decided, before the epochs
         print(f"training on {final_set.train_u.size:,} positives of {final_set.n_users:,} users × "
               f"{final_set.n_items:,} items: tower {cfg.tower}, temperature {cfg.temperature:g}, "
-              f"batch {cfg.batch_size}, dim {cfg.dim}, negatives {cfg.sampler.strategy}", file=sys.stderr, flush=True)
+              f"batch {cfg.batch_size}, dim {cfg.dim}, negatives {cfg.sampler.strategy}, at most {cfg.epochs} "
+              f"epochs, patience {cfg.patience}", file=sys.stderr, flush=True)
     side = _side_by_side(final_set, cfg, init_state, impressions) if ship == "all" else None
     try:
         selection = fit(selection_set, cfg if side is None else side.selection_cfg, init_state=init_state,

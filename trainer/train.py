@@ -261,7 +261,7 @@ def _setup(data: Dataset, cfg: TrainConfig, steps_per_epoch: int, rng: np.random
 
 def for_data(cfg: TrainConfig, data: Dataset) -> TrainConfig:
     """``cfg`` with what ``data`` decides resolved (``TrainConfig.for_data``); as it is when nothing is left."""
-    if cfg.tower != "auto" and cfg.temperature is not None:
+    if cfg.resolved():
         return cfg
     return cfg.for_data(data.median_positives(), data.train_u.size)
 
@@ -519,8 +519,11 @@ def _epoch_line(cfg: TrainConfig, diag: dict[str, Any], label: str = "") -> None
     if not cfg.progress:
         return
     val = f", validation NDCG@10 {diag['val_ndcg@10']:.4f}" if "val_ndcg@10" in diag else ""
-    print(f"{label}epoch {diag['epoch']}: loss {diag['loss']:.4f}{val}, informative negatives "
-          f"{diag['informative_rate']:.1%}, {diag['train_seconds']:.1f}s", file=sys.stderr, flush=True)
+    # one write with its newline: the final fit's process writes to the same stream, and print's two
+    # writes (text, then newline) let its lines land in the middle of these
+    sys.stderr.write(f"{label}epoch {diag['epoch']}: loss {diag['loss']:.4f}{val}, informative negatives "
+                     f"{diag['informative_rate']:.1%}, {diag['train_seconds']:.1f}s\n")
+    sys.stderr.flush()
 
 
 def model_state_bytes(result: TrainResult, data: Dataset) -> bytes:

@@ -1,12 +1,19 @@
 """What the data decides: the default tower ("auto") follows its density (a free vector only where users
-have the events), the default temperature its size (softer on small logs)."""
+have the events), the default temperature its size (softer on small logs), the cap on epochs and the
+patience its steps per epoch (more epochs where an epoch is a few steps)."""
 
 from __future__ import annotations
 
 import pytest
 
 from trainer.config import (
+    CAP_EPOCHS,
+    CAP_MAX,
+    CAP_STEPS,
     FREE_PART_MIN_MEDIAN,
+    PATIENCE_EPOCHS,
+    PATIENCE_MAX,
+    PATIENCE_STEPS,
     SHARP_MIN_POSITIVES,
     SHARP_TEMPERATURE,
     SOFTEST_TEMPERATURE,
@@ -56,8 +63,37 @@ def test_the_temperature_is_sharp_on_large_logs_softer_on_small_ones_and_a_given
         TrainConfig(tower="pooled").user_tower()
 
 
+def test_epochs_and_patience_count_steps_on_small_logs_and_given_ones_are_kept() -> None:
+    def cap_and_patience(positives: int, batch_size: int = 1024) -> tuple[int, int]:
+        cfg = TrainConfig(batch_size=batch_size).for_data(5.0, positives)
+        return cfg.epochs, cfg.patience
+
+    assert TrainConfig().epochs is None and TrainConfig().patience is None
+    # the four benchmark sets (78-245 steps an epoch) keep a patience of 3; ml-100k's cap is 39 epochs
+    assert cap_and_patience(250_064) == cap_and_patience(10**8) == (CAP_EPOCHS, PATIENCE_EPOCHS)
+    assert cap_and_patience(79_619) == (39, PATIENCE_EPOCHS)
+    # 13 steps an epoch (gowalla cut to 8% of its users): as many epochs as make the steps
+    assert cap_and_patience(13_364) == (-(-CAP_STEPS // 14), -(-PATIENCE_STEPS // 14)) == (215, 15)
+    assert cap_and_patience(13_364, batch_size=256) == (57, 4)  # 53 steps an epoch: the batch counts too
+    assert cap_and_patience(1) == cap_and_patience(5_000) == (CAP_MAX, PATIENCE_MAX)  # tiny logs: bounded
+    given = TrainConfig(epochs=5, patience=1).for_data(5.0, 100)
+    assert (given.epochs, given.patience) == (5, 1)
+    assert TrainConfig(epochs=5, patience=1, temperature=0.2, tower="pooled").resolved()
+    assert not TrainConfig(patience=1, temperature=0.2, tower="pooled").resolved()
+
+
 def test_a_run_records_the_temperature_it_trained_with() -> None:
     frame = _log(4)  # 800 events: a small log, the softest temperature
     result = run(frame, TrainConfig(**FAST))
     assert result.selection.config.temperature == result.final.config.temperature == SOFTEST_TEMPERATURE
     assert result.final.model.tower.temperature == SOFTEST_TEMPERATURE
+
+
+def test_a_tiny_log_trains_by_steps_and_ships_the_epochs_selection_chose() -> None:
+    frame = _log(4)  # 800 events: one step an epoch, so the bounded step rule's cap and patience
+    result = run(frame, TrainConfig(threads=1, progress=False))
+    assert (result.selection.config.epochs, result.selection.config.patience) == (CAP_MAX, PATIENCE_MAX)
+    # it stopped only after PATIENCE_MAX epochs without a better validation score (or at the cap)
+    ran = len(result.selection.history)
+    assert ran == CAP_MAX or ran - result.selection.best_epoch == PATIENCE_MAX, (ran, result.selection.best_epoch)
+    assert result.final.config.epochs == result.selection.best_epoch == len(result.final.history)
