@@ -115,8 +115,8 @@ class TrainConfig:
         the patience ``PATIENCE_EPOCHS`` epochs or ``PATIENCE_STEPS`` steps, whichever is more, up to
         ``CAP_MAX`` and ``PATIENCE_MAX`` epochs (on a tiny log, a step or two an epoch, the step counts
         would be hundreds of passes over the same few events, and a run as long as a large log's): the four
-        benchmark sets (78-245 steps an epoch) keep a patience of 3, and the MovieLens sets' cap of 39
-        epochs lies past where they stop (docs/benchmarks.md, "epochs by steps").
+        benchmark sets (78-245 steps an epoch) keep a patience of 3, and the MovieLens sets' caps of 38-39
+        epochs lie past where they stop (docs/benchmarks.md, "epochs and patience by steps").
         """
         cfg = self
         if cfg.tower == "auto":
