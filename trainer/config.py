@@ -138,9 +138,8 @@ class TrainConfig:
     def user_tower(self) -> UserTower:
         if self.tower not in TOWERS:
             raise ValueError(f"unknown tower {self.tower!r}; choose one of {', '.join(TOWERS)}")
-        if not self.resolved():
-            raise ValueError("the tower, temperature, epochs and patience are resolved for the data first "
-                             "(TrainConfig.for_data)")
+        if self.tower == "auto" or self.temperature is None:  # what a tower is built from
+            raise ValueError("the tower and the temperature are resolved for the data first (TrainConfig.for_data)")
         return UserTower(temperature=self.temperature, free=self.tower in ("free", "both"),
                          pooled=self.tower in ("pooled", "both"), pool_exponent=self.pool_exponent,
                          bias=self.item_bias, normalize_parts=self.tower == "both")

@@ -105,7 +105,7 @@ def select_and_fit(selection_set: Dataset, final_set: Dataset, cfg: TrainConfig,
     if ship not in SHIP:
         raise ValueError(f"unknown ship {ship!r}; choose one of {', '.join(SHIP)}")
     t0 = time.perf_counter()
-    # one tower and temperature for both fits, by the data that ships
+    # one tower, temperature, cap on epochs and patience for both fits, by the data that ships
     cfg = for_data(cfg, final_set)
     if cfg.progress and dist.is_main():  # what the run trains, and what the data decided, before the epochs
         print(f"training on {final_set.train_u.size:,} positives of {final_set.n_users:,} users × "
