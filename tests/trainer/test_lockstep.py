@@ -71,12 +71,22 @@ def test_a_process_started_early_and_not_claimed_is_stopped() -> None:
     assert not early.is_alive() and prespawn.claim() is None
 
 
-def test_a_final_fit_ahead_of_selection_hands_back_the_chosen_epoch(data) -> None:  # noqa: ANN001
-    final = FinalFit(everything(data), CFG, None, None)
+def _wait_for_line(capfd, text: str, timeout: float = 300.0) -> None:  # noqa: ANN001
+    """Wait until the captured stderr (the child process writes there too) holds ``text``."""
+    seen, deadline = "", time.monotonic() + timeout
+    while text not in seen:
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout:.0f} s; stderr: {seen[-2000:]}"
+        time.sleep(0.1)
+        seen += capfd.readouterr().err
+
+
+def test_a_final_fit_ahead_of_selection_hands_back_the_chosen_epoch(data, capfd) -> None:  # noqa: ANN001
+    final = FinalFit(everything(data), replace(CFG, progress=True), None, None)
     final.selection_epoch(1, 1, None, [])
     final.selection_epoch(2, 2, None, [])
     final.selection_epoch(3, 2, None, [])
-    time.sleep(8)  # the child may run up to epoch 3 + patience (5) meanwhile
+    # the child may run up to epoch 3 + patience (2); its epoch 4 line means it kept epoch 3's weights
+    _wait_for_line(capfd, "final fit, epoch 4:")
     final.stop(best_epoch=2, last_epoch=4)
     result = final.result()
     assert result.best_epoch == 2 and [h["epoch"] for h in result.history] == [1, 2]
