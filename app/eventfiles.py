@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from app.db.events import EVENT_COLUMNS
 from app.timestamps import iso_epoch_seconds
 
 FORMATS = ("movielens-100k", "movielens-csv", "csv", "parquet")
+# the columns of every events frame (files, the importer, the exporter, the trainer, app/db/events.py's inserts)
+EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "type", "value", "event_id")
 MAX_ID_LEN = 256
 
 

@@ -87,7 +87,7 @@ async def post_events(request: Request) -> Response:
     limit = request.app.state.settings.max_batch_events
     if len(events) > limit:
         raise ApiError(413, "batch_too_large", f"{len(events)} events in one request; the limit is {limit}")
-    # first occurrence wins; the validated dicts are the rows (EVENT_COLUMNS): no copy per event
+    # first occurrence wins; the validated dicts are the rows (app.eventfiles.EVENT_COLUMNS): no copy per event
     unique: list[dict[str, Any]] = list({e["event_id"]: e for e in reversed(events)}.values())[::-1]
     accepted = 0
     if unique:

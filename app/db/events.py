@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 CHUNK = 4096  # rows per statement at most (SQLite: 6 × 4096 parameters of its 32,766)
 VALUES_MAX = 100  # up to this many events, one INSERT … VALUES; PostgreSQL COPYs larger batches
-EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "type", "value", "event_id")
 
 
 def _insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], key: str) -> int:
@@ -66,7 +65,7 @@ def upsert_items(conn: Connection, external_ids: Iterable[str]) -> dict[str, int
 def insert_events(
     conn: Connection, frame: pd.DataFrame, progress: Callable[[int], None] | None = None
 ) -> int:
-    """Insert events (columns EVENT_COLUMNS, external ids) in the caller's transaction.
+    """Insert events (columns `app.eventfiles.EVENT_COLUMNS`, external ids) in the caller's transaction.
 
     Unknown users and items are created. Returns the number of new events; rows whose
     ``event_id`` already exists are skipped, which makes imports and HTTP retries idempotent.
@@ -100,7 +99,8 @@ def analyze_after_import(conn: Connection) -> None:
 def insert_event_rows(
     conn: Connection, rows: list[dict[str, Any]], progress: Callable[[int], None] | None = None
 ) -> int:
-    """``insert_events`` for plain dicts (keys EVENT_COLUMNS, value None when absent): no pandas on the HTTP path."""
+    """``insert_events`` for plain dicts (keys `app.eventfiles.EVENT_COLUMNS`, value None when absent): no
+    pandas on the HTTP path."""
     if not rows:
         return 0
     users = upsert_users(conn, {r["user_id"] for r in rows})
