@@ -47,6 +47,11 @@ class SamplerConfig:
 
 
 
+def _epochs_by_steps(epochs: int, steps_wanted: int, most: int, steps_per_epoch: int) -> int:
+    """``epochs``, or as many epochs as make ``steps_wanted`` optimiser steps when that is more, at most ``most``."""
+    return min(max(epochs, -(-steps_wanted // steps_per_epoch)), most)
+
+
 @dataclass
 class TrainConfig:
     dim: int = 128
@@ -126,9 +131,9 @@ class TrainConfig:
             cfg = replace(cfg, temperature=round(min(max(softer, SHARP_TEMPERATURE), SOFTEST_TEMPERATURE), 3))
         steps = -(-max(positives, 1) // cfg.batch_size)  # an epoch's steps
         if cfg.epochs is None:
-            cfg = replace(cfg, epochs=min(max(CAP_EPOCHS, -(-CAP_STEPS // steps)), CAP_MAX))
+            cfg = replace(cfg, epochs=_epochs_by_steps(CAP_EPOCHS, CAP_STEPS, CAP_MAX, steps))
         if cfg.patience is None:
-            cfg = replace(cfg, patience=min(max(PATIENCE_EPOCHS, -(-PATIENCE_STEPS // steps)), PATIENCE_MAX))
+            cfg = replace(cfg, patience=_epochs_by_steps(PATIENCE_EPOCHS, PATIENCE_STEPS, PATIENCE_MAX, steps))
         return cfg
 
     def resolved(self) -> bool:
